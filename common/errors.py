@@ -1,0 +1,27 @@
+"""One small error hierarchy. Every message says what failed, the value, and the fix."""
+
+from __future__ import annotations
+
+
+class Flux2TrtError(Exception):
+    """A failure the user can act on: the command line prints it as one line and exits 2."""
+
+    exit_code = 2
+
+
+class CheckpointError(Flux2TrtError):
+    """The checkpoint folder is missing, not FLUX.2, or holds unreadable weights."""
+
+
+class ArtifactsError(Flux2TrtError):
+    """An artifacts folder is missing, incomplete, or from an incompatible version."""
+
+
+class UsageError(Flux2TrtError):
+    """A command-line value is out of range or unknown."""
+
+
+class VerificationError(Flux2TrtError):
+    """An exported graph does not match PyTorch within the declared tolerance."""
+
+    exit_code = 1

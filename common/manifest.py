@@ -1,0 +1,85 @@
+"""The artifacts manifest: what was exported, from what, how, and the sha256 of every file.
+
+An artifacts folder is valid when its manifest's keys match what is asked for, never merely
+because files exist. Writes go through `atomic_dir`, so a crash leaves no folder a later step
+would accept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from common.errors import ArtifactsError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "flux2-trt-artifacts"
+FORMAT_VERSION = 1
+
+
+def sha256_file(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def key_of(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def read_manifest(folder: Path) -> dict:
+    folder = Path(folder)
+    path = folder / MANIFEST_NAME
+    if not folder.is_dir():
+        raise ArtifactsError(f"artifacts folder {folder} does not exist; run `python -m export --out {folder}` first")
+    if not path.is_file():
+        raise ArtifactsError(
+            f"{folder} has no {MANIFEST_NAME}; it is not a finished export, run `python -m export --out {folder}`"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactsError(f"{path} is not readable JSON ({exc}); re-run export with --force") from None
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactsError(
+            f"{path} is format {manifest.get('format')!r} version {manifest.get('format_version')!r}; "
+            f"this flux2-trt reads {FORMAT!r} version {FORMAT_VERSION}: re-export with --force"
+        )
+    return manifest
+
+
+def manifest_hash(folder: Path) -> str:
+    return sha256_file(Path(folder) / MANIFEST_NAME)
+
+
+def write_json(path: Path, data: dict) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path):
+    """Yield a fresh temporary sibling of `target`; on success it replaces `target` in one rename.
+
+    On any exception the temporary folder is removed and `target` is left as it was.
+    """
+    target = Path(target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield staging
+        retired = None
+        if target.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.rename(target, retired / "old")
+        os.rename(staging, target)
+        if retired is not None:
+            shutil.rmtree(retired, ignore_errors=True)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)

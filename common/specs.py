@@ -1,0 +1,172 @@
+"""One declaration per component: names, shapes, dtypes and tolerances of each graph's inputs/outputs.
+
+Everything is derived here from a checkpoint's configs (`Geometry`) plus the target image size and
+sequence length (`Shapes`). Export traces with these shapes, the verifier feeds them, the runtime
+allocates them, TensorRT builds with them, and the manifest records them: nowhere else computes a
+token count.
+
+Graph I/O is float32 for every floating tensor at every precision (int64 for token ids and mask):
+the cast to the compute precision happens inside the graph, exactly where the PyTorch module does
+it (`timestep.to(hidden_states.dtype)` in the transformer, for example), so the runtime and the
+sampler are precision-agnostic and the Euler update stays in float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+COMPONENTS = ("text_encoder", "transformer", "vae")
+
+# Defaults live here and only here.
+DEFAULT_HEIGHT = 1024
+DEFAULT_WIDTH = 1024
+DEFAULT_MAX_SEQUENCE_LENGTH = 512
+DEFAULT_TEXT_LAYERS = {"Flux2Pipeline": (10, 20, 30), "Flux2KleinPipeline": (9, 18, 27)}
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    max_rel_l2: float
+    min_cosine: float
+
+
+# Against the fp32 PyTorch module on realistic inputs. bf16 keeps 8 mantissa bits (~4e-3 per
+# rounding), fp16 keeps 11 (~5e-4); errors compound through the layers, hence these bounds.
+TOLERANCES = {
+    "fp32": Tolerance(max_rel_l2=1e-4, min_cosine=0.99999),
+    "fp16": Tolerance(max_rel_l2=1e-2, min_cosine=0.9999),
+    "bf16": Tolerance(max_rel_l2=3e-2, min_cosine=0.999),
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # numpy dtype name: "float32" | "int64"
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> ComponentSpec:
+        def tensors(items):
+            return tuple(TensorSpec(t["name"], tuple(t["shape"]), t["dtype"]) for t in items)
+
+        return cls(data["name"], tensors(data["inputs"]), tensors(data["outputs"]))
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What the deployment fixes: image size, prompt length, batch."""
+
+    height: int = DEFAULT_HEIGHT
+    width: int = DEFAULT_WIDTH
+    max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH
+    batch_size: int = 1
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What the checkpoint fixes, read from its configs."""
+
+    pipeline_class: str
+    text_hidden_size: int
+    text_out_layers: tuple[int, ...]
+    text_num_layers: int
+    in_channels: int  # transformer input channels = 4 x VAE latent channels (2x2 patchify)
+    out_channels: int
+    joint_attention_dim: int
+    guidance_embeds: bool
+    latent_channels: int
+    vae_scale_factor: int  # pixels per latent pixel, 2 ** (len(block_out_channels) - 1)
+    extras: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def pixels_per_token(self) -> int:
+        return self.vae_scale_factor * 2  # one packed token covers a 2x2 patch of latents
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data.pop("extras")
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> Geometry:
+        return cls(**{**data, "text_out_layers": tuple(data["text_out_layers"])})
+
+
+def geometry_from_configs(
+    model_index: dict,
+    text_encoder_config: dict,
+    transformer_config: dict,
+    vae_config: dict,
+    text_out_layers: tuple[int, ...] | None = None,
+) -> Geometry:
+    """Derive the geometry from the four config dicts of a diffusers FLUX.2 folder."""
+    text_config = text_encoder_config.get("text_config", text_encoder_config)
+    pipeline_class = model_index.get("_class_name", "Flux2Pipeline")
+    if text_out_layers is None:
+        recorded = model_index.get("_flux2_trt_text_encoder_out_layers")
+        text_out_layers = tuple(recorded) if recorded else DEFAULT_TEXT_LAYERS.get(pipeline_class, (10, 20, 30))
+    in_channels = int(transformer_config.get("in_channels", 128))
+    return Geometry(
+        pipeline_class=pipeline_class,
+        text_hidden_size=int(text_config["hidden_size"]),
+        text_out_layers=tuple(int(i) for i in text_out_layers),
+        text_num_layers=int(text_config["num_hidden_layers"]),
+        in_channels=in_channels,
+        out_channels=int(transformer_config.get("out_channels") or in_channels),
+        joint_attention_dim=int(transformer_config.get("joint_attention_dim", 15360)),
+        guidance_embeds=bool(transformer_config.get("guidance_embeds", True)),
+        latent_channels=int(vae_config.get("latent_channels", 32)),
+        vae_scale_factor=2 ** (len(vae_config.get("block_out_channels", (128, 256, 512, 512))) - 1),
+    )
+
+
+def image_tokens(geometry: Geometry, shapes: Shapes) -> int:
+    """Packed latent tokens for one image: (H/16) * (W/16) for FLUX.2's 8x VAE and 2x2 patches."""
+    step = geometry.pixels_per_token
+    return (shapes.height // step) * (shapes.width // step)
+
+
+def component_specs(geometry: Geometry, shapes: Shapes) -> dict[str, ComponentSpec]:
+    b, seq = shapes.batch_size, shapes.max_sequence_length
+    tokens = image_tokens(geometry, shapes)
+    text_embed_dim = len(geometry.text_out_layers) * geometry.text_hidden_size
+    f32, i64 = "float32", "int64"
+    transformer_inputs = [
+        TensorSpec("hidden_states", (b, tokens, geometry.in_channels), f32),  # packed noisy latents
+        TensorSpec("encoder_hidden_states", (b, seq, geometry.joint_attention_dim), f32),  # prompt_embeds
+        TensorSpec("timestep", (b,), f32),  # sigma in [0, 1] (diffusers passes t / 1000)
+    ]
+    if geometry.guidance_embeds:
+        transformer_inputs.append(TensorSpec("guidance", (b,), f32))
+    return {
+        "text_encoder": ComponentSpec(
+            "text_encoder",
+            inputs=(TensorSpec("input_ids", (b, seq), i64), TensorSpec("attention_mask", (b, seq), i64)),
+            outputs=(TensorSpec("prompt_embeds", (b, seq, text_embed_dim), f32),),
+        ),
+        "transformer": ComponentSpec(
+            "transformer",
+            inputs=tuple(transformer_inputs),
+            outputs=(TensorSpec("velocity", (b, tokens, geometry.out_channels), f32),),
+        ),
+        # The VAE graph takes the sampler's packed latents and does unpacking, BatchNorm
+        # de-normalisation, unpatchify and decoding itself: the BN statistics stay with the VAE
+        # weights, and the runtime needs no tensor code between the sampler and the image.
+        "vae": ComponentSpec(
+            "vae",
+            inputs=(TensorSpec("packed_latents", (b, tokens, 4 * geometry.latent_channels), f32),),
+            outputs=(TensorSpec("image", (b, 3, shapes.height, shapes.width), f32),),  # in [-1, 1]
+        ),
+    }

@@ -1,0 +1,131 @@
+"""FLUX.2 prompt tokenisation without transformers: `tokenizers` plus the folder's jinja chat template.
+
+Reproduces what diffusers does (`tokenizer.apply_chat_template(messages, tokenize=True,
+padding="max_length", truncation=True, max_length=N)`): render the chat template, encode the
+text without adding special tokens (the template writes BOS itself), truncate, pad, mask.
+The runtime uses this so inference nodes need neither transformers nor a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from common.errors import ArtifactsError
+
+# The FLUX.2 [dev] system message (diffusers `pipelines/flux2/system_messages.py`).
+# The line break after "object" is in the original and changes the tokens: keep it.
+SYSTEM_MESSAGE = (
+    "You are an AI that reasons about image descriptions. You give structured responses focusing on object relationships, object\n"
+    "attribution and actions without speculation."
+)
+
+# Files that make a tokenizer folder; copied verbatim into every artifacts folder.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "processor_config.json",
+)
+
+
+def flux2_messages(prompt: str, system_message: str = SYSTEM_MESSAGE) -> list[dict]:
+    """diffusers' `format_input` for one text-only prompt ([IMG] markers are stripped)."""
+    return [
+        {"role": "system", "content": [{"type": "text", "text": system_message}]},
+        {"role": "user", "content": [{"type": "text", "text": prompt.replace("[IMG]", "")}]},
+    ]
+
+
+@dataclass
+class PromptTokenizer:
+    folder: Path
+    max_length: int
+
+    def __post_init__(self):
+        from tokenizers import Tokenizer
+
+        folder = Path(self.folder)
+        tokenizer_json = folder / "tokenizer.json"
+        if not tokenizer_json.is_file():
+            raise ArtifactsError(f"{folder} has no tokenizer.json; re-run export to copy the tokenizer")
+        self._tokenizer = Tokenizer.from_file(str(tokenizer_json))
+        config = _read_optional_json(folder / "tokenizer_config.json")
+        special = _read_optional_json(folder / "special_tokens_map.json")
+        self.special_tokens = {
+            key: _token_text(config.get(key) or special.get(key))
+            for key in ("bos_token", "eos_token", "pad_token", "unk_token")
+        }
+        self.padding_side = config.get("padding_side", "right")
+        self.truncation_side = config.get("truncation_side", "right")
+        pad = self.special_tokens.get("pad_token")
+        pad_id = self._tokenizer.token_to_id(pad) if pad else None
+        if pad_id is None:
+            raise ArtifactsError(f"tokenizer in {folder} has no pad token; FLUX.2 pads prompts to a fixed length")
+        self.pad_id = pad_id
+        self.chat_template = _find_chat_template(folder, config)
+
+    def render(self, messages: list[dict]) -> str:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise ValueError(message)
+
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
+        env.globals["raise_exception"] = raise_exception
+        template = env.from_string(self.chat_template)
+        tokens = {k: v for k, v in self.special_tokens.items() if v is not None}
+        return template.render(messages=messages, add_generation_prompt=False, **tokens)
+
+    def encode(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and attention mask, each int64 [len(prompts), max_length]."""
+        ids = np.full((len(prompts), self.max_length), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(prompts), self.max_length), dtype=np.int64)
+        for row, prompt in enumerate(prompts):
+            text = self.render(flux2_messages(prompt))
+            token_ids = self._tokenizer.encode(text, add_special_tokens=False).ids
+            if len(token_ids) > self.max_length:
+                keep = self.max_length
+                token_ids = token_ids[:keep] if self.truncation_side == "right" else token_ids[-keep:]
+            n = len(token_ids)
+            if self.padding_side == "right":
+                ids[row, :n], mask[row, :n] = token_ids, 1
+            else:
+                ids[row, self.max_length - n :], mask[row, self.max_length - n :] = token_ids, 1
+        return ids, mask
+
+
+def _read_optional_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _token_text(value) -> str | None:
+    if isinstance(value, dict):  # AddedToken serialised form
+        return value.get("content")
+    return value
+
+
+def _find_chat_template(folder: Path, config: dict) -> str:
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    for candidate in (
+        config,
+        _read_optional_json(folder / "chat_template.json"),
+        _read_optional_json(folder / "processor_config.json"),
+    ):
+        template = candidate.get("chat_template")
+        if isinstance(template, str):
+            return template
+        if isinstance(template, list):  # named templates: FLUX.2 uses the default one
+            named = {t.get("name"): t.get("template") for t in template}
+            if "default" in named:
+                return named["default"]
+    raise ArtifactsError(f"tokenizer in {folder} has no chat template; FLUX.2 prompts are formatted as a chat")

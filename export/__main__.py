@@ -1,0 +1,48 @@
+"""python -m export: FLUX.2 checkpoint -> verified ONNX graphs + manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from common.cli import OneLineParser, parse_csv, parse_int_csv, run_cli
+from common.specs import COMPONENTS, DEFAULT_HEIGHT, DEFAULT_MAX_SEQUENCE_LENGTH, DEFAULT_WIDTH, PRECISIONS, Shapes
+
+
+def main(argv=None) -> int:
+    parser = OneLineParser(prog="python -m export", description="Export FLUX.2 to ONNX and verify it against PyTorch.")
+    parser.add_argument("--model", required=True, help="checkpoint folder (diffusers layout) or 'tiny'")
+    parser.add_argument("--out", required=True, type=Path, help="artifacts folder to write")
+    parser.add_argument("--precision", default="fp32", help=f"one of {', '.join(PRECISIONS)} (default fp32)")
+    parser.add_argument(
+        "--components", default=",".join(COMPONENTS), help=f"comma-separated subset of {','.join(COMPONENTS)}"
+    )
+    parser.add_argument("--height", type=int, default=DEFAULT_HEIGHT)
+    parser.add_argument("--width", type=int, default=DEFAULT_WIDTH)
+    parser.add_argument("--max-sequence-length", type=int, default=DEFAULT_MAX_SEQUENCE_LENGTH)
+    parser.add_argument(
+        "--text-encoder-layers", default=None, help="hidden-state indices, e.g. 10,20,30 (default: from the checkpoint)"
+    )
+    parser.add_argument("--force", action="store_true", help="re-export even when cached artifacts match")
+    parser.add_argument("--skip-check", action="store_true", help="do not run the numerics check against PyTorch")
+    args = parser.parse_args(argv)
+
+    from export.run import export_artifacts
+
+    layers = (
+        parse_int_csv(parser, "--text-encoder-layers", args.text_encoder_layers) if args.text_encoder_layers else None
+    )
+    export_artifacts(
+        model=args.model,
+        out=args.out,
+        precision=args.precision,
+        components=parse_csv(args.components),
+        shapes=Shapes(height=args.height, width=args.width, max_sequence_length=args.max_sequence_length),
+        text_encoder_layers=layers,
+        force=args.force,
+        skip_check=args.skip_check,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,335 @@
+"""Export a FLUX.2 checkpoint's components to ONNX, verify each against PyTorch, write the manifest."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from common.errors import Flux2TrtError, UsageError, VerificationError
+from common.manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    atomic_dir,
+    key_of,
+    read_manifest,
+    sha256_file,
+    write_json,
+)
+from common.specs import COMPONENTS, PRECISIONS, TOLERANCES, Shapes, component_specs
+from common.tokenizer import TOKENIZER_FILES
+from export import checkpoint as ckpt
+from export.onnx_export import data_file_name, export_graph
+
+# Bump when the graphs this code writes change for the same inputs: it invalidates cached exports.
+EXPORT_CODE_VERSION = 1
+LIBRARIES = ("flux2-trt", "torch", "diffusers", "transformers", "onnx", "onnxscript", "onnxruntime")
+
+
+def library_versions() -> dict[str, str]:
+    found = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def resolve_model(model: str) -> Path:
+    if model == "tiny":
+        from export.tiny import ensure_tiny_checkpoint
+
+        return ensure_tiny_checkpoint()
+    return Path(model).expanduser().resolve()
+
+
+def validate_request(
+    *, precision: str, components: tuple[str, ...], height: int, width: int, max_sequence_length: int
+) -> None:
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    unknown = [c for c in components if c not in COMPONENTS]
+    if unknown or not components:
+        raise UsageError(f"unknown component(s) {','.join(unknown) or '(none)'}; choose from {','.join(COMPONENTS)}")
+    for name, value in (("height", height), ("width", width)):
+        if value <= 0 or value % 16:
+            raise UsageError(
+                f"--{name} {value} is not a positive multiple of 16; FLUX.2 needs 16-pixel steps (8x VAE, 2x2 patches)"
+            )
+    if max_sequence_length <= 0:
+        raise UsageError(f"--max-sequence-length {max_sequence_length} must be positive (FLUX.2 uses 512)")
+
+
+def _prepare_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; choose a folder path")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+        raise UsageError(
+            f"--out {out} is a non-empty folder that is not an artifacts folder; choose an empty or new folder"
+        )
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create output folder {parent} ({exc.strerror}); choose a writable --out") from None
+    # Try it rather than trust permission bits: root passes os.access even on read-only mounts.
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent))
+    except OSError as exc:
+        raise UsageError(f"output folder {parent} is not writable ({exc.strerror}); choose a writable --out") from None
+
+
+def export_artifacts(
+    *,
+    model: str,
+    out: Path,
+    precision: str = "fp32",
+    components: tuple[str, ...] = COMPONENTS,
+    shapes: Shapes | None = None,
+    text_encoder_layers: tuple[int, ...] | None = None,
+    force: bool = False,
+    skip_check: bool = False,
+    log=None,
+) -> dict:
+    """Write (or reuse) the ONNX graphs for `components` into `out`; return the manifest."""
+    log = log or (lambda message: print(message, file=sys.stderr))
+    shapes = shapes or Shapes()
+    out = Path(out).expanduser().absolute()
+    validate_request(
+        precision=precision,
+        components=components,
+        height=shapes.height,
+        width=shapes.width,
+        max_sequence_length=shapes.max_sequence_length,
+    )
+    _prepare_out(out)
+    checkpoint = ckpt.open_checkpoint(resolve_model(model))
+    geometry = checkpoint.geometry(text_encoder_layers)
+    if shapes.height % geometry.pixels_per_token or shapes.width % geometry.pixels_per_token:
+        raise UsageError(
+            f"--height/--width {shapes.height}x{shapes.width} must be multiples of {geometry.pixels_per_token} "
+            f"for the VAE in {checkpoint.root / 'vae'}"
+        )
+    specs = component_specs(geometry, shapes)
+    versions = library_versions()
+    source = {
+        "checkpoint": str(checkpoint.root),
+        "model": model,
+        "config_sha256": checkpoint.config_hash(),
+        "weights_fingerprint": checkpoint.weights_fingerprint(),
+    }
+    previous = _previous_manifest(out)
+
+    from export.reference import ReferenceInputs
+
+    reference = ReferenceInputs(checkpoint, geometry, shapes)
+    entries, reports, rows = {}, {}, []
+    with atomic_dir(out) as staging:
+        (staging / "reports").mkdir()
+        for component in components:
+            spec = specs[component]
+            key = key_of(
+                {
+                    "component": component,
+                    "precision": precision,
+                    "spec": spec.to_json(),
+                    "geometry": geometry.to_json(),
+                    "source": {k: v for k, v in source.items() if k != "model"},
+                    "versions": versions,
+                    "code": EXPORT_CODE_VERSION,
+                    "checked": not skip_check,
+                }
+            )
+            started = time.perf_counter()
+            reused = None if force else _reusable(previous, out, component, key)
+            if reused is not None:
+                entry, report = reused
+                for name in entry["files"]:
+                    os.link(out / name, staging / name)
+                status = "reused"
+            else:
+                entry, report = _export_component(
+                    component, spec, key, checkpoint, geometry, shapes, precision, reference, staging, skip_check
+                )
+                status = "exported"
+            entries[component] = entry
+            reports[component] = report
+            rows.append((component, status, entry, report, time.perf_counter() - started))
+
+        tokenizer_files = _copy_tokenizer(checkpoint, staging)
+        shutil.copy2(checkpoint.root / "scheduler" / "scheduler_config.json", staging / "scheduler_config.json")
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "precision": precision,
+            "source": source,
+            "geometry": geometry.to_json(),
+            "shapes": dataclasses.asdict(shapes),
+            "versions": versions,
+            "tokenizer": {"folder": "tokenizer", "files": tokenizer_files},
+            "scheduler_config": "scheduler_config.json",
+            "components": entries,
+        }
+        write_json(staging / "reports" / "export_check.json", {"precision": precision, "components": reports})
+        write_json(staging / MANIFEST_NAME, manifest)
+    log(_summary_table(rows, precision, out))
+    return manifest
+
+
+def _previous_manifest(out: Path) -> dict | None:
+    if not (out / MANIFEST_NAME).is_file():
+        return None
+    try:
+        return read_manifest(out)
+    except Flux2TrtError:
+        return None  # an older or damaged export: everything is redone
+
+
+def _reusable(previous: dict | None, out: Path, component: str, key: str):
+    if previous is None:
+        return None
+    entry = previous.get("components", {}).get(component)
+    if not entry or entry.get("key") != key:
+        return None
+    for name, digest in entry["sha256"].items():
+        path = out / name
+        if not path.is_file() or sha256_file(path) != digest:
+            return None
+    report_path = out / "reports" / "export_check.json"
+    try:
+        report = json.loads(report_path.read_text())["components"][component]
+    except (OSError, KeyError, ValueError):
+        return None
+    return entry, report
+
+
+def _export_component(
+    component, spec, key, checkpoint, geometry, shapes, precision, reference, staging: Path, skip_check: bool
+):
+    import torch
+    from tqdm import tqdm
+
+    from export.reference import build_graph_module
+    from export.verify import compare, method_for, run_graph
+
+    stages = ["load", "export", "hash"] + ([] if skip_check else ["verify"])
+    bar = tqdm(total=len(stages), desc=f"{component:<12} {precision}", unit="step", file=sys.stderr, leave=True)
+    try:
+        bar.set_postfix_str("loading weights")
+        module = build_graph_module(component, checkpoint, geometry, shapes, precision)
+        fp32_text_encoder = module if (component == "text_encoder" and precision == "fp32") else None
+        feeds = reference.feeds(spec, fp32_text_encoder)
+        bar.update()
+
+        bar.set_postfix_str("tracing and writing ONNX")
+        onnx_name = f"{component}.onnx"
+        args = [torch.from_numpy(feeds[t.name]) for t in spec.inputs]
+        facts = export_graph(module, args, spec, staging / onnx_name)
+        bar.update()
+
+        bar.set_postfix_str("sha256")
+        files = [onnx_name] + ([data_file_name(onnx_name)] if (staging / data_file_name(onnx_name)).exists() else [])
+        digests = {name: sha256_file(staging / name) for name in files}
+        sizes = {name: (staging / name).stat().st_size for name in files}
+        bar.update()
+
+        report = {"method": None, "outputs": {}, "tolerance": dataclasses.asdict(TOLERANCES[precision]), "passed": None}
+        if skip_check:
+            report["note"] = "numerics check skipped (--skip-check)"
+        else:
+            bar.set_postfix_str("checking against PyTorch fp32")
+            weight_bytes = sizes.get(data_file_name(onnx_name), 0)
+            method = method_for(precision, weight_bytes)
+            report["method"] = method
+            if method is None:
+                report["note"] = (
+                    f"{precision} graph with {weight_bytes} bytes of weights is too large for onnx's reference "
+                    "evaluator on a CPU and ONNX Runtime's CPU provider has no bf16 kernels: not checked here"
+                )
+            else:
+                if precision == "fp32":
+                    reference_module = module
+                else:
+                    del module
+                    reference_module = build_graph_module(component, checkpoint, geometry, shapes, "fp32")
+                with torch.no_grad():
+                    expected = reference_module(*args)
+                expected = {spec.outputs[0].name: expected.numpy()}
+                actual = run_graph(staging / onnx_name, feeds, method)
+                tolerance = TOLERANCES[precision]
+                passed = True
+                for name, value in expected.items():
+                    metrics = compare(actual[name], value)
+                    metrics["passed"] = bool(
+                        metrics["finite"]
+                        and metrics["rel_l2"] <= tolerance.max_rel_l2
+                        and metrics["cosine"] >= tolerance.min_cosine
+                    )
+                    passed &= metrics["passed"]
+                    report["outputs"][name] = metrics
+                report["passed"] = passed
+                if not passed:
+                    worst = ", ".join(
+                        f"{n}: rel_l2 {m['rel_l2']:.3g} (max {tolerance.max_rel_l2:g}), cosine {m['cosine']:.6f} "
+                        f"(min {tolerance.min_cosine:g}), max_abs {m['max_abs']:.3g}"
+                        for n, m in report["outputs"].items()
+                    )
+                    raise VerificationError(
+                        f"{component} {precision} graph does not match PyTorch fp32 ({method}): {worst}"
+                    )
+            bar.update()
+    finally:
+        bar.close()
+    entry = {
+        "file": onnx_name,
+        "files": files,
+        "sha256": digests,
+        "bytes": sizes,
+        "key": key,
+        "precision": precision,
+        "opset": facts["opset"],
+        "nodes": facts["nodes"],
+        "inputs": [dataclasses.asdict(t) for t in spec.inputs],
+        "outputs": [dataclasses.asdict(t) for t in spec.outputs],
+    }
+    return json.loads(json.dumps(entry)), report  # as it reads back from the manifest
+
+
+def _copy_tokenizer(checkpoint: ckpt.Checkpoint, staging: Path) -> dict[str, str]:
+    source = checkpoint.root / "tokenizer"
+    target = staging / "tokenizer"
+    target.mkdir()
+    copied = {}
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, target / name)
+            copied[name] = sha256_file(target / name)
+    if "tokenizer.json" not in copied:
+        raise ckpt.CheckpointError(f"checkpoint tokenizer {source} has no tokenizer.json; {ckpt.LAYOUT_HINT}")
+    return copied
+
+
+def _summary_table(rows, precision: str, out: Path) -> str:
+    header = f"{'component':<13}{'status':<10}{'MiB':>9}  {'method':<26}{'max_abs':>10}{'rel_l2':>11}{'cosine':>10}  {'check':<6}{'sec':>7}"
+    lines = [f"export to {out} ({precision})", header, "-" * len(header)]
+    for component, status, entry, report, seconds in rows:
+        mib = sum(entry["bytes"].values()) / 2**20
+        metrics = next(iter(report["outputs"].values()), None)
+        if metrics:
+            numbers = f"{metrics['max_abs']:>10.3g}{metrics['rel_l2']:>11.3g}{metrics['cosine']:>10.6f}"
+        else:
+            numbers = f"{'-':>10}{'-':>11}{'-':>10}"
+        check = {True: "pass", False: "FAIL", None: "skip"}[report["passed"]]
+        lines.append(
+            f"{component:<13}{status:<10}{mib:>9.2f}  {str(report['method'] or '-'):<26}{numbers}  {check:<6}{seconds:>7.1f}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,82 @@
+"""The diffusion transformer as an exportable module: packed latents + prompt embeddings -> velocity.
+
+Differs from `Flux2Transformer2DModel.forward` in one way only: the rotary position tables are
+computed once, here, in float64 exactly as diffusers computes them, and stored as float32
+buffers. Positions are fixed by the static shapes (text ids (0, 0, 0, l), image ids
+(0, h, w, 0)), so the tables are constants; computing them in the graph would put float64
+arithmetic into it, which TensorRT cannot run. The blocks, modulation and output layers are
+diffusers' own modules, called with the same arguments as in diffusers' forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from common.specs import Geometry, Shapes
+
+
+def position_ids(geometry: Geometry, shapes: Shapes) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text ids [L, 4] and image ids [H*W, 4] as diffusers' Flux2Pipeline builds them."""
+    step = geometry.pixels_per_token
+    rows, cols = shapes.height // step, shapes.width // step
+    zero = torch.arange(1)
+    text_ids = torch.cartesian_prod(zero, zero, zero, torch.arange(shapes.max_sequence_length))
+    image_ids = torch.cartesian_prod(zero, torch.arange(rows), torch.arange(cols), zero)
+    return text_ids, image_ids
+
+
+class TransformerGraph(nn.Module):
+    def __init__(self, model: nn.Module, geometry: Geometry, shapes: Shapes):
+        super().__init__()
+        self.model = model
+        self.guidance_embeds = geometry.guidance_embeds
+        text_ids, image_ids = position_ids(geometry, shapes)
+        with torch.no_grad():
+            text_cos, text_sin = model.pos_embed(text_ids)
+            image_cos, image_sin = model.pos_embed(image_ids)
+        # [L + N, head_dim] float32: diffusers computes in float64 and returns float32.
+        self.register_buffer("rope_cos", torch.cat([text_cos, image_cos]).float(), persistent=False)
+        self.register_buffer("rope_sin", torch.cat([text_sin, image_sin]).float(), persistent=False)
+
+    def forward(self, hidden_states, encoder_hidden_states, timestep, guidance=None):
+        model = self.model
+        dtype = model.x_embedder.weight.dtype
+        hidden_states = hidden_states.to(dtype)
+        encoder_hidden_states = encoder_hidden_states.to(dtype)
+        num_txt_tokens = encoder_hidden_states.shape[1]
+
+        # As diffusers: the sigma is cast to the model dtype before scaling to [0, 1000].
+        timestep = timestep.to(dtype) * 1000
+        if self.guidance_embeds:
+            guidance = guidance.to(dtype) * 1000
+        temb = model.time_guidance_embed(timestep, guidance if self.guidance_embeds else None)
+        double_mod_img = model.double_stream_modulation_img(temb)
+        double_mod_txt = model.double_stream_modulation_txt(temb)
+        single_mod = model.single_stream_modulation(temb)
+
+        hidden_states = model.x_embedder(hidden_states)
+        encoder_hidden_states = model.context_embedder(encoder_hidden_states)
+        rotary = (self.rope_cos, self.rope_sin)
+
+        for block in model.transformer_blocks:
+            encoder_hidden_states, hidden_states = block(
+                hidden_states=hidden_states,
+                encoder_hidden_states=encoder_hidden_states,
+                temb_mod_img=double_mod_img,
+                temb_mod_txt=double_mod_txt,
+                image_rotary_emb=rotary,
+                joint_attention_kwargs=None,
+            )
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        for block in model.single_transformer_blocks:
+            hidden_states = block(
+                hidden_states=hidden_states,
+                encoder_hidden_states=None,
+                temb_mod=single_mod,
+                image_rotary_emb=rotary,
+                joint_attention_kwargs=None,
+            )
+        hidden_states = hidden_states[:, num_txt_tokens:, ...]
+        hidden_states = model.norm_out(hidden_states, temb)
+        return model.proj_out(hidden_states).float()  # velocity [B, N, out_channels]
