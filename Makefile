@@ -7,7 +7,7 @@ PRECISION ?= fp32
 ARTIFACTS ?= artifacts/$(MODEL)-$(PRECISION)
 PROMPT ?= A photograph of a red fox sitting in fresh snow at dawn
 
-.PHONY: setup demo test lint export clean
+.PHONY: setup demo test lint export generate check bench-runtime clean
 
 # torch is pinned to the CPU build that lies on this workplace's disk; an unpinned torch would
 # pull a multi-GB CUDA build. Production nodes install their own CUDA torch and the extras.
@@ -20,10 +20,21 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-demo: setup
+# The main job on the embedded default: tiny checkpoint -> verified ONNX -> an image (+ the check
+# against diffusers). TensorRT engines join this chain where TensorRT exists (`make engines`).
+demo: export generate check
+
+export: setup
 	$(PY) -m export --model $(MODEL) --out $(ARTIFACTS) --precision $(PRECISION)
 
-export: demo
+generate: setup
+	$(PY) -m runtime.generate --artifacts $(ARTIFACTS) --prompt "$(PROMPT)" --steps 8 --out out/$(MODEL)-$(PRECISION)
+
+check: setup
+	$(PY) -m runtime.check --artifacts $(ARTIFACTS)
+
+bench-runtime: setup
+	PYTHONPATH=. $(PY) bench/runtime_overhead.py --artifacts $(ARTIFACTS)
 
 test: setup
 	$(PY) -m pytest -q

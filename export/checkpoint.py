@@ -194,7 +194,7 @@ def _load_diffusers(cls, folder: Path, dtype):
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
     try:
-        return cls.from_pretrained(folder, torch_dtype=dtype).eval()
+        return cls.from_pretrained(folder, dtype=dtype).eval()
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"cannot load {cls.__name__} from {folder}: {_first_line(exc)}") from None
 

@@ -12,22 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from common.metrics import compare  # noqa: F401  (re-exported for callers of export.verify)
+
 # Above this many bytes of weights the reference evaluator would take too long on a CPU.
 REFERENCE_EVALUATOR_MAX_BYTES = 64 * 1024 * 1024
-
-
-def compare(actual: np.ndarray, expected: np.ndarray) -> dict:
-    a = np.asarray(actual, dtype=np.float64).ravel()
-    e = np.asarray(expected, dtype=np.float64).ravel()
-    diff = a - e
-    denom = np.linalg.norm(e)
-    norms = np.linalg.norm(a) * denom
-    return {
-        "max_abs": float(np.abs(diff).max()) if diff.size else 0.0,
-        "rel_l2": float(np.linalg.norm(diff) / denom) if denom > 0 else float(np.linalg.norm(diff)),
-        "cosine": float(a @ e / norms) if norms > 0 else float("nan"),
-        "finite": bool(np.isfinite(a).all()),
-    }
 
 
 def method_for(precision: str, weight_bytes: int) -> str | None:

@@ -5,16 +5,7 @@ import shutil
 
 import pytest
 
-from tests.conftest import run_cli
-
-
-def _assert_one_line_error(result, *needles):
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2, result.stderr
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+from tests.conftest import assert_one_line_error, run_cli
 
 
 def _export(out, *extra, model="tiny"):
@@ -37,7 +28,7 @@ def _export(out, *extra, model="tiny"):
 
 def test_missing_checkpoint(tmp_path):
     result = _export(tmp_path / "out", model=tmp_path / "nope")
-    _assert_one_line_error(result, str(tmp_path / "nope"), "does not exist")
+    assert_one_line_error(result, str(tmp_path / "nope"), "does not exist")
     assert not (tmp_path / "out").exists()
 
 
@@ -45,9 +36,9 @@ def test_folder_that_is_not_flux2(tmp_path):
     (tmp_path / "sd").mkdir()
     (tmp_path / "sd" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
     result = _export(tmp_path / "out", model=tmp_path / "sd")
-    _assert_one_line_error(result, "StableDiffusionPipeline", "not FLUX.2")
+    assert_one_line_error(result, "StableDiffusionPipeline", "not FLUX.2")
     (tmp_path / "empty").mkdir()
-    _assert_one_line_error(_export(tmp_path / "out", model=tmp_path / "empty"), "model_index.json", "transformer/")
+    assert_one_line_error(_export(tmp_path / "out", model=tmp_path / "empty"), "model_index.json", "transformer/")
 
 
 def test_truncated_safetensors(tmp_path, tiny_checkpoint):
@@ -57,7 +48,7 @@ def test_truncated_safetensors(tmp_path, tiny_checkpoint):
     with open(weights, "r+b") as handle:
         handle.truncate(weights.stat().st_size // 2)
     result = _export(tmp_path / "out", model=broken)
-    _assert_one_line_error(result, str(weights), "truncated")
+    assert_one_line_error(result, str(weights), "truncated")
     assert not (tmp_path / "out").exists()
 
 
@@ -66,7 +57,7 @@ def test_corrupt_safetensors_header(tmp_path, tiny_checkpoint):
     shutil.copytree(tiny_checkpoint, broken)
     weights = broken / "vae" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!" + b"\0" * 64)
-    _assert_one_line_error(_export(tmp_path / "out", model=broken), str(weights), "corrupt")
+    assert_one_line_error(_export(tmp_path / "out", model=broken), str(weights), "corrupt")
 
 
 @pytest.mark.parametrize(
@@ -81,7 +72,7 @@ def test_corrupt_safetensors_header(tmp_path, tiny_checkpoint):
 )
 def test_bad_flags(tmp_path, flags, needles):
     result = _export(tmp_path / "out", *flags)
-    _assert_one_line_error(result, *needles)
+    assert_one_line_error(result, *needles)
     assert not (tmp_path / "out").exists()
 
 
@@ -89,26 +80,26 @@ def test_bad_flags(tmp_path, flags, needles):
 def test_unwritable_output_as_user(tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    _assert_one_line_error(_export(locked / "out"), str(locked), "not writable")
+    assert_one_line_error(_export(locked / "out"), str(locked), "not writable")
 
 
 def test_output_path_is_a_file_or_foreign_folder(tmp_path):
     target = tmp_path / "file"
     target.write_text("x")
-    _assert_one_line_error(_export(target), str(target), "is a file")
+    assert_one_line_error(_export(target), str(target), "is a file")
     foreign = tmp_path / "photos"
     foreign.mkdir()
     (foreign / "holiday.jpg").write_text("x")
-    _assert_one_line_error(_export(foreign), str(foreign), "not an artifacts folder")
+    assert_one_line_error(_export(foreign), str(foreign), "not an artifacts folder")
     assert (foreign / "holiday.jpg").read_text() == "x"
 
 
 def test_output_under_a_file_cannot_be_created(tmp_path):
     blocker = tmp_path / "blocker"
     blocker.write_text("x")
-    _assert_one_line_error(_export(blocker / "sub" / "out"), str(blocker / "sub"), "writable")
+    assert_one_line_error(_export(blocker / "sub" / "out"), str(blocker / "sub"), "writable")
 
 
 def test_output_on_a_read_only_filesystem(tmp_path):
     # /proc refuses new folders even for root, which is who CI runs as
-    _assert_one_line_error(_export("/proc/flux2-trt-out"), "/proc", "writable")
+    assert_one_line_error(_export("/proc/flux2-trt-out"), "/proc", "writable")

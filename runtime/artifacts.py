@@ -1,0 +1,74 @@
+"""Open an artifacts folder for inference: manifest, file presence, specs, tokenizer, scheduler."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.errors import ArtifactsError
+from common.manifest import manifest_hash, read_manifest
+from common.specs import ComponentSpec, Geometry, Shapes, component_specs
+
+REQUIRED = ("text_encoder", "transformer", "vae")
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    folder: Path
+    manifest: dict
+    manifest_sha256: str
+    geometry: Geometry
+    shapes: Shapes
+    specs: dict[str, ComponentSpec]
+
+    @property
+    def precision(self) -> str:
+        return self.manifest["precision"]
+
+    def scheduler_json(self) -> dict:
+        return json.loads((self.folder / self.manifest["scheduler_config"]).read_text())
+
+
+def open_artifacts(folder: str | Path) -> Artifacts:
+    folder = Path(folder).expanduser()
+    manifest = read_manifest(folder)
+    components = manifest.get("components", {})
+    missing = [c for c in REQUIRED if c not in components]
+    if missing:
+        raise ArtifactsError(
+            f"artifacts {folder} lack {', '.join(missing)}; re-run `python -m export --out {folder}` with all components"
+        )
+    for component in REQUIRED:
+        entry = components[component]
+        for name, size in entry["bytes"].items():
+            path = folder / name
+            if not path.is_file():
+                raise ArtifactsError(
+                    f"artifacts {folder} are incomplete: {name} is missing; re-run export with --force"
+                )
+            if path.stat().st_size != size:
+                raise ArtifactsError(
+                    f"artifacts {folder} are damaged: {name} has {path.stat().st_size} bytes, the manifest says {size}; "
+                    "re-run export with --force"
+                )
+    for name in ("tokenizer.json",):
+        if not (folder / "tokenizer" / name).is_file():
+            raise ArtifactsError(
+                f"artifacts {folder} are incomplete: tokenizer/{name} is missing; re-run export with --force"
+            )
+    if not (folder / manifest.get("scheduler_config", "scheduler_config.json")).is_file():
+        raise ArtifactsError(
+            f"artifacts {folder} are incomplete: scheduler_config.json is missing; re-run export with --force"
+        )
+    geometry = Geometry.from_json(manifest["geometry"])
+    shapes = Shapes(**manifest["shapes"])
+    specs = component_specs(geometry, shapes)
+    for component in REQUIRED:
+        declared = [(t["name"], tuple(t["shape"])) for t in components[component]["inputs"]]
+        if declared != [(t.name, t.shape) for t in specs[component].inputs]:
+            raise ArtifactsError(
+                f"artifacts {folder}: the {component} inputs in the manifest {declared} differ from what this flux2-trt "
+                "derives from the same configs; re-export with this version (--force)"
+            )
+    return Artifacts(folder, manifest, manifest_hash(folder), geometry, shapes, specs)

@@ -1,0 +1,76 @@
+"""ONNX Runtime backend: the CPU provider here, the CUDA provider where onnxruntime-gpu is installed.
+
+Arrays are numpy on the host. With the CUDA provider each call copies inputs to the device and
+outputs back; keeping latents on the device across steps (IOBinding with OrtValues) is a
+follow-up for GPU nodes without TensorRT.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from common.errors import ArtifactsError, UsageError
+
+
+def ort_providers() -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return (
+        ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        if "CUDAExecutionProvider" in available
+        else ["CPUExecutionProvider"]
+    )
+
+
+class OrtBackend:
+    def __init__(self, artifacts: Path, manifest: dict, *, low_vram: bool = False, providers: list[str] | None = None):
+        self.artifacts = Path(artifacts)
+        self.manifest = manifest
+        self.precision = manifest["precision"]
+        self.providers = providers or ort_providers()
+        self.name = "ort-cuda" if self.providers[0] == "CUDAExecutionProvider" else "ort-cpu"
+        self.low_vram = low_vram
+        if self.name == "ort-cpu" and self.precision in ("bf16", "fp8"):
+            raise UsageError(
+                f"ONNX Runtime's CPU provider cannot run {self.precision} graphs ({self.artifacts}); "
+                "use --backend torch here, or --backend trt on a GPU node"
+            )
+        self._sessions: dict = {}
+
+    def _session(self, component: str):
+        if component not in self._sessions:
+            import onnxruntime as ort
+
+            if self.low_vram:
+                self._sessions.clear()
+            entry = self.manifest["components"].get(component)
+            if entry is None:
+                raise ArtifactsError(
+                    f"{self.artifacts} has no {component} graph; re-run export with --components including {component}"
+                )
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            self._sessions[component] = ort.InferenceSession(
+                str(self.artifacts / entry["file"]), options, providers=self.providers
+            )
+        return self._sessions[component]
+
+    def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        session = self._session(component)
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(names, feeds)))
+
+    def from_host(self, array: np.ndarray) -> np.ndarray:
+        return array
+
+    def to_host(self, array: np.ndarray) -> np.ndarray:
+        return np.asarray(array)
+
+    def unload(self, component: str) -> None:
+        self._sessions.pop(component, None)
+
+    def close(self) -> None:
+        self._sessions.clear()

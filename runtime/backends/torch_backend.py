@@ -1,0 +1,112 @@
+"""PyTorch backend: diffusers' own modules from the checkpoint the manifest names; the numerics reference.
+
+It computes each stage the way `Flux2Pipeline.__call__` does (transformers' hidden states stacked,
+the transformer called with position ids, the pipeline's unpack / BatchNorm / unpatchify before
+`vae.decode`), so comparing it with the graphs checks the export end to end. diffusers and
+transformers are imported here, lazily: only this backend needs them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from common.errors import ArtifactsError
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp8": "bfloat16"}
+
+
+class TorchBackend:
+    def __init__(self, artifacts: Path, manifest: dict, *, low_vram: bool = False, device: str | None = None):
+        import torch
+
+        self.manifest = manifest
+        self.precision = manifest["precision"]
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.name = f"torch-{self.device.type}"
+        self.dtype = getattr(torch, DTYPES[self.precision])
+        self.checkpoint = Path(manifest["source"]["checkpoint"])
+        if not (self.checkpoint / "model_index.json").is_file():
+            raise ArtifactsError(
+                f"the torch backend loads the source checkpoint {self.checkpoint} recorded in {Path(artifacts) / 'manifest.json'}, "
+                "which is not there; use --backend ort or restore the checkpoint"
+            )
+        geometry = manifest["geometry"]
+        self.layers = tuple(geometry["text_out_layers"])
+        shapes = manifest["shapes"]
+        self.rows = shapes["height"] // (geometry["vae_scale_factor"] * 2)
+        self.cols = shapes["width"] // (geometry["vae_scale_factor"] * 2)
+        self.pipeline_class = geometry["pipeline_class"]
+        self._pipe = None
+
+    @property
+    def pipe(self):
+        if self._pipe is None:
+            import diffusers
+            from diffusers.utils import logging as diffusers_logging
+            from transformers.utils import logging as hf_logging
+
+            diffusers_logging.set_verbosity_error()
+            hf_logging.set_verbosity_error()
+            cls = getattr(diffusers, self.pipeline_class)
+            self._pipe = cls.from_pretrained(self.checkpoint, dtype=self.dtype).to(self.device)
+            self._pipe.set_progress_bar_config(disable=True)
+        return self._pipe
+
+    def run(self, component: str, feeds: dict) -> dict:
+        import torch
+
+        pipe = self.pipe
+        with torch.no_grad():
+            if component == "text_encoder":
+                output = pipe.text_encoder(
+                    input_ids=feeds["input_ids"],
+                    attention_mask=feeds["attention_mask"],
+                    output_hidden_states=True,
+                    use_cache=False,
+                )
+                stacked = torch.stack([output.hidden_states[k] for k in self.layers], dim=1)
+                b, c, length, hidden = stacked.shape
+                embeds = stacked.permute(0, 2, 1, 3).reshape(b, length, c * hidden)
+                return {"prompt_embeds": embeds.float()}
+            if component == "transformer":
+                hidden = feeds["hidden_states"]
+                latent_grid = torch.zeros(hidden.shape[0], 1, self.rows, self.cols)
+                img_ids = pipe._prepare_latent_ids(latent_grid).to(self.device)
+                txt_ids = pipe._prepare_text_ids(feeds["encoder_hidden_states"]).to(self.device)
+                guidance = feeds.get("guidance")
+                velocity = pipe.transformer(
+                    hidden_states=hidden.to(self.dtype),
+                    encoder_hidden_states=feeds["encoder_hidden_states"].to(self.dtype),
+                    timestep=feeds["timestep"].to(self.dtype),
+                    guidance=None if guidance is None else guidance.float(),
+                    txt_ids=txt_ids,
+                    img_ids=img_ids,
+                    return_dict=False,
+                )[0]
+                return {"velocity": velocity.float()}
+            if component == "vae":
+                packed = feeds["packed_latents"].to(self.dtype)
+                latent_grid = torch.zeros(packed.shape[0], 1, self.rows, self.cols)
+                latents = pipe._unpack_latents_with_ids(packed, pipe._prepare_latent_ids(latent_grid).to(self.device))
+                bn = pipe.vae.bn
+                mean = bn.running_mean.view(1, -1, 1, 1).to(latents.dtype)
+                std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + pipe.vae.config.batch_norm_eps).to(latents.dtype)
+                latents = pipe._unpatchify_latents(latents * std + mean)
+                return {"image": pipe.vae.decode(latents, return_dict=False)[0].float()}
+        raise ValueError(component)
+
+    def from_host(self, array: np.ndarray):
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+
+    def to_host(self, array) -> np.ndarray:
+        return array.detach().float().cpu().numpy() if array.is_floating_point() else array.cpu().numpy()
+
+    def unload(self, component: str) -> None:
+        pass  # the reference keeps the whole pipeline
+
+    def close(self) -> None:
+        self._pipe = None

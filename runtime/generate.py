@@ -1,0 +1,168 @@
+"""python -m runtime.generate: artifacts folder + prompt -> PNG(s) with a JSON sidecar each."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from common.cli import OneLineParser, run_cli
+from common.errors import UsageError
+
+DEFAULT_STEPS = 50  # Flux2Pipeline's default
+DEFAULT_GUIDANCE = 4.0  # Flux2Pipeline's default
+
+
+def read_prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:
+    if prompt_file is not None:
+        try:
+            lines = Path(prompt_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise UsageError(
+                f"cannot read --prompt-file {prompt_file} ({reason}); pass a UTF-8 text file, one prompt per line"
+            ) from None
+        prompts = [line.strip() for line in lines if line.strip()]
+        if not prompts:
+            raise UsageError(f"--prompt-file {prompt_file} has no prompts; write one prompt per line")
+        return prompts
+    if prompt is None:
+        raise UsageError("no prompt: pass --prompt TEXT or --prompt-file FILE")
+    return [prompt]
+
+
+def validate(*, steps: int, guidance: float, num_images: int, seed: int) -> None:
+    if steps < 1:
+        raise UsageError(f"--steps {steps} must be >= 1")
+    if not math.isfinite(guidance):
+        raise UsageError(f"--guidance {guidance} must be a finite number (FLUX.2 [dev] uses 4.0)")
+    if num_images < 1:
+        raise UsageError(f"--num-images {num_images} must be >= 1")
+    if not 0 <= seed < 2**63:
+        raise UsageError(f"--seed {seed} must be in [0, 2**63)")
+
+
+def prepare_out(out: Path) -> Path:
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; pass a folder for the images")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=out))
+    except OSError as exc:
+        raise UsageError(f"--out {out} is not writable ({exc.strerror}); choose a writable folder") from None
+    return out
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_image(out: Path, stem: str, image_uint8, sidecar: dict) -> Path:
+    from PIL import Image
+
+    png = out / f"{stem}.png"
+    _write_atomic(png, lambda p: Image.fromarray(image_uint8).save(p, format="PNG"))
+    _write_atomic(out / f"{stem}.json", lambda p: p.write_text(json.dumps(sidecar, indent=2) + "\n"))
+    return png
+
+
+def generate(
+    *,
+    artifacts: Path,
+    prompts: list[str],
+    seed: int = 0,
+    steps: int = DEFAULT_STEPS,
+    guidance: float = DEFAULT_GUIDANCE,
+    num_images: int = 1,
+    backend: str = "auto",
+    out: Path = Path("out"),
+    low_vram: bool = False,
+    progress: bool = True,
+    log=None,
+) -> list[Path]:
+    """Generate `num_images` per prompt; prompt i uses seed + i. Returns the PNG paths written."""
+    log = log or (lambda message: print(message, file=sys.stderr))
+    validate(steps=steps, guidance=guidance, num_images=num_images, seed=seed)
+    out = prepare_out(out)
+
+    from runtime.artifacts import open_artifacts
+    from runtime.backends.select import select_backend
+    from runtime.pipeline import Flux2Runtime, to_uint8
+
+    opened = open_artifacts(artifacts)
+    chosen = select_backend(backend, opened.folder, opened.specs, opened.manifest, low_vram=low_vram, log=log)
+    runtime = Flux2Runtime(opened, chosen)
+    written = []
+    for prompt_index, prompt in enumerate(prompts):
+        prompt_seed = seed + prompt_index
+        for image_index, image, timings in runtime.generate(
+            prompt, seed=prompt_seed, steps=steps, guidance=guidance, num_images=num_images, progress=progress
+        ):
+            stem = f"{prompt_index:03d}-{image_index:02d}-seed{prompt_seed}"
+            sidecar = {
+                "prompt": prompt,
+                "seed": prompt_seed,
+                "image_index": image_index,
+                "steps": steps,
+                "guidance": guidance,
+                "backend": chosen.name,
+                "precision": opened.precision,
+                "height": opened.shapes.height,
+                "width": opened.shapes.width,
+                "artifacts": str(opened.folder.resolve()),
+                "manifest_sha256": opened.manifest_sha256,
+                "timings": timings.as_dict(),
+            }
+            written.append(save_image(out, stem, to_uint8(image), sidecar))
+            log(f"wrote {written[-1]} ({timings.stages['total']:.2f} s, {chosen.name}, {opened.precision})")
+    chosen.close()
+    return written
+
+
+def main(argv=None) -> int:
+    parser = OneLineParser(
+        prog="python -m runtime.generate", description="Generate FLUX.2 images from an artifacts folder."
+    )
+    parser.add_argument("--artifacts", required=True, type=Path, help="folder written by `python -m export`")
+    parser.add_argument("--prompt", help="the prompt")
+    parser.add_argument(
+        "--prompt-file", type=Path, help="UTF-8 text file, one prompt per line (one image set per line)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="noise seed; prompt i of a file uses seed + i (default 0)")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps (default {DEFAULT_STEPS})")
+    parser.add_argument(
+        "--guidance", type=float, default=DEFAULT_GUIDANCE, help=f"guidance scale (default {DEFAULT_GUIDANCE})"
+    )
+    parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    parser.add_argument("--backend", default="auto", help="auto | trt | ort | torch (default auto)")
+    parser.add_argument("--low-vram", action="store_true", help="keep one component loaded at a time")
+    parser.add_argument(
+        "--out", type=Path, default=Path("out"), help="folder for PNGs and JSON sidecars (default out/)"
+    )
+    args = parser.parse_args(argv)
+    generate(
+        artifacts=args.artifacts,
+        prompts=read_prompts(args.prompt, args.prompt_file),
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        num_images=args.num_images,
+        backend=args.backend,
+        out=args.out,
+        low_vram=args.low_vram,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))
