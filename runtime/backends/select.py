@@ -24,7 +24,17 @@ def _trt_status(artifacts: Path) -> tuple[bool, str]:
     return ok, reason
 
 
-def select_backend(name: str, artifacts: Path, specs, manifest: dict, *, low_vram: bool = False, log=None):
+def select_backend(
+    name: str,
+    artifacts: Path,
+    specs,
+    manifest: dict,
+    *,
+    low_vram: bool = False,
+    checkpoint: Path | None = None,
+    log=None,
+):
+    """`checkpoint` overrides the manifest's source checkpoint for the torch backend (artifacts moved)."""
     log = log or (lambda message: print(message, file=sys.stderr))
     if name not in BACKENDS:
         raise UsageError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
@@ -50,7 +60,7 @@ def select_backend(name: str, artifacts: Path, specs, manifest: dict, *, low_vra
             ) from None
         from runtime.backends.torch_backend import TorchBackend
 
-        return TorchBackend(Path(artifacts), manifest, low_vram=low_vram)
+        return TorchBackend(Path(artifacts), manifest, low_vram=low_vram, checkpoint=checkpoint)
     try:
         import onnxruntime  # noqa: F401
     except ImportError:

@@ -18,7 +18,15 @@ DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp8": "bflo
 
 
 class TorchBackend:
-    def __init__(self, artifacts: Path, manifest: dict, *, low_vram: bool = False, device: str | None = None):
+    def __init__(
+        self,
+        artifacts: Path,
+        manifest: dict,
+        *,
+        low_vram: bool = False,
+        device: str | None = None,
+        checkpoint: Path | None = None,
+    ):
         import torch
 
         self.manifest = manifest
@@ -26,11 +34,11 @@ class TorchBackend:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.name = f"torch-{self.device.type}"
         self.dtype = getattr(torch, DTYPES[self.precision])
-        self.checkpoint = Path(manifest["source"]["checkpoint"])
+        self.checkpoint = Path(checkpoint or manifest["source"]["checkpoint"]).expanduser()
         if not (self.checkpoint / "model_index.json").is_file():
             raise ArtifactsError(
                 f"the torch backend loads the source checkpoint {self.checkpoint} recorded in {Path(artifacts) / 'manifest.json'}, "
-                "which is not there; use --backend ort or restore the checkpoint"
+                "which is not there; pass the checkpoint's new location (--model) or use --backend ort"
             )
         geometry = manifest["geometry"]
         self.layers = tuple(geometry["text_out_layers"])
