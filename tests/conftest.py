@@ -57,3 +57,21 @@ def export_tiny(tmp_path_factory, tiny_checkpoint, small_shapes):
 def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def tiny_klein_checkpoint(_cache_dir) -> Path:
+    """The tiny FLUX.2 [klein] base model (true classifier-free guidance)."""
+    from export.tiny import ensure_tiny_checkpoint
+    from export.tiny_klein import KLEIN_BASE
+
+    return ensure_tiny_checkpoint(KLEIN_BASE)
+
+
+@pytest.fixture(scope="session")
+def tiny_klein_distilled_checkpoint(_cache_dir) -> Path:
+    """The tiny FLUX.2 [klein] step-distilled model (`is_distilled`: no guidance)."""
+    from export.tiny import ensure_tiny_checkpoint
+    from export.tiny_klein import KLEIN_DISTILLED
+
+    return ensure_tiny_checkpoint(KLEIN_DISTILLED)
