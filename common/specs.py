@@ -88,6 +88,8 @@ class Geometry:
     guidance_embeds: bool
     latent_channels: int
     vae_scale_factor: int  # pixels per latent pixel, 2 ** (len(block_out_channels) - 1)
+    # klein's step-distilled model (model_index.json "is_distilled"): diffusers runs it without CFG.
+    is_distilled: bool = False
     extras: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -129,6 +131,7 @@ def geometry_from_configs(
         guidance_embeds=bool(transformer_config.get("guidance_embeds", True)),
         latent_channels=int(vae_config.get("latent_channels", 32)),
         vae_scale_factor=2 ** (len(vae_config.get("block_out_channels", (128, 256, 512, 512))) - 1),
+        is_distilled=bool(model_index.get("is_distilled", False)),
     )
 
 

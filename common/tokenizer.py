@@ -1,9 +1,17 @@
 """FLUX.2 prompt tokenisation without transformers: `tokenizers` plus the folder's jinja chat template.
 
-Reproduces what diffusers does (`tokenizer.apply_chat_template(messages, tokenize=True,
-padding="max_length", truncation=True, max_length=N)`): render the chat template, encode the
-text without adding special tokens (the template writes BOS itself), truncate, pad, mask.
-The runtime uses this so inference nodes need neither transformers nor a checkpoint.
+Reproduces what diffusers does, per pipeline class (the manifest's `geometry.pipeline_class`):
+
+- `Flux2Pipeline` ([dev]): `tokenizer.apply_chat_template(messages, tokenize=True,
+  add_generation_prompt=False, padding="max_length", truncation=True, max_length=N)` on a system
+  message + user message: render, encode without special tokens (the template writes BOS itself).
+- `Flux2KleinPipeline` ([klein]): `text = tokenizer.apply_chat_template([user message],
+  tokenize=False, add_generation_prompt=True, enable_thinking=False)`, then `tokenizer(text,
+  padding="max_length", truncation=True, max_length=N)`, which adds the tokenizer's special
+  tokens (none for Qwen's) after truncating to leave room for them.
+
+Then truncate, pad, mask. The runtime uses this so inference nodes need neither transformers
+nor a checkpoint.
 """
 
 from __future__ import annotations
@@ -34,6 +42,9 @@ TOKENIZER_FILES = (
 )
 
 
+PIPELINE_CLASSES = ("Flux2Pipeline", "Flux2KleinPipeline")
+
+
 def flux2_messages(prompt: str, system_message: str = SYSTEM_MESSAGE) -> list[dict]:
     """diffusers' `format_input` for one text-only prompt ([IMG] markers are stripped)."""
     return [
@@ -42,19 +53,33 @@ def flux2_messages(prompt: str, system_message: str = SYSTEM_MESSAGE) -> list[di
     ]
 
 
+def klein_messages(prompt: str) -> list[dict]:
+    """diffusers' Flux2KleinPipeline `_get_qwen3_prompt_embeds`: one user message, the prompt as is."""
+    return [{"role": "user", "content": prompt}]
+
+
 @dataclass
 class PromptTokenizer:
     folder: Path
     max_length: int
+    pipeline_class: str = "Flux2Pipeline"
 
     def __post_init__(self):
         from tokenizers import Tokenizer
 
         folder = Path(self.folder)
+        if self.pipeline_class not in PIPELINE_CLASSES:
+            raise ArtifactsError(
+                f"pipeline class {self.pipeline_class!r} for the tokenizer in {folder} is not one of "
+                f"{', '.join(PIPELINE_CLASSES)}; re-export the artifacts with this version"
+            )
         tokenizer_json = folder / "tokenizer.json"
         if not tokenizer_json.is_file():
             raise ArtifactsError(f"{folder} has no tokenizer.json; re-run export to copy the tokenizer")
         self._tokenizer = Tokenizer.from_file(str(tokenizer_json))
+        # transformers sets truncation and padding per call; a tokenizer.json may carry its own.
+        self._tokenizer.no_truncation()
+        self._tokenizer.no_padding()
         config = _read_optional_json(folder / "tokenizer_config.json")
         special = _read_optional_json(folder / "special_tokens_map.json")
         self.special_tokens = {
@@ -70,7 +95,7 @@ class PromptTokenizer:
         self.pad_id = pad_id
         self.chat_template = _find_chat_template(folder, config)
 
-    def render(self, messages: list[dict]) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, **template_kwargs) -> str:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message):
@@ -82,18 +107,33 @@ class PromptTokenizer:
         env.globals["raise_exception"] = raise_exception
         template = env.from_string(self.chat_template)
         tokens = {k: v for k, v in self.special_tokens.items() if v is not None}
-        return template.render(messages=messages, add_generation_prompt=False, **tokens)
+        return template.render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **tokens, **template_kwargs
+        )
+
+    def token_ids(self, prompt: str) -> list[int]:
+        """One prompt's ids, formatted and truncated as diffusers does for this pipeline class (no padding)."""
+        if self.pipeline_class == "Flux2KleinPipeline":
+            text = self.render(klein_messages(prompt), add_generation_prompt=True, enable_thinking=False)
+            # `tokenizer(text, truncation=True, max_length=N)`: truncate to leave room for the special
+            # tokens the post-processor adds, then add them.
+            encoding = self._tokenizer.encode(text, add_special_tokens=False)
+            room = self.max_length - self._tokenizer.num_special_tokens_to_add(False)
+            encoding.truncate(room, direction=self.truncation_side)
+            return self._tokenizer.post_process(encoding, add_special_tokens=True).ids
+        text = self.render(flux2_messages(prompt))
+        token_ids = self._tokenizer.encode(text, add_special_tokens=False).ids
+        if len(token_ids) > self.max_length:
+            keep = self.max_length
+            token_ids = token_ids[:keep] if self.truncation_side == "right" else token_ids[-keep:]
+        return token_ids
 
     def encode(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Token ids and attention mask, each int64 [len(prompts), max_length]."""
         ids = np.full((len(prompts), self.max_length), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(prompts), self.max_length), dtype=np.int64)
         for row, prompt in enumerate(prompts):
-            text = self.render(flux2_messages(prompt))
-            token_ids = self._tokenizer.encode(text, add_special_tokens=False).ids
-            if len(token_ids) > self.max_length:
-                keep = self.max_length
-                token_ids = token_ids[:keep] if self.truncation_side == "right" else token_ids[-keep:]
+            token_ids = self.token_ids(prompt)
             n = len(token_ids)
             if self.padding_side == "right":
                 ids[row, :n], mask[row, :n] = token_ids, 1

@@ -10,7 +10,9 @@ from common.specs import COMPONENTS, DEFAULT_HEIGHT, DEFAULT_MAX_SEQUENCE_LENGTH
 
 def main(argv=None) -> int:
     parser = OneLineParser(prog="python -m export", description="Export FLUX.2 to ONNX and verify it against PyTorch.")
-    parser.add_argument("--model", required=True, help="checkpoint folder (diffusers layout) or 'tiny'")
+    parser.add_argument(
+        "--model", required=True, help="checkpoint folder (diffusers layout), or tiny, tiny-klein, tiny-klein-distilled"
+    )
     parser.add_argument("--out", required=True, type=Path, help="artifacts folder to write")
     parser.add_argument("--precision", default="fp32", help=f"one of {', '.join(PRECISIONS)} (default fp32)")
     parser.add_argument(
@@ -19,6 +21,9 @@ def main(argv=None) -> int:
     parser.add_argument("--height", type=int, default=DEFAULT_HEIGHT)
     parser.add_argument("--width", type=int, default=DEFAULT_WIDTH)
     parser.add_argument("--max-sequence-length", type=int, default=DEFAULT_MAX_SEQUENCE_LENGTH)
+    parser.add_argument(
+        "--batch-size", type=int, default=1, help="batch of every graph (2: both CFG passes in one transformer call)"
+    )
     parser.add_argument(
         "--text-encoder-layers", default=None, help="hidden-state indices, e.g. 10,20,30 (default: from the checkpoint)"
     )
@@ -36,7 +41,12 @@ def main(argv=None) -> int:
         out=args.out,
         precision=args.precision,
         components=parse_csv(args.components),
-        shapes=Shapes(height=args.height, width=args.width, max_sequence_length=args.max_sequence_length),
+        shapes=Shapes(
+            height=args.height,
+            width=args.width,
+            max_sequence_length=args.max_sequence_length,
+            batch_size=args.batch_size,
+        ),
         text_encoder_layers=layers,
         force=args.force,
         skip_check=args.skip_check,

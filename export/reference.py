@@ -2,7 +2,7 @@
 
 - text encoder: a real prompt through the checkpoint's own tokenizer and chat template;
 - transformer: that prompt's fp32 PyTorch embeddings, seeded noise latents, a mid timestep, and
-  FLUX.2 [dev]'s default guidance;
+  FLUX.2 [dev]'s default guidance where the transformer embeds it ([klein]'s does not);
 - VAE: seeded latents in the normalised space the sampler works in.
 """
 
@@ -20,6 +20,9 @@ from export.transformer import TransformerGraph
 from export.vae import VaeDecoderGraph
 
 CHECK_PROMPT = "A photograph of a red fox sitting in fresh snow at dawn, soft light, shallow depth of field."
+# Rows of a batch get different prompts, so a graph that mixes rows fails the check. Row 1 is the
+# empty prompt: a batch of 2 is the classifier-free guidance pair (prompt, negative prompt "").
+CHECK_PROMPTS = (CHECK_PROMPT, "", "An astronaut riding a horse across a desert under a purple sky.")
 CHECK_SEED = 0
 CHECK_SIGMA = 0.5
 CHECK_GUIDANCE = 4.0
@@ -53,8 +56,13 @@ class ReferenceInputs:
     _prompt_embeds: np.ndarray | None = field(default=None, repr=False)
 
     def token_inputs(self) -> tuple[np.ndarray, np.ndarray]:
-        tokenizer = PromptTokenizer(self.checkpoint.root / "tokenizer", self.shapes.max_sequence_length)
-        ids, mask = tokenizer.encode([CHECK_PROMPT] * self.shapes.batch_size)
+        tokenizer = PromptTokenizer(
+            self.checkpoint.root / "tokenizer",
+            self.shapes.max_sequence_length,
+            pipeline_class=self.geometry.pipeline_class,
+        )
+        prompts = [CHECK_PROMPTS[row % len(CHECK_PROMPTS)] for row in range(self.shapes.batch_size)]
+        ids, mask = tokenizer.encode(prompts)
         return ids, mask
 
     def prompt_embeds(self, text_encoder_fp32=None) -> np.ndarray:

@@ -44,15 +44,23 @@ def library_versions() -> dict[str, str]:
 
 
 def resolve_model(model: str) -> Path:
-    if model == "tiny":
-        from export.tiny import ensure_tiny_checkpoint
+    from export.tiny import TINY_MODELS
 
-        return ensure_tiny_checkpoint()
+    if model in TINY_MODELS:
+        from export.tiny import ensure_tiny_checkpoint, tiny_preset
+
+        return ensure_tiny_checkpoint(tiny_preset(model))
     return Path(model).expanduser().resolve()
 
 
 def validate_request(
-    *, precision: str, components: tuple[str, ...], height: int, width: int, max_sequence_length: int
+    *,
+    precision: str,
+    components: tuple[str, ...],
+    height: int,
+    width: int,
+    max_sequence_length: int,
+    batch_size: int = 1,
 ) -> None:
     if precision not in PRECISIONS:
         raise UsageError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
@@ -66,6 +74,8 @@ def validate_request(
             )
     if max_sequence_length <= 0:
         raise UsageError(f"--max-sequence-length {max_sequence_length} must be positive (FLUX.2 uses 512)")
+    if batch_size <= 0:
+        raise UsageError(f"--batch-size {batch_size} must be positive (2 runs a CFG step in one transformer call)")
 
 
 def _prepare_out(out: Path) -> None:
@@ -109,6 +119,7 @@ def export_artifacts(
         height=shapes.height,
         width=shapes.width,
         max_sequence_length=shapes.max_sequence_length,
+        batch_size=shapes.batch_size,
     )
     _prepare_out(out)
     checkpoint = ckpt.open_checkpoint(resolve_model(model))

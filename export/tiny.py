@@ -18,6 +18,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 # Bump when the generator changes what it writes for the same config.
 GENERATOR_VERSION = 1
@@ -31,6 +32,8 @@ TEXT_LAYERS_KEY = "_flux2_trt_text_encoder_out_layers"
 
 @dataclass(frozen=True)
 class TinyConfig:
+    family: ClassVar[str] = "dev"  # which writer builds it; a class constant, so not part of key()
+
     # text encoder (Mistral-style language model; a 1-layer vision tower that export never reads)
     text_hidden_size: int = 32
     text_intermediate_size: int = 64
@@ -61,6 +64,19 @@ class TinyConfig:
 
 
 DEFAULT = TinyConfig()
+
+# The names `python -m export --model` accepts for the embedded checkpoints.
+TINY_MODELS = ("tiny", "tiny-klein", "tiny-klein-distilled")
+
+
+def tiny_preset(name: str) -> TinyConfig:
+    """The config of one of TINY_MODELS (klein's lives in export.tiny_klein)."""
+    if name == "tiny":
+        return DEFAULT
+    from export.tiny_klein import KLEIN_BASE, KLEIN_DISTILLED
+
+    return {"tiny-klein": KLEIN_BASE, "tiny-klein-distilled": KLEIN_DISTILLED}[name]
+
 
 # Text the tiny byte-level BPE tokenizer is trained on: enough to give it real merges, so that
 # prompts tokenise into several tokens per word as real ones do.
@@ -117,13 +133,14 @@ def default_cache_dir() -> Path:
 
 def ensure_tiny_checkpoint(config: TinyConfig = DEFAULT, cache_dir: Path | None = None) -> Path:
     """Return the folder of the tiny checkpoint for `config`, generating it on first use."""
-    target = (cache_dir or default_cache_dir()) / f"tiny-{config.key()}"
+    prefix = "tiny" if config.family == "dev" else f"tiny-{config.family}"
+    target = (cache_dir or default_cache_dir()) / f"{prefix}-{config.key()}"
     if (target / "model_index.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        write_tiny_checkpoint(staging, config)
+        _writer(config)(staging, config)
         try:
             staging.rename(target)
         except OSError:
@@ -132,6 +149,14 @@ def ensure_tiny_checkpoint(config: TinyConfig = DEFAULT, cache_dir: Path | None 
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _writer(config: TinyConfig):
+    if config.family == "klein":
+        from export.tiny_klein import write_tiny_klein_checkpoint  # imports this module: no top-level cycle
+
+        return write_tiny_klein_checkpoint
+    return write_tiny_checkpoint
 
 
 def _build_tokenizer(config: TinyConfig):
@@ -162,7 +187,6 @@ def _build_tokenizer(config: TinyConfig):
 def write_tiny_checkpoint(out: Path, config: TinyConfig = DEFAULT) -> None:
     """Write a FLUX.2 [dev]-layout checkpoint with random weights into `out` (must exist)."""
     import torch
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
     from transformers import (
         Mistral3Config,
         Mistral3ForConditionalGeneration,
@@ -223,6 +247,34 @@ def write_tiny_checkpoint(out: Path, config: TinyConfig = DEFAULT) -> None:
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(out / "tokenizer")
 
+    write_image_models(out, config, joint_attention_dim=3 * config.text_hidden_size)
+
+    model_index = {
+        "_class_name": "Flux2Pipeline",
+        "_diffusers_version": _version("diffusers"),
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "Mistral3ForConditionalGeneration"],
+        "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+        "transformer": ["diffusers", "Flux2Transformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKLFlux2"],
+        TEXT_LAYERS_KEY: list(config.text_out_layers),
+    }
+    (out / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
+
+
+def write_image_models(
+    out: Path, config: TinyConfig, joint_attention_dim: int, modulation_gain: float = 1.0, qk_norm_gain: float = 1.0
+) -> None:
+    """The transformer, VAE and scheduler, which every FLUX.2 family shares (seeds from `config.seed`).
+
+    At random initialisation the modulation gates are ~0.05 and attention is nearly uniform
+    (q/k are RMS-normalised), so the prompt barely moves the image. Gains above 1 scale the
+    modulation weights and the q/k norm weights after the seeded init, which makes prompt and
+    guidance visible in the output (see export.tiny_klein).
+    """
+    import torch
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+
     torch.manual_seed(config.seed + 1)
     inner = config.num_attention_heads * config.attention_head_dim
     transformer = Flux2Transformer2DModel(
@@ -232,13 +284,20 @@ def write_tiny_checkpoint(out: Path, config: TinyConfig = DEFAULT) -> None:
         num_single_layers=config.num_single_layers,
         attention_head_dim=config.attention_head_dim,
         num_attention_heads=config.num_attention_heads,
-        joint_attention_dim=3 * config.text_hidden_size,
+        joint_attention_dim=joint_attention_dim,
         timestep_guidance_channels=config.timestep_guidance_channels,
         mlp_ratio=config.mlp_ratio,
         axes_dims_rope=config.axes_dims_rope,
         guidance_embeds=config.guidance_embeds,
     )
     assert inner == transformer.inner_dim
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            owner = name.rsplit(".", 2)[-2]
+            if modulation_gain != 1.0 and "modulation" in name and name.endswith(".weight"):
+                param.mul_(modulation_gain)
+            if qk_norm_gain != 1.0 and owner in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
+                param.mul_(qk_norm_gain)
     transformer.save_pretrained(out / "transformer", safe_serialization=True)
 
     torch.manual_seed(config.seed + 2)
@@ -271,18 +330,6 @@ def write_tiny_checkpoint(out: Path, config: TinyConfig = DEFAULT) -> None:
     )
     scheduler.save_pretrained(out / "scheduler")
 
-    model_index = {
-        "_class_name": "Flux2Pipeline",
-        "_diffusers_version": _version("diffusers"),
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-        "text_encoder": ["transformers", "Mistral3ForConditionalGeneration"],
-        "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
-        "transformer": ["diffusers", "Flux2Transformer2DModel"],
-        "vae": ["diffusers", "AutoencoderKLFlux2"],
-        TEXT_LAYERS_KEY: list(config.text_out_layers),
-    }
-    (out / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
-
 
 def _version(dist: str) -> str:
     from importlib.metadata import version
@@ -290,21 +337,21 @@ def _version(dist: str) -> str:
     return version(dist)
 
 
-def _parse_overrides(pairs: list[str]) -> TinyConfig:
-    fields = {f.name: f for f in dataclasses.fields(TinyConfig)}
+def _parse_overrides(pairs: list[str], base: TinyConfig = DEFAULT) -> TinyConfig:
+    fields = {f.name: f for f in dataclasses.fields(base)}
     changes = {}
     for pair in pairs:
         name, sep, raw = pair.partition("=")
         if not sep or name not in fields:
             raise SystemExit(f"error: --set {pair!r}: expected NAME=VALUE with NAME one of {', '.join(fields)}")
-        default = getattr(DEFAULT, name)
+        default = getattr(base, name)
         if isinstance(default, tuple):
             changes[name] = tuple(int(v) for v in raw.split(","))
         elif isinstance(default, bool):
             changes[name] = raw.lower() in ("1", "true", "yes")
         else:
             changes[name] = type(default)(raw)
-    return dataclasses.replace(DEFAULT, **changes)
+    return dataclasses.replace(base, **changes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -312,18 +359,21 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(
         prog="python -m export.tiny",
-        description="Write a tiny random FLUX.2 [dev] checkpoint (diffusers layout) for tests and demos.",
+        description="Write a tiny random FLUX.2 checkpoint (diffusers layout) for tests and demos.",
     )
     parser.add_argument("--out", required=True, type=Path, help="folder to create (must not exist)")
-    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a TinyConfig field")
+    parser.add_argument(
+        "--model", default="tiny", choices=TINY_MODELS, help="which family: [dev] (tiny) or [klein] (default tiny)"
+    )
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a config field")
     args = parser.parse_args(argv)
-    config = _parse_overrides(args.set)
+    config = _parse_overrides(args.set, tiny_preset(args.model))
     if args.out.exists():
         raise SystemExit(f"error: --out {args.out} already exists; choose a new folder")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{args.out.name}-", dir=args.out.parent))
     try:
-        write_tiny_checkpoint(staging, config)
+        _writer(config)(staging, config)
         staging.rename(args.out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

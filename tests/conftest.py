@@ -88,3 +88,21 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) ->
     assert "Traceback" not in result.stderr
     for needle in needles:
         assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_klein_checkpoint(_cache_dir) -> Path:
+    """The tiny FLUX.2 [klein] base model (true classifier-free guidance)."""
+    from export.tiny import ensure_tiny_checkpoint
+    from export.tiny_klein import KLEIN_BASE
+
+    return ensure_tiny_checkpoint(KLEIN_BASE)
+
+
+@pytest.fixture(scope="session")
+def tiny_klein_distilled_checkpoint(_cache_dir) -> Path:
+    """The tiny FLUX.2 [klein] step-distilled model (`is_distilled`: no guidance)."""
+    from export.tiny import ensure_tiny_checkpoint
+    from export.tiny_klein import KLEIN_DISTILLED
+
+    return ensure_tiny_checkpoint(KLEIN_DISTILLED)
