@@ -7,7 +7,7 @@ PRECISION ?= fp32
 ARTIFACTS ?= artifacts/$(MODEL)-$(PRECISION)
 PROMPT ?= A photograph of a red fox sitting in fresh snow at dawn
 
-.PHONY: setup demo test lint export generate check bench-runtime clean
+.PHONY: setup demo test lint export generate check bench-runtime bench-cfg clean
 
 # torch is pinned to the CPU build that lies on this workplace's disk; an unpinned torch would
 # pull a multi-GB CUDA build. Production nodes install their own CUDA torch and the extras.
@@ -35,6 +35,9 @@ check: setup
 
 bench-runtime: setup
 	PYTHONPATH=. $(PY) bench/runtime_overhead.py --artifacts $(ARTIFACTS)
+
+bench-cfg: setup
+	PYTHONPATH=. $(PY) bench/klein_cfg.py
 
 test: setup
 	$(PY) -m pytest -q

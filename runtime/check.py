@@ -130,8 +130,14 @@ def run_check(
     _, our_image, _ = next(runtime.generate(prompt, seed=seed, steps=steps, guidance=guidance, progress=False))
     runtime_seconds = time.perf_counter() - started
 
-    # Per component, same inputs into both sides.
-    ours_embeds = chosen.to_host(runtime.encode_prompt(prompt, timings))
+    # Per component, same inputs into both sides; graphs built for a batch of b get b copies of
+    # the row and their first row is compared.
+    b = shapes.batch_size
+
+    def rows(array):
+        return chosen.from_host(np.concatenate([array] * b))
+
+    ours_embeds = chosen.to_host(runtime.encode_prompt(prompt, timings))[:1]
     from runtime.scheduler import flux2_schedule
 
     noise = initial_noise(opened, seed, 1)
@@ -143,9 +149,7 @@ def run_check(
     }
     if opened.geometry.guidance_embeds:
         feeds["guidance"] = np.full((1,), guidance, np.float32)
-    ours_velocity = chosen.to_host(
-        chosen.run("transformer", {k: chosen.from_host(v) for k, v in feeds.items()})["velocity"]
-    )
+    ours_velocity = chosen.to_host(chosen.run("transformer", {k: rows(v) for k, v in feeds.items()})["velocity"])[:1]
     text_ids = pipe._prepare_text_ids(ref_embeds)
     grid = torch.zeros(
         1, 1, shapes.height // opened.geometry.pixels_per_token, shapes.width // opened.geometry.pixels_per_token
@@ -161,9 +165,7 @@ def run_check(
             return_dict=False,
         )[0]
     final_latents = final["latents"].float().cpu().numpy()
-    ours_decoded = to_image(
-        chosen.to_host(chosen.run("vae", {"packed_latents": chosen.from_host(final_latents)})["image"])
-    )[0]
+    ours_decoded = to_image(chosen.to_host(chosen.run("vae", {"packed_latents": rows(final_latents)})["image"]))[0]
     with torch.no_grad():
         latents = pipe._unpack_latents_with_ids(final["latents"], pipe._prepare_latent_ids(grid).to(device))
         mean = pipe.vae.bn.running_mean.view(1, -1, 1, 1)

@@ -88,6 +88,7 @@ def generate(
     out: Path = Path("out"),
     low_vram: bool = False,
     progress: bool = True,
+    negative_prompt: str = "",
     log=None,
 ) -> list[Path]:
     """Generate `num_images` per prompt; prompt i uses seed + i. Returns the PNG paths written."""
@@ -102,11 +103,22 @@ def generate(
     opened = open_artifacts(artifacts)
     chosen = select_backend(backend, opened.folder, opened.specs, opened.manifest, low_vram=low_vram, log=log)
     runtime = Flux2Runtime(opened, chosen)
+    warning = runtime.guidance_warning(guidance)
+    if warning:
+        log(f"warning: {warning}")
+    if negative_prompt and not runtime.uses_cfg(guidance):
+        log("warning: --negative-prompt is ignored: only FLUX.2 [klein] base models with --guidance > 1 use one")
     written = []
     for prompt_index, prompt in enumerate(prompts):
         prompt_seed = seed + prompt_index
         for image_index, image, timings in runtime.generate(
-            prompt, seed=prompt_seed, steps=steps, guidance=guidance, num_images=num_images, progress=progress
+            prompt,
+            seed=prompt_seed,
+            steps=steps,
+            guidance=guidance,
+            num_images=num_images,
+            progress=progress,
+            negative_prompt=negative_prompt,
         ):
             stem = f"{prompt_index:03d}-{image_index:02d}-seed{prompt_seed}"
             sidecar = {
@@ -115,6 +127,8 @@ def generate(
                 "image_index": image_index,
                 "steps": steps,
                 "guidance": guidance,
+                "classifier_free_guidance": runtime.uses_cfg(guidance),
+                "negative_prompt": negative_prompt if runtime.uses_cfg(guidance) else None,
                 "backend": chosen.name,
                 "precision": opened.precision,
                 "height": opened.shapes.height,
@@ -143,6 +157,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--guidance", type=float, default=DEFAULT_GUIDANCE, help=f"guidance scale (default {DEFAULT_GUIDANCE})"
     )
+    parser.add_argument(
+        "--negative-prompt", default="", help="klein base models (true CFG) only; diffusers uses the empty prompt"
+    )
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
     parser.add_argument("--backend", default="auto", help="auto | trt | ort | torch (default auto)")
     parser.add_argument("--low-vram", action="store_true", help="keep one component loaded at a time")
@@ -160,6 +177,7 @@ def main(argv=None) -> int:
         backend=args.backend,
         out=args.out,
         low_vram=args.low_vram,
+        negative_prompt=args.negative_prompt,
     )
     return 0
 

@@ -30,6 +30,15 @@ def initial_noise(artifacts: Artifacts, seed: int, num_images: int) -> np.ndarra
     return noise.reshape(num_images, geometry.in_channels, -1).permute(0, 2, 1).contiguous().numpy()
 
 
+def _concat(arrays):
+    """Concatenate on axis 0 in the arrays' own library (numpy or torch)."""
+    if isinstance(arrays[0], np.ndarray):
+        return np.concatenate(arrays)
+    import torch
+
+    return torch.cat(arrays)
+
+
 def to_image(decoded: np.ndarray) -> np.ndarray:
     """VAE output [B, 3, H, W] in [-1, 1] -> float [B, H, W, 3] in [0, 1], as diffusers' postprocess."""
     return np.clip(decoded / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
@@ -53,7 +62,9 @@ class Flux2Runtime:
         self.artifacts = artifacts
         self.backend = backend
         pipeline_class = artifacts.geometry.pipeline_class
-        self.tokenizer = PromptTokenizer(artifacts.folder / "tokenizer", artifacts.shapes.max_sequence_length)
+        self.tokenizer = PromptTokenizer(
+            artifacts.folder / "tokenizer", artifacts.shapes.max_sequence_length, pipeline_class=pipeline_class
+        )
         self.pipeline_class = pipeline_class
         self.scheduler = SchedulerConfig.from_json(
             artifacts.scheduler_json(), str(artifacts.folder / "scheduler_config.json")
@@ -66,9 +77,21 @@ class Flux2Runtime:
         timings.backend += time.perf_counter() - started
         return out
 
-    def encode_prompt(self, prompt: str, timings: Timings):
+    def uses_cfg(self, guidance: float) -> bool:
+        """True classifier-free guidance: klein base models with a scale above 1, as diffusers decides."""
+        geometry = self.artifacts.geometry
+        return self.pipeline_class == "Flux2KleinPipeline" and not geometry.is_distilled and guidance > 1
+
+    def guidance_warning(self, guidance: float) -> str | None:
+        if self.pipeline_class == "Flux2KleinPipeline" and self.artifacts.geometry.is_distilled and guidance > 1:
+            return f"Guidance scale {guidance} is ignored for step-wise distilled models."
+        return None
+
+    def encode_prompt(self, prompt: str | list[str], timings: Timings):
+        """Embeddings for the graph's batch: one prompt repeated, or exactly `batch` prompts."""
+        prompts = [prompt] * self.batch if isinstance(prompt, str) else list(prompt)
         started = time.perf_counter()
-        ids, mask = self.tokenizer.encode([prompt] * self.batch)
+        ids, mask = self.tokenizer.encode(prompts)
         timings.stages["tokenize"] += time.perf_counter() - started
         started = time.perf_counter()
         feeds = {"input_ids": self.backend.from_host(ids), "attention_mask": self.backend.from_host(mask)}
@@ -76,8 +99,24 @@ class Flux2Runtime:
         timings.stages["text_encoder"] += time.perf_counter() - started
         return embeds
 
-    def denoise(self, latents, prompt_embeds, *, steps: int, guidance: float, timings: Timings, progress: bool = True):
-        """Run the sampling loop on backend arrays; no host round trip inside the loop."""
+    def denoise(
+        self,
+        latents,
+        prompt_embeds,
+        *,
+        steps: int,
+        guidance: float,
+        timings: Timings,
+        progress: bool = True,
+        negative_embeds=None,
+    ):
+        """Run the sampling loop on backend arrays; no host round trip inside the loop.
+
+        With `negative_embeds` (klein base, CFG): v = v_neg + g * (v_cond - v_neg), from two
+        transformer evaluations per step, as diffusers' Flux2KleinPipeline does. Batch-2
+        artifacts instead pass `prompt_embeds` holding [prompt, negative] and latents [x, x]:
+        one evaluation, rows 0 and 1 combined the same way.
+        """
         from tqdm import tqdm
 
         started = time.perf_counter()
@@ -96,6 +135,14 @@ class Flux2Runtime:
             if self.artifacts.geometry.guidance_embeds:
                 feeds["guidance"] = guidance_feed
             velocity = self._run("transformer", feeds, timings)["velocity"]
+            if negative_embeds is not None:
+                negative = self._run("transformer", {**feeds, "encoder_hidden_states": negative_embeds}, timings)[
+                    "velocity"
+                ]
+                velocity = negative + guidance * (velocity - negative)
+            elif self.paired_cfg:
+                cond, negative = velocity[:1], velocity[1:2]
+                velocity = _concat([negative + guidance * (cond - negative)] * 2)
             latents = euler_step(latents, velocity, schedule.dt(index))
         timings.stages["denoise"] += time.perf_counter() - started
         return latents
@@ -109,13 +156,28 @@ class Flux2Runtime:
         timings.stages["vae"] += time.perf_counter() - started
         return to_image(decoded)
 
+    paired_cfg = False  # set per call: the CFG pair evaluated as one batch-2 call
+
     def generate(
-        self, prompt: str, *, seed: int, steps: int, guidance: float, num_images: int = 1, progress: bool = True
+        self,
+        prompt: str,
+        *,
+        seed: int,
+        steps: int,
+        guidance: float,
+        num_images: int = 1,
+        progress: bool = True,
+        negative_prompt: str = "",
     ):
         """Yield (index, image float [H, W, 3] in [0, 1], timings) per image, as each is finished."""
         timings = Timings()
-        prompt_embeds = self.encode_prompt(prompt, timings)
         noise = initial_noise(self.artifacts, seed, num_images)
+        self.paired_cfg = self.uses_cfg(guidance) and self.batch == 2
+        if self.paired_cfg:
+            yield from self._generate_paired(prompt, negative_prompt, noise, steps, guidance, timings, progress)
+            return
+        prompt_embeds = self.encode_prompt(prompt, timings)
+        negative_embeds = self.encode_prompt(negative_prompt, timings) if self.uses_cfg(guidance) else None
         for start in range(0, num_images, self.batch):
             image_timings = (
                 Timings(stages=defaultdict(float, timings.stages), backend=timings.backend) if start == 0 else Timings()
@@ -131,8 +193,24 @@ class Flux2Runtime:
                 guidance=guidance,
                 timings=image_timings,
                 progress=progress,
+                negative_embeds=negative_embeds,
             )
             images = self.decode(latents, image_timings)
             image_timings.stages["total"] = time.perf_counter() - began + sum(timings.stages.values()) * (start == 0)
             for offset in range(min(self.batch, num_images - start)):
                 yield start + offset, images[offset], image_timings
+
+    def _generate_paired(self, prompt, negative_prompt, noise, steps, guidance, timings, progress):
+        """Batch-2 artifacts with CFG: rows are [prompt, negative] over the same latents."""
+        prompt_embeds = self.encode_prompt([prompt, negative_prompt], timings)
+        for index in range(noise.shape[0]):
+            image_timings = timings if index == 0 else Timings()
+            began = time.perf_counter()
+            pair = self.backend.from_host(np.concatenate([noise[index : index + 1]] * 2))
+            latents = self.denoise(
+                pair, prompt_embeds, steps=steps, guidance=guidance, timings=image_timings, progress=progress
+            )
+            image = self.decode(latents, image_timings)[0]
+            encode = timings.stages["tokenize"] + timings.stages["text_encoder"] if index == 0 else 0.0
+            image_timings.stages["total"] = time.perf_counter() - began + encode
+            yield index, image, image_timings
