@@ -151,6 +151,7 @@ class FakeTrt:
         self.fail_parse, self.fail_build = fail_parse, fail_build
         self.tensors = {}  # data_ptr -> torch tensor, filled by tests of the runtime backend
         self.executions = 0
+        self.capturing = None  # a list while a stand-in CUDA graph records enqueued work
         trt = self
 
         class Builder:
@@ -250,11 +251,18 @@ def _runtime_class(trt):
             trt.executions += 1
             inputs = [self.addresses[n] for n, _, mode in self.engine.io if mode is TensorIOMode.INPUT]
             outputs = [self.addresses[n] for n, _, mode in self.engine.io if mode is TensorIOMode.OUTPUT]
-            source = trt.tensors[inputs[0]]
-            with torch.cuda.stream(torch.cuda.ExternalStream(stream_handle)):
-                for address in outputs:
-                    # In place: no allocation, so CUDA-graph capture of this "engine" works.
-                    trt.tensors[address].copy_(source).mul_(2).add_(1)
+
+            def work():
+                source = trt.tensors[inputs[0]]
+                with torch.cuda.stream(torch.cuda.ExternalStream(stream_handle)):
+                    for address in outputs:
+                        # In place: no allocation, so CUDA-graph capture of this "engine" works.
+                        trt.tensors[address].copy_(source).mul_(2).add_(1)
+
+            if trt.capturing is not None:  # a stand-in CUDA graph is recording (tests without a GPU)
+                trt.capturing.append(work)
+            else:
+                work()
             return True
 
     class Runtime:
