@@ -11,7 +11,7 @@ What FLUX.2's recipe writes, and what is checked here:
 
 from __future__ import annotations
 
-from engines.graph_checks import Finding, Graph, node_label
+from engines.graph_checks import Finding, Graph, node_label, type_name
 
 FLOAT8E4M3FN = 17  # onnx.TensorProto.FLOAT8E4M3FN
 
@@ -90,7 +90,7 @@ def check_fp8_qdq(graph: Graph, table: dict) -> list[Finding]:
                         Finding(
                             "fp8 q/dq",
                             label,
-                            f"weight {source!r} is {_type(graph, source)}, not a FLOAT8E4M3FN initializer",
+                            f"weight {source!r} is {type_name(graph.types.get(source, 0))}, not a FLOAT8E4M3FN initializer",
                         )
                     )
             elif producer is None or producer.op_type != "QuantizeLinear":
@@ -102,9 +102,3 @@ def check_fp8_qdq(graph: Graph, table: dict) -> list[Finding]:
                     )
                 )
     return found
-
-
-def _type(graph: Graph, name: str) -> str:
-    from engines.graph_checks import type_name
-
-    return type_name(graph.types.get(name, 0))
