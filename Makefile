@@ -6,8 +6,9 @@ MODEL ?= tiny
 PRECISION ?= fp32
 ARTIFACTS ?= artifacts/$(MODEL)-$(PRECISION)
 PROMPT ?= A photograph of a red fox sitting in fresh snow at dawn
+ENGINE_FLAGS ?=
 
-.PHONY: setup demo test lint export generate check bench-runtime bench-cfg clean
+.PHONY: setup demo test lint export engines generate check gpu-smoke bench-runtime bench-cfg clean
 
 # torch is pinned to the CPU build that lies on this workplace's disk; an unpinned torch would
 # pull a multi-GB CUDA build. Production nodes install their own CUDA torch and the extras.
@@ -20,9 +21,9 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# The main job on the embedded default: tiny checkpoint -> verified ONNX -> an image (+ the check
-# against diffusers). TensorRT engines join this chain where TensorRT exists (`make engines`).
-demo: export generate check
+# The main job on the embedded default: tiny checkpoint -> verified ONNX -> engines where TensorRT
+# exists (else one line says why not) -> an image -> the check against diffusers.
+demo: engines generate check
 
 export: setup
 	$(PY) -m export --model $(MODEL) --out $(ARTIFACTS) --precision $(PRECISION)
@@ -38,6 +39,17 @@ bench-runtime: setup
 
 bench-cfg: setup
 	PYTHONPATH=. $(PY) bench/klein_cfg.py
+
+# Export, check against TensorRT's operator list (CPU), build the engines. Without TensorRT or a
+# GPU the build step says so in one line and exits 0: the runtime then uses ONNX Runtime.
+engines: setup
+	$(PY) -m export --model $(MODEL) --out $(ARTIFACTS) --precision $(PRECISION)
+	$(PY) -m engines.check $(ARTIFACTS)
+	$(PY) -m engines.build --artifacts $(ARTIFACTS) $(ENGINE_FLAGS)
+
+# On a GPU node with TensorRT: tiny engines vs ONNX Runtime vs PyTorch, per component.
+gpu-smoke: setup
+	$(PY) tools/gpu_smoke.py --precision $(PRECISION)
 
 test: setup
 	$(PY) -m pytest -q

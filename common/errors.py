@@ -25,3 +25,9 @@ class VerificationError(Flux2TrtError):
     """An exported graph does not match PyTorch within the declared tolerance."""
 
     exit_code = 1
+
+
+class EngineCompatibilityError(Flux2TrtError):
+    """A graph uses something TensorRT's ONNX parser does not accept (engines.check)."""
+
+    exit_code = 1

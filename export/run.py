@@ -29,7 +29,7 @@ from export import checkpoint as ckpt
 from export.onnx_export import data_file_name, export_graph
 
 # Bump when the graphs this code writes change for the same inputs: it invalidates cached exports.
-EXPORT_CODE_VERSION = 1
+EXPORT_CODE_VERSION = 2  # 2: the VAE upsamples in float32 (no bf16 Resize for TensorRT)
 LIBRARIES = ("flux2-trt", "torch", "diffusers", "transformers", "onnx", "onnxscript", "onnxruntime")
 
 

@@ -1,0 +1,92 @@
+"""The engine manifest, `ARTIFACTS/engines/manifest.json`: what each TensorRT plan was built from.
+
+Written by `engines.build`, read by the runtime's trt backend. Per component it records the plan
+file and its sha256, the ONNX files' sha256 it was built from, the TensorRT version, the GPU name
+and compute capability, the build flags and the cache key over all of these. A plan is used only
+when all of them match what is present.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from common.errors import ArtifactsError
+
+ENGINES_DIR = "engines"
+ENGINE_MANIFEST_NAME = "manifest.json"
+ENGINE_FORMAT = "flux2-trt-engines"
+ENGINE_FORMAT_VERSION = 1
+
+
+def engines_dir(artifacts: Path) -> Path:
+    return Path(artifacts) / ENGINES_DIR
+
+
+def atomic_write_bytes(path: Path, data) -> None:
+    """Write `data` (bytes or any buffer) to a temporary sibling, fsync, then rename over `path`."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write_engine_manifest(artifacts: Path, manifest: dict) -> None:
+    atomic_write_bytes(engines_dir(artifacts) / ENGINE_MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
+
+
+def read_engine_manifest(artifacts: Path) -> dict:
+    path = engines_dir(artifacts) / ENGINE_MANIFEST_NAME
+    build = f"python -m engines.build --artifacts {artifacts}"
+    if not path.is_file():
+        raise ArtifactsError(f"{artifacts} has no TensorRT engines ({path} is missing); build them with `{build}`")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ArtifactsError(f"{path} is not readable JSON ({exc}); rebuild with `{build} --force`") from None
+    if manifest.get("format") != ENGINE_FORMAT or manifest.get("format_version") != ENGINE_FORMAT_VERSION:
+        raise ArtifactsError(
+            f"{path} is format {manifest.get('format')!r} version {manifest.get('format_version')!r}, this flux2-trt "
+            f"reads {ENGINE_FORMAT!r} version {ENGINE_FORMAT_VERSION}; rebuild with `{build} --force`"
+        )
+    return manifest
+
+
+def check_engines_usable(engine_manifest: dict, artifacts_manifest: dict, present: dict, artifacts: Path) -> None:
+    """Refuse (ArtifactsError) engines built for another GPU or TensorRT, or from other ONNX files."""
+    build = f"python -m engines.build --artifacts {artifacts}"
+    engines = engine_manifest.get("engines", {})
+    for component, onnx_entry in artifacts_manifest.get("components", {}).items():
+        entry = engines.get(component)
+        if entry is None:
+            raise ArtifactsError(f"{engines_dir(artifacts)} has no engine for {component}; run `{build}`")
+        plan = engines_dir(artifacts) / entry["plan"]
+        built = entry["platform"]
+        if built["tensorrt"] != present["tensorrt"]:
+            raise ArtifactsError(
+                f"engine {plan} was built with TensorRT {built['tensorrt']}, this node has TensorRT {present['tensorrt']}; "
+                f"plans only load in the TensorRT version that built them: run `{build}` on this node"
+            )
+        if (built["gpu"], built["compute_capability"]) != (present["gpu"], present["compute_capability"]):
+            raise ArtifactsError(
+                f"engine {plan} was built for {built['gpu']} (compute capability {built['compute_capability']}), this node "
+                f"has {present['gpu']} (compute capability {present['compute_capability']}); run `{build}` on this node"
+            )
+        if entry["onnx_sha256"] != onnx_entry["sha256"]:
+            raise ArtifactsError(
+                f"engine {plan} was built from other {component} ONNX files than {artifacts} now holds (re-exported since?); "
+                f"run `{build}`"
+            )
+        if not plan.is_file() or plan.stat().st_size != entry["plan_bytes"]:
+            raise ArtifactsError(
+                f"engine {plan} is missing or not the size its manifest records; run `{build} --force`"
+            )

@@ -1,0 +1,147 @@
+"""python -m engines.check DIR: will TensorRT's ONNX parser accept every graph in an artifacts folder?
+
+Runs on a CPU, without TensorRT and without reading weights: operator support and per-node types
+against TensorRT's published operator list (`tensorrt_ops.json`), opset range, no float64, fully
+static shapes, one external-data file beside each model, well-formed FP8 Q/DQ, and graph inputs
+and outputs equal to the manifest's declaration. Prints a table; exits 1 naming the offending nodes.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.cli import OneLineParser, run_cli
+from common.errors import ArtifactsError, EngineCompatibilityError
+from common.manifest import read_manifest
+from engines import graph_checks as gc
+from engines.ops_table import load_table
+from engines.qdq import check_fp8_qdq
+
+ONNX_DTYPES = {"float32": 1, "int64": 7, "float16": 10, "bfloat16": 16}
+
+GRAPH_CHECKS = {
+    "opset": gc.check_opset,
+    "operators": gc.check_operators,
+    "types": gc.check_types,
+    "limits": gc.check_limits,
+    "float64": gc.check_float64,
+    "static": gc.check_static,
+    "external data": gc.check_external_data,
+    "fp8 q/dq": check_fp8_qdq,
+}
+
+
+@dataclass
+class ComponentReport:
+    component: str
+    file: str
+    opset: int
+    nodes: int
+    op_types: int
+    findings: list[gc.Finding] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.findings
+
+
+def check_io(graph: gc.Graph, entry: dict) -> list[gc.Finding]:
+    """Graph inputs/outputs are the manifest's declaration: the names, shapes and dtypes engines are built with."""
+    found = []
+    for kind, values in (("inputs", graph.model.graph.input), ("outputs", graph.model.graph.output)):
+        declared = [(t["name"], tuple(t["shape"]), ONNX_DTYPES.get(t["dtype"], -1)) for t in entry.get(kind, [])]
+        actual = [
+            (v.name, tuple(d.dim_value for d in v.type.tensor_type.shape.dim), v.type.tensor_type.elem_type)
+            for v in values
+        ]
+        if actual != declared:
+            found.append(
+                gc.Finding("io", f"graph {kind}", f"{actual} differ from the manifest's {declared}; re-export")
+            )
+    return found
+
+
+def check_graph(path: Path, entry: dict | None = None, table: dict | None = None) -> tuple[gc.Graph, list[gc.Finding]]:
+    table = table or load_table()
+    graph = gc.Graph.load(path)
+    findings = []
+    for check in GRAPH_CHECKS.values():
+        findings += check(graph, table)
+    if entry is not None:
+        findings += check_io(graph, entry)
+    return graph, findings
+
+
+def check_artifacts(folder: Path) -> list[ComponentReport]:
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    components = manifest.get("components") or {}
+    if not components:
+        raise ArtifactsError(f"{folder}/manifest.json lists no components; re-run export")
+    reports = []
+    for name, entry in components.items():
+        path = folder / entry["file"]
+        if not path.is_file():
+            raise ArtifactsError(f"{path} is listed in {folder}/manifest.json but missing; re-export with --force")
+        graph, findings = check_graph(path, entry)
+        reports.append(
+            ComponentReport(
+                component=name,
+                file=entry["file"],
+                opset=graph.opset,
+                nodes=len(graph.model.graph.node),
+                op_types=len({n.op_type for n in graph.model.graph.node}),
+                findings=findings,
+            )
+        )
+    return reports
+
+
+def format_table(reports: list[ComponentReport], table: dict) -> str:
+    columns = [*gc.CHECKS]
+    header = (
+        f"{'component':<13}{'opset':>6}{'nodes':>7}{'ops':>5}  "
+        + "".join(f"{c:<{max(len(c), 4) + 2}}" for c in columns)
+        + "result"
+    )
+    lines = [
+        f"TensorRT {table['tensorrt_version']} ONNX support (onnx-tensorrt operators.md, opset {table['opset']['min']}..{table['opset']['max']})",
+        header,
+        "-" * len(header),
+    ]
+    for report in reports:
+        counts = {c: sum(f.check == c for f in report.findings) for c in columns}
+        cells = "".join(f"{('ok' if counts[c] == 0 else str(counts[c])):<{max(len(c), 4) + 2}}" for c in columns)
+        result = "pass" if report.passed else "FAIL"
+        lines.append(f"{report.component:<13}{report.opset:>6}{report.nodes:>7}{report.op_types:>5}  {cells}{result}")
+    for report in reports:
+        for finding in report.findings:
+            lines.append(f"{report.component}: {finding.check}: {finding}")
+    return "\n".join(lines)
+
+
+def run_check(*, folder: Path, out=None) -> list[ComponentReport]:
+    """Check `folder`, print the table; raise EngineCompatibilityError naming the offending nodes."""
+    out = out or sys.stdout
+    reports = check_artifacts(folder)
+    print(format_table(reports, load_table()), file=out)
+    failed = [(r.component, f) for r in reports for f in r.findings]
+    if failed:
+        shown = ", ".join(f"{component} {finding.where} [{finding.check}]" for component, finding in failed[:5])
+        more = f" (and {len(failed) - 5} more)" if len(failed) > 5 else ""
+        raise EngineCompatibilityError(f"{len(failed)} TensorRT problem(s) in {folder}: {shown}{more}; details above")
+    return reports
+
+
+def main(argv=None) -> int:
+    parser = OneLineParser(prog="python -m engines.check", description=__doc__.splitlines()[0])
+    parser.add_argument("artifacts", type=Path, help="artifacts folder written by python -m export")
+    args = parser.parse_args(argv)
+    run_check(folder=args.artifacts)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

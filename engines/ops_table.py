@@ -1,0 +1,98 @@
+"""TensorRT's ONNX operator support, as data: `tensorrt_ops.json` beside this file.
+
+The table is onnx-tensorrt's published operator list (`docs/operators.md`), one entry per ONNX
+operator with its supported types and restrictions, plus overrides where TensorRT's own layer
+documentation is narrower than that list (each override names its source). Regenerate it from a
+newer operators.md with
+
+    python -m engines.ops_table operators.md --commit SHA > engines/tensorrt_ops.json
+
+and re-apply (or drop) the overrides after reading TensorRT's operator documentation again.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+from common.cli import OneLineParser, run_cli
+from common.errors import UsageError
+
+TABLE_PATH = Path(__file__).with_name("tensorrt_ops.json")
+
+# onnx.TensorProto element type names -> the type names operators.md uses.
+ONNX_TO_TABLE_TYPE = {
+    "FLOAT": "FP32",
+    "FLOAT16": "FP16",
+    "BFLOAT16": "BF16",
+    "DOUBLE": "DOUBLE",
+    "INT32": "INT32",
+    "INT64": "INT64",
+    "INT8": "INT8",
+    "UINT8": "UINT8",
+    "INT4": "INT4",
+    "BOOL": "BOOL",
+    "FLOAT8E4M3FN": "FP8",
+    "FLOAT4E2M1": "FP4",
+}
+# Typos in the published list, read as what they plainly mean.
+_TYPE_FIXES = {"INF64": "INT64"}
+
+
+def parse_operators_md(text: str) -> dict:
+    """The header's TensorRT version and opset range, and one entry per table row."""
+    header = re.search(
+        r"TensorRT\s+([0-9.]+)\s+supports operators in the inclusive range of opset\s+(\d+)\s+to opset\s+(\d+)", text
+    )
+    if header is None:
+        raise UsageError(
+            "operators.md has no 'TensorRT X supports operators in the inclusive range of opset A to opset B' line"
+        )
+    operators = {}
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) < 2 or cells[1] not in ("Y", "N") or cells[0] in ("Operator",):
+            continue
+        name, supported = cells[0], cells[1] == "Y"
+        types = []
+        if supported and len(cells) > 2:
+            for token in re.split(r"[,\s]+", cells[2]):
+                if token:
+                    types.append(_TYPE_FIXES.get(token, token))
+        restrictions = " ".join(cells[3:]).replace("<br />", " ").strip() if len(cells) > 3 else ""
+        if not supported and len(cells) > 2:
+            restrictions = " ".join(cells[2:]).strip()
+        operators[name] = {"supported": supported, "types": types, "restrictions": restrictions}
+    return {
+        "tensorrt_version": header.group(1),
+        "opset": {"min": int(header.group(2)), "max": int(header.group(3))},
+        "operators": operators,
+    }
+
+
+@lru_cache(maxsize=1)
+def load_table() -> dict:
+    return json.loads(TABLE_PATH.read_text())
+
+
+def main(argv=None) -> int:
+    parser = OneLineParser(
+        prog="python -m engines.ops_table", description="Turn onnx-tensorrt's operators.md into JSON."
+    )
+    parser.add_argument("operators_md", type=Path)
+    parser.add_argument("--commit", default=None, help="onnx-tensorrt commit the file was read at")
+    args = parser.parse_args(argv)
+    if not args.operators_md.is_file():
+        raise UsageError(f"{args.operators_md} does not exist; pass onnx-tensorrt's docs/operators.md")
+    table = parse_operators_md(args.operators_md.read_text())
+    table["source"] = {"repository": "onnx/onnx-tensorrt", "path": "docs/operators.md", "commit": args.commit}
+    json.dump(table, sys.stdout, indent=1)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))
