@@ -300,7 +300,7 @@ def quantize_graph(
             record = LayerRecord(path, plan[path], tuple(weight_proto.dims), len(path_uses))
             records.append(record)
             if plan[path] != "fp8":
-                record.reason = "excluded by pattern"
+                record.reason = f"excluded by {next(p for p in exclude if is_excluded(path, (p,)))!r}"
                 continue
             if len({u.weight for u in path_uses}) != 1:
                 raise Fp8GraphError(

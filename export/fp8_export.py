@@ -79,26 +79,35 @@ def add_arguments(parser) -> None:
     group.add_argument(
         "--fp8-exclude",
         default=None,
+        metavar="PATTERNS",
         help="comma-separated fnmatch patterns of transformer linears kept in bf16, replacing the default "
         f"{','.join(DEFAULT_TRANSFORMER_EXCLUDE)}; 'none' quantizes every linear",
     )
     group.add_argument(
         "--text-encoder-precision",
         default=None,
+        metavar="bf16|fp8",
         help=f"one of {', '.join(TEXT_ENCODER_PRECISIONS)} (default bf16): FP8 linears in the text encoder too",
     )
     defaults = CalibrationSettings()
     group.add_argument(
-        "--calib-prompts", type=int, default=None, help=f"calibration prompts (default {defaults.prompts})"
+        "--calib-prompts", type=int, default=None, metavar="N", help=f"calibration prompts (default {defaults.prompts})"
     )
     group.add_argument(
-        "--calib-steps", type=int, default=None, help=f"denoising steps per prompt (default {defaults.steps})"
+        "--calib-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"denoising steps per prompt (default {defaults.steps})",
     )
     group.add_argument(
-        "--calib-seed", type=int, default=None, help=f"seed of the first prompt (default {defaults.seed})"
+        "--calib-seed", type=int, default=None, metavar="N", help=f"seed of the first prompt (default {defaults.seed})"
     )
     group.add_argument(
-        "--calib-device", default=None, help=f"one of {', '.join(DEVICES)} (default cpu: float32; cuda: bfloat16)"
+        "--calib-device",
+        default=None,
+        metavar="cpu|cuda",
+        help=f"one of {', '.join(DEVICES)} (default cpu: float32; cuda: bfloat16)",
     )
 
 

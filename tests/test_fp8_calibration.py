@@ -118,3 +118,24 @@ def test_fp8_usage_errors_are_one_line(tmp_path, extra, needles):
         assert needle in lines[0], lines[0]
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_fp8_options_from_the_command_line():
+    from common.cli import OneLineParser
+    from export.fp8 import DEFAULT_TRANSFORMER_EXCLUDE
+    from export.fp8_export import Fp8Options, add_arguments, options_from_args
+
+    parser = OneLineParser()
+    add_arguments(parser)
+    assert options_from_args(parser.parse_args([]), "fp8") == Fp8Options()
+    assert options_from_args(parser.parse_args([]), "bf16") is None
+    options = options_from_args(
+        parser.parse_args(["--fp8-exclude", "none", "--calib-steps", "3", "--text-encoder-precision", "fp8"]), "fp8"
+    )
+    assert options.exclude == () and options.calibration.steps == 3 and options.calibration.prompts == 32
+    assert options.component_precision("text_encoder") == "fp8" and options.component_precision("vae") == "bf16"
+    options = options_from_args(parser.parse_args(["--fp8-exclude", "proj_out, x_embedder"]), "fp8")
+    assert options.exclude == ("proj_out", "x_embedder") != DEFAULT_TRANSFORMER_EXCLUDE
+    # the cache key of a component changes with what decides its graph, and only then
+    assert Fp8Options().key_payload("transformer") != options.key_payload("transformer")
+    assert Fp8Options().key_payload("vae") == options.key_payload("vae")
