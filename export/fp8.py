@@ -137,32 +137,41 @@ def _external(tensor) -> dict[str, str] | None:
     return {entry.key: entry.value for entry in tensor.external_data}
 
 
+CHUNK_ELEMENTS = 1 << 24  # temporaries while converting one tensor stay at ~64 MiB per float32 copy
+
+
 class TensorReader:
-    """Reads initializers of a graph loaded without external data, from `folder`."""
+    """Reads initializers of a graph loaded without external data, from `folder`.
+
+    External tensors are memory-mapped, not read: their pages are file-backed and the kernel drops
+    them as needed, so converting a 600 MiB weight does not cost 600 MiB of anonymous memory.
+    """
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
-        self._handles = {}
 
-    def raw(self, tensor) -> bytes:
+    def array(self, tensor) -> np.ndarray:
         info = _external(tensor)
         if info is None:
             from onnx import numpy_helper
 
-            return numpy_helper.to_array(tensor).tobytes()
-        handle = self._handles.get(info["location"])
-        if handle is None:
-            handle = self._handles[info["location"]] = open(self.folder / info["location"], "rb")  # noqa: SIM115
-        handle.seek(int(info.get("offset", 0)))
-        return handle.read(int(info["length"]))
-
-    def array(self, tensor) -> np.ndarray:
-        return np.frombuffer(self.raw(tensor), dtype=_np_dtype(tensor.data_type)).reshape(tuple(tensor.dims))
+            return numpy_helper.to_array(tensor)
+        dtype = _np_dtype(tensor.data_type)
+        count = int(info["length"]) // dtype.itemsize
+        if count == 0:
+            return np.zeros(tuple(tensor.dims), dtype)
+        path = self.folder / info["location"]
+        return np.memmap(path, dtype=dtype, mode="r", offset=int(info.get("offset", 0)), shape=tuple(tensor.dims))
 
     def close(self):
-        for handle in self._handles.values():
-            handle.close()
-        self._handles.clear()
+        pass
+
+
+def flat_chunks(values: np.ndarray):
+    """(start, chunk) views over a tensor's elements, CHUNK_ELEMENTS at a time."""
+    flat = values.reshape(-1)
+    for start in range(0, flat.size, CHUNK_ELEMENTS):
+        yield start, flat[start : start + CHUNK_ELEMENTS]
 
 
 class TensorWriter:
@@ -175,21 +184,22 @@ class TensorWriter:
         self.handle = open(self.path, "wb")  # noqa: SIM115
         self.offset = 0
 
-    def put(self, tensor, raw: bytes) -> None:
+    def put(self, tensor, values: np.ndarray) -> None:
         from onnx import TensorProto
 
         pad = (-self.offset) % self.ALIGN
         if pad:
             self.handle.write(b"\0" * pad)
             self.offset += pad
-        self.handle.write(raw)
+        for _, chunk in flat_chunks(values):
+            self.handle.write(np.ascontiguousarray(chunk).view(np.uint8))
         del tensor.external_data[:]
         tensor.ClearField("raw_data")
-        for key, value in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(len(raw)))):
+        for key, value in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(values.nbytes))):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
         tensor.data_location = TensorProto.EXTERNAL
-        self.offset += len(raw)
+        self.offset += values.nbytes
 
     def close(self):
         self.handle.close()
@@ -198,7 +208,7 @@ class TensorWriter:
 def copy_with_external_data(model, source_folder: Path, target: Path, transform=None) -> None:
     """Write `model` to `target` + `target.data`, reading external tensors from `source_folder`.
 
-    `transform(tensor, reader)` may return new raw bytes for a tensor (it may also change the
+    `transform(tensor, reader)` may return a new array for a tensor (it may also change the
     tensor's data_type in place); tensors with inline data stay inline.
     """
     import onnx
@@ -208,13 +218,13 @@ def copy_with_external_data(model, source_folder: Path, target: Path, transform=
     reader, writer = TensorReader(source_folder), TensorWriter(data_path)
     try:
         for tensor in model.graph.initializer:
-            raw = transform(tensor, reader) if transform else None
-            if raw is None and _external(tensor) is not None:
-                raw = reader.raw(tensor)
-            if raw is not None:
-                writer.put(tensor, raw)
+            values = transform(tensor, reader) if transform else None
+            if values is None and _external(tensor) is not None:
+                values = reader.array(tensor)
+            if values is not None:
+                writer.put(tensor, values)
+            del values
     finally:
-        reader.close()
         writer.close()
     onnx.save_model(model, str(target))
 
@@ -229,12 +239,23 @@ def scale_for(amax: float, dtype) -> np.ndarray:
     return np.asarray(value, dtype=np.float32).astype(dtype)
 
 
+def abs_max(values: np.ndarray) -> float:
+    return max((float(np.abs(chunk.astype(np.float32)).max()) for _, chunk in flat_chunks(values)), default=0.0)
+
+
 def quantize_e4m3(values: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """QuantizeLinear with saturation, as ONNX defines it: x / scale in float32, round to nearest even."""
+    """QuantizeLinear with saturation, as ONNX defines it: x / scale in float32, round to nearest even.
+
+    Chunked, so a large weight costs its FP8 result plus one chunk of float32 temporaries.
+    """
     import ml_dtypes
 
-    scaled = values.astype(np.float32) / np.float32(scale)
-    return np.clip(scaled, -FP8_E4M3_MAX, FP8_E4M3_MAX).astype(ml_dtypes.float8_e4m3fn)
+    result = np.empty(values.shape, dtype=ml_dtypes.float8_e4m3fn)
+    flat = result.reshape(-1)
+    for start, chunk in flat_chunks(values):
+        scaled = chunk.astype(np.float32) / np.float32(scale)
+        flat[start : start + chunk.size] = np.clip(scaled, -FP8_E4M3_MAX, FP8_E4M3_MAX).astype(ml_dtypes.float8_e4m3fn)
+    return result
 
 
 @dataclass
@@ -311,7 +332,7 @@ def quantize_graph(
                 raise Fp8GraphError(f"activation {first.activation} of linear {path} has no known type")
             scale_dtype = _np_dtype(compute_type)
             weight = reader.array(weight_proto)
-            record.weight_amax = float(np.abs(weight.astype(np.float32)).max()) if weight.size else 0.0
+            record.weight_amax = abs_max(weight)
             weight_scale = scale_for(record.weight_amax, scale_dtype)
             record.weight_scale = float(weight_scale.astype(np.float32))
             record.input_amax = float(input_amax[path])
@@ -369,7 +390,7 @@ def quantize_graph(
         values = quantize_e4m3(tensors.array(tensor), weight_scale)
         tensor.name = fp8_name
         tensor.data_type = TensorProto.FLOAT8E4M3FN
-        return values.tobytes()
+        return values
 
     copy_with_external_data(model, source.parent, target, transform)
     return records

@@ -61,12 +61,11 @@ def fp32_twin(source: Path, target: Path) -> None:
         if tensor.data_type != bf16:
             return None
         values = reader.array(tensor).astype(np.float32)
-        tensor.data_type = f32
         if not tensor.external_data:
-            tensor.ClearField("raw_data")
-            tensor.raw_data = values.tobytes()
+            tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
             return None
-        return values.tobytes()
+        tensor.data_type = f32
+        return values
 
     copy_with_external_data(model, Path(source).parent, target, transform)
 
