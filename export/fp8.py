@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from export.external_data import TensorReader, copy_with_external_data, flat_chunks, np_dtype
+
 FP8_E4M3_MAX = 448.0
 
 # NVIDIA's FLUX.2 recipe (Model Optimizer) keeps these in high precision: the embedders see raw
@@ -117,119 +119,6 @@ def find_linear_uses(model, module_prefix: str = "") -> list[LinearUse]:
 
 
 # ---------------------------------------------------------------------------------------------
-# External data, one tensor at a time
-
-
-def _np_dtype(data_type: int):
-    import ml_dtypes
-    from onnx import TensorProto, helper
-
-    if data_type == TensorProto.BFLOAT16:
-        return np.dtype(ml_dtypes.bfloat16)
-    if data_type == TensorProto.FLOAT8E4M3FN:
-        return np.dtype(ml_dtypes.float8_e4m3fn)
-    return helper.tensor_dtype_to_np_dtype(data_type)
-
-
-def _external(tensor) -> dict[str, str] | None:
-    if not tensor.external_data:
-        return None
-    return {entry.key: entry.value for entry in tensor.external_data}
-
-
-CHUNK_ELEMENTS = 1 << 24  # temporaries while converting one tensor stay at ~64 MiB per float32 copy
-
-
-class TensorReader:
-    """Reads initializers of a graph loaded without external data, from `folder`.
-
-    External tensors are memory-mapped, not read: their pages are file-backed and the kernel drops
-    them as needed, so converting a 600 MiB weight does not cost 600 MiB of anonymous memory.
-    """
-
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-
-    def array(self, tensor) -> np.ndarray:
-        info = _external(tensor)
-        if info is None:
-            from onnx import numpy_helper
-
-            return numpy_helper.to_array(tensor)
-        dtype = _np_dtype(tensor.data_type)
-        count = int(info["length"]) // dtype.itemsize
-        if count == 0:
-            return np.zeros(tuple(tensor.dims), dtype)
-        path = self.folder / info["location"]
-        return np.memmap(path, dtype=dtype, mode="r", offset=int(info.get("offset", 0)), shape=tuple(tensor.dims))
-
-    def close(self):
-        pass
-
-
-def flat_chunks(values: np.ndarray):
-    """(start, chunk) views over a tensor's elements, CHUNK_ELEMENTS at a time."""
-    flat = values.reshape(-1)
-    for start in range(0, flat.size, CHUNK_ELEMENTS):
-        yield start, flat[start : start + CHUNK_ELEMENTS]
-
-
-class TensorWriter:
-    """Appends tensors to one external-data file and points their TensorProto at it."""
-
-    ALIGN = 64
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.handle = open(self.path, "wb")  # noqa: SIM115
-        self.offset = 0
-
-    def put(self, tensor, values: np.ndarray) -> None:
-        from onnx import TensorProto
-
-        pad = (-self.offset) % self.ALIGN
-        if pad:
-            self.handle.write(b"\0" * pad)
-            self.offset += pad
-        for _, chunk in flat_chunks(values):
-            self.handle.write(np.ascontiguousarray(chunk).view(np.uint8))
-        del tensor.external_data[:]
-        tensor.ClearField("raw_data")
-        for key, value in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(values.nbytes))):
-            entry = tensor.external_data.add()
-            entry.key, entry.value = key, value
-        tensor.data_location = TensorProto.EXTERNAL
-        self.offset += values.nbytes
-
-    def close(self):
-        self.handle.close()
-
-
-def copy_with_external_data(model, source_folder: Path, target: Path, transform=None) -> None:
-    """Write `model` to `target` + `target.data`, reading external tensors from `source_folder`.
-
-    `transform(tensor, reader)` may return a new array for a tensor (it may also change the
-    tensor's data_type in place); tensors with inline data stay inline.
-    """
-    import onnx
-
-    target = Path(target)
-    data_path = target.with_name(target.name + ".data")
-    reader, writer = TensorReader(source_folder), TensorWriter(data_path)
-    try:
-        for tensor in model.graph.initializer:
-            values = transform(tensor, reader) if transform else None
-            if values is None and _external(tensor) is not None:
-                values = reader.array(tensor)
-            if values is not None:
-                writer.put(tensor, values)
-            del values
-    finally:
-        writer.close()
-    onnx.save_model(model, str(target))
-
-
-# ---------------------------------------------------------------------------------------------
 # Quantization
 
 
@@ -262,7 +151,7 @@ def quantize_e4m3(values: np.ndarray, scale: np.ndarray) -> np.ndarray:
 class LayerRecord:
     path: str
     precision: str  # "fp8" | "bf16"
-    weight_shape: tuple[int, ...]
+    weight_shape: tuple[int, ...]  # as stored in the graph: [in, out] where the optimizer pre-transposed it
     calls: int
     input_amax: float | None = None
     input_scale: float | None = None
@@ -314,63 +203,58 @@ def quantize_graph(
     new_initializers = []
     zero_point = helper.make_tensor("fp8_zero_point", TensorProto.FLOAT8E4M3FN, [], [0.0])
     records = []
-    try:
-        for path, path_uses in by_path.items():
-            first = path_uses[0]
-            weight_proto = initializers[first.weight]
-            record = LayerRecord(path, plan[path], tuple(weight_proto.dims), len(path_uses))
-            records.append(record)
-            if plan[path] != "fp8":
-                record.reason = f"excluded by {next(p for p in exclude if is_excluded(path, (p,)))!r}"
-                continue
-            if len({u.weight for u in path_uses}) != 1:
-                raise Fp8GraphError(
-                    f"linear {path} uses different weight initializers: {[u.weight for u in path_uses]}"
-                )
-            compute_type = value_types.get(first.activation)
-            if compute_type is None:
-                raise Fp8GraphError(f"activation {first.activation} of linear {path} has no known type")
-            scale_dtype = _np_dtype(compute_type)
-            weight = reader.array(weight_proto)
-            record.weight_amax = abs_max(weight)
-            weight_scale = scale_for(record.weight_amax, scale_dtype)
-            record.weight_scale = float(weight_scale.astype(np.float32))
-            record.input_amax = float(input_amax[path])
-            input_scale = scale_for(record.input_amax, scale_dtype)
-            record.input_scale = float(input_scale.astype(np.float32))
+    for path, path_uses in by_path.items():
+        first = path_uses[0]
+        weight_proto = initializers[first.weight]
+        record = LayerRecord(path, plan[path], tuple(weight_proto.dims), len(path_uses))
+        records.append(record)
+        if plan[path] != "fp8":
+            record.reason = f"excluded by {next(p for p in exclude if is_excluded(path, (p,)))!r}"
+            continue
+        if len({u.weight for u in path_uses}) != 1:
+            raise Fp8GraphError(f"linear {path} uses different weight initializers: {[u.weight for u in path_uses]}")
+        compute_type = value_types.get(first.activation)
+        if compute_type is None:
+            raise Fp8GraphError(f"activation {first.activation} of linear {path} has no known type")
+        scale_dtype = np_dtype(compute_type)
+        weight = reader.array(weight_proto)
+        record.weight_amax = abs_max(weight)
+        weight_scale = scale_for(record.weight_amax, scale_dtype)
+        record.weight_scale = float(weight_scale.astype(np.float32))
+        record.input_amax = float(input_amax[path])
+        input_scale = scale_for(record.input_amax, scale_dtype)
+        record.input_scale = float(input_scale.astype(np.float32))
 
-            fp8_name = f"{path}.weight_fp8"
-            fp8_weights[first.weight] = (fp8_name, weight_scale)
-            w_scale_name, x_scale_name = f"{path}.weight_scale", f"{path}.input_scale"
-            new_initializers.append(_scalar(w_scale_name, weight_scale, compute_type))
-            new_initializers.append(_scalar(x_scale_name, input_scale, compute_type))
-            del weight
+        fp8_name = f"{path}.weight_fp8"
+        fp8_weights[first.weight] = (fp8_name, weight_scale)
+        w_scale_name, x_scale_name = f"{path}.weight_scale", f"{path}.input_scale"
+        new_initializers.append(_scalar(w_scale_name, weight_scale, compute_type))
+        new_initializers.append(_scalar(x_scale_name, input_scale, compute_type))
+        del weight
 
-            # The DQ sits directly on the initializer; a Transpose between it and the MatMul is
-            # kept (TensorRT propagates DQ through Transpose). Shared weights are not expected.
-            if weight_users.get(first.weight, 0) != len(path_uses):
-                raise Fp8GraphError(f"weight {first.weight} of linear {path} is also used outside that linear")
-            weight_dq = f"{path}.weight_dequantized"
-            weight_dq_node = _node("DequantizeLinear", [fp8_name, w_scale_name, zero_point.name], weight_dq, path)
-            for index, use in enumerate(path_uses):
-                suffix = f".{index}" if len(path_uses) > 1 else ""
-                q_out, dq_out = f"{path}.input_fp8{suffix}", f"{path}.input_dequantized{suffix}"
-                node = nodes_by_name[use.node]
-                new_nodes.setdefault(use.node, []).extend(
-                    [
-                        _node("QuantizeLinear", [use.activation, x_scale_name, zero_point.name], q_out, path),
-                        _node("DequantizeLinear", [q_out, x_scale_name, zero_point.name], dq_out, path),
-                    ]
-                )
-                node.input[0] = dq_out
-                # The weight DQ goes right before the first node that reads the weight (the MatMul,
-                # or the Transpose in front of it), keeping the node list topologically sorted.
-                weight_consumer = nodes_by_name[use.via[-1]] if use.via else node
-                weight_consumer.input[0 if use.via else 1] = weight_dq
-                if index == 0:
-                    new_nodes.setdefault(weight_consumer.name, []).insert(0, weight_dq_node)
-    finally:
-        reader.close()
+        # The DQ sits directly on the initializer; a Transpose between it and the MatMul is
+        # kept (TensorRT propagates DQ through Transpose). Shared weights are not expected.
+        if weight_users.get(first.weight, 0) != len(path_uses):
+            raise Fp8GraphError(f"weight {first.weight} of linear {path} is also used outside that linear")
+        weight_dq = f"{path}.weight_dequantized"
+        weight_dq_node = _node("DequantizeLinear", [fp8_name, w_scale_name, zero_point.name], weight_dq, path)
+        for index, use in enumerate(path_uses):
+            suffix = f".{index}" if len(path_uses) > 1 else ""
+            q_out, dq_out = f"{path}.input_fp8{suffix}", f"{path}.input_dequantized{suffix}"
+            node = nodes_by_name[use.node]
+            new_nodes.setdefault(use.node, []).extend(
+                [
+                    _node("QuantizeLinear", [use.activation, x_scale_name, zero_point.name], q_out, path),
+                    _node("DequantizeLinear", [q_out, x_scale_name, zero_point.name], dq_out, path),
+                ]
+            )
+            node.input[0] = dq_out
+            # The weight DQ goes right before the first node that reads the weight (the MatMul,
+            # or the Transpose in front of it), keeping the node list topologically sorted.
+            weight_consumer = nodes_by_name[use.via[-1]] if use.via else node
+            weight_consumer.input[0 if use.via else 1] = weight_dq
+            if index == 0:
+                new_nodes.setdefault(weight_consumer.name, []).insert(0, weight_dq_node)
 
     if new_nodes:
         ordered = []

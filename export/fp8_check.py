@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.fp8 import copy_with_external_data
+from export.external_data import copy_with_external_data
 
 # The end-to-end check: a prompt outside the calibration set, FLUX.2 [dev]'s default guidance.
 E2E_PROMPT = "A photograph of a red fox sitting in fresh snow at dawn, soft light, shallow depth of field."
