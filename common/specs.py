@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 COMPONENTS = ("text_encoder", "transformer", "vae")
 
 # Defaults live here and only here.
@@ -37,6 +37,11 @@ TOLERANCES = {
     "fp32": Tolerance(max_rel_l2=1e-4, min_cosine=0.99999),
     "fp16": Tolerance(max_rel_l2=1e-2, min_cosine=0.9999),
     "bf16": Tolerance(max_rel_l2=3e-2, min_cosine=0.999),
+    # The FP8 transformer (E4M3 linears, the rest bf16). Measured with the fp32 twin on the tiny
+    # default: rel L2 2.8e-3 with NVIDIA's exclusions, 5.3e-2 (cosine 0.9986) with every linear in
+    # FP8; one E4M3 Q/DQ linear alone is ~3e-2 off. The bound admits the all-FP8 graph and catches a
+    # misplaced scale or transposition (cosine near 0).
+    "fp8": Tolerance(max_rel_l2=1e-1, min_cosine=0.99),
 }
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from common.cli import OneLineParser, parse_csv, parse_int_csv, run_cli
 from common.specs import COMPONENTS, DEFAULT_HEIGHT, DEFAULT_MAX_SEQUENCE_LENGTH, DEFAULT_WIDTH, PRECISIONS, Shapes
+from export import fp8_export
 
 
 def main(argv=None) -> int:
@@ -29,6 +30,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--force", action="store_true", help="re-export even when cached artifacts match")
     parser.add_argument("--skip-check", action="store_true", help="do not run the numerics check against PyTorch")
+    fp8_export.add_arguments(parser)
     args = parser.parse_args(argv)
 
     from export.run import export_artifacts
@@ -50,6 +52,7 @@ def main(argv=None) -> int:
         text_encoder_layers=layers,
         force=args.force,
         skip_check=args.skip_check,
+        fp8=fp8_export.options_from_args(args, args.precision),
     )
     return 0
 

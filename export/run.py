@@ -107,11 +107,16 @@ def export_artifacts(
     text_encoder_layers: tuple[int, ...] | None = None,
     force: bool = False,
     skip_check: bool = False,
+    fp8=None,
     log=None,
 ) -> dict:
     """Write (or reuse) the ONNX graphs for `components` into `out`; return the manifest."""
     log = log or (lambda message: print(message, file=sys.stderr))
     shapes = shapes or Shapes()
+    if precision == "fp8" and fp8 is None:
+        from export.fp8_export import Fp8Options
+
+        fp8 = Fp8Options()
     out = Path(out).expanduser().absolute()
     validate_request(
         precision=precision,
@@ -157,6 +162,7 @@ def export_artifacts(
                     "versions": versions,
                     "code": EXPORT_CODE_VERSION,
                     "checked": not skip_check,
+                    **({"fp8": fp8.key_payload(component)} if precision == "fp8" else {}),
                 }
             )
             started = time.perf_counter()
@@ -166,6 +172,12 @@ def export_artifacts(
                 for name in entry["files"]:
                     os.link(out / name, staging / name)
                 status = "reused"
+            elif precision == "fp8":
+                from export import fp8_export
+
+                request = (component, spec, key, checkpoint, geometry, shapes, reference, staging, skip_check, fp8)
+                entry, report = fp8_export.export_component(*request, export_bf16=_export_component)
+                status = "exported"
             else:
                 entry, report = _export_component(
                     component, spec, key, checkpoint, geometry, shapes, precision, reference, staging, skip_check
@@ -191,6 +203,10 @@ def export_artifacts(
             "components": entries,
         }
         write_json(staging / "reports" / "export_check.json", {"precision": precision, "components": reports})
+        if precision == "fp8":
+            from export import fp8_export
+
+            fp8_export.write_reports(staging / "reports", reports)
         write_json(staging / MANIFEST_NAME, manifest)
     log(_summary_table(rows, precision, out))
     return manifest

@@ -1,0 +1,168 @@
+"""Check FP8 Q/DQ graphs on a CPU: an fp32 twin in ONNX Runtime, and end to end through diffusers.
+
+ONNX Runtime's CPU provider runs FLOAT8E4M3FN QuantizeLinear/DequantizeLinear but no bf16 kernels.
+The fp32 twin is the FP8 graph with every bf16 tensor, Cast target and constant turned into
+float32: the same Q/DQ nodes, the same FP8 weight bytes, the same scales (bf16 values are exact in
+float32), float32 everywhere else. Its error against fp32 PyTorch is the FP8 quantization error
+alone; the bf16 graph adds bf16 rounding on top, which `export.verify`'s reference evaluator
+measures on small graphs.
+
+End to end: diffusers' `Flux2Pipeline` in bf16, once as it is and once with its transformer
+replaced by `TwinTransformer`, a shim that runs the twin in ONNX Runtime; same prompt, seed and
+steps; PSNR between the two images.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from export.external_data import copy_with_external_data
+
+# The end-to-end check: a prompt outside the calibration set, FLUX.2 [dev]'s default guidance.
+E2E_PROMPT = "A photograph of a red fox sitting in fresh snow at dawn, soft light, shallow depth of field."
+E2E_SEED = 0
+E2E_STEPS = 8
+E2E_GUIDANCE = 4.0
+
+
+def fp32_twin(source: Path, target: Path) -> None:
+    """Write the float32 twin of the graph at `source` to `target` (+ `.data`)."""
+    import onnx
+    from onnx import AttributeProto, TensorProto, numpy_helper
+
+    bf16, f32 = TensorProto.BFLOAT16, TensorProto.FLOAT
+    model = onnx.load(str(source), load_external_data=False)
+
+    def widen_tensor_proto(tensor):  # an inline tensor (node attribute)
+        if tensor.data_type != bf16:
+            return
+        array = numpy_helper.to_array(tensor).astype(np.float32)
+        tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
+
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.name in ("to", "dtype", "output_dtype") and attr.type == AttributeProto.INT and attr.i == bf16:
+                attr.i = f32
+            elif attr.type == AttributeProto.TENSOR:
+                widen_tensor_proto(attr.t)
+            elif attr.type == AttributeProto.TENSORS:
+                for tensor in attr.tensors:
+                    widen_tensor_proto(tensor)
+    for value in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
+        if value.type.tensor_type.elem_type == bf16:
+            value.type.tensor_type.elem_type = f32
+
+    def transform(tensor, reader):
+        if tensor.data_type != bf16:
+            return None
+        values = reader.array(tensor).astype(np.float32)
+        if not tensor.external_data:
+            tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+            return None
+        tensor.data_type = f32
+        return values
+
+    copy_with_external_data(model, Path(source).parent, target, transform)
+
+
+def ort_session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    # ONNX Runtime's extended optimisations fuse Q/DQ + MatMul into MatMulIntegerToFloat, which has
+    # no float8 kernel ("Type 'tensor(float8e4m3fn)' ... is invalid"): keep the basic level.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def psnr(actual: np.ndarray, expected: np.ndarray, peak: float = 1.0) -> float:
+    mse = float(np.mean((np.asarray(actual, np.float64) - np.asarray(expected, np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
+
+
+class TwinTransformer(nn.Module):
+    """Stands in for diffusers' transformer inside Flux2Pipeline and runs an ONNX graph instead.
+
+    The pipeline calls `transformer(hidden_states=..., encoder_hidden_states=..., timestep=t/1000,
+    guidance=..., txt_ids=..., img_ids=..., return_dict=False)`; the graph takes the first four
+    (position ids are constants in it). Its output is returned in the pipeline's dtype, so the
+    sampler is the pipeline's own.
+    """
+
+    def __init__(self, graph: Path, original: nn.Module):
+        super().__init__()
+        self.session = ort_session(graph)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.config = original.config  # the pipeline reads in_channels from it
+        self._dtype, self._device = original.dtype, original.device
+        self.calls = 0
+
+    @property
+    def dtype(self):
+        return self._dtype
+
+    @property
+    def device(self):
+        return self._device
+
+    def forward(self, hidden_states, encoder_hidden_states, timestep, guidance=None, return_dict=False, **_):
+        values = {
+            "hidden_states": hidden_states,
+            "encoder_hidden_states": encoder_hidden_states,
+            "timestep": timestep,
+            "guidance": guidance,
+        }
+        feeds = {name: values[name].detach().float().cpu().numpy() for name in self.input_names}
+        (velocity,) = self.session.run(["velocity"], feeds)
+        self.calls += 1
+        return (torch.from_numpy(velocity).to(hidden_states.device, hidden_states.dtype),)
+
+
+def end_to_end(checkpoint, geometry, shapes, twin_graph: Path, *, steps: int = E2E_STEPS) -> dict:
+    """PSNR of the pipeline with the FP8 twin transformer against the bf16 (and fp32) pipeline."""
+    import time
+
+    from export.calibrate import load_pipeline, pipeline_kwargs
+
+    started = time.perf_counter()
+
+    def draw(pipe):
+        generator = torch.Generator(device="cpu").manual_seed(E2E_SEED)
+        with torch.no_grad():
+            return pipe(prompt=E2E_PROMPT, generator=generator, output_type="np", **kwargs).images[
+                0
+            ]  # [H, W, 3] in [0, 1]
+
+    bf16_pipe = load_pipeline(checkpoint, torch.bfloat16)
+    kwargs = pipeline_kwargs(bf16_pipe, geometry, shapes, steps=steps, guidance=E2E_GUIDANCE)
+    bf16_image = draw(bf16_pipe)
+    twin = TwinTransformer(twin_graph, bf16_pipe.transformer)
+    fp8_pipe = type(bf16_pipe)(**{**bf16_pipe.components, "transformer": twin})
+    fp8_pipe.set_progress_bar_config(disable=True)
+    fp8_image = draw(fp8_pipe)
+    if twin.calls != steps:
+        raise RuntimeError(f"the FP8 twin ran {twin.calls} times for {steps} steps: the shim was bypassed")
+    del bf16_pipe, fp8_pipe, twin
+    fp32_image = draw(load_pipeline(checkpoint, torch.float32))
+    return {
+        "method": "diffusers Flux2Pipeline (bf16) vs the same pipeline with its transformer replaced by the fp32 "
+        "twin of the FP8 graph in ONNX Runtime",
+        "prompt": E2E_PROMPT,
+        "seed": E2E_SEED,
+        "steps": steps,
+        "guidance": E2E_GUIDANCE,
+        "height": shapes.height,
+        "width": shapes.width,
+        "psnr_db": {
+            "fp8_vs_bf16": psnr(fp8_image, bf16_image),
+            "fp8_vs_fp32": psnr(fp8_image, fp32_image),
+            "bf16_vs_fp32": psnr(bf16_image, fp32_image),  # the bf16 pipeline's own distance from fp32
+        },
+        "seconds": round(time.perf_counter() - started, 2),
+    }
