@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import ClassVar
 
 # Bump when the generator changes what it writes for the same config.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: modulation and q/k-norm gains, so the prompt reaches the image
 
 # FLUX.2's text encoder reads hidden states at these indices of transformers' `hidden_states`
 # tuple. The real [dev] checkpoint has no config field for it (diffusers passes (10, 20, 30) at
@@ -56,6 +56,11 @@ class TinyConfig:
     vae_block_out_channels: tuple[int, ...] = (16, 32, 32, 32)
     vae_layers_per_block: int = 1
     vae_norm_num_groups: int = 8
+    # At plain random init the prompt hardly reaches the image (two prompts' images were 78.6 dB
+    # apart), so an end-to-end check could not see a wrong text path. Scaling the modulation and
+    # q/k-norm weights after the seeded init fixes that (see write_image_models).
+    modulation_gain: float = 10.0
+    qk_norm_gain: float = 3.0
     seed: int = 0
 
     def key(self) -> str:
@@ -247,7 +252,13 @@ def write_tiny_checkpoint(out: Path, config: TinyConfig = DEFAULT) -> None:
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(out / "tokenizer")
 
-    write_image_models(out, config, joint_attention_dim=3 * config.text_hidden_size)
+    write_image_models(
+        out,
+        config,
+        joint_attention_dim=3 * config.text_hidden_size,
+        modulation_gain=config.modulation_gain,
+        qk_norm_gain=config.qk_norm_gain,
+    )
 
     model_index = {
         "_class_name": "Flux2Pipeline",

@@ -192,3 +192,21 @@ def test_bf16_on_ort_cpu_is_refused_with_the_fix(export_tiny, tmp_path):
         "--artifacts", str(export_tiny("bf16")), "--prompt", "x", "--backend", "ort", "--out", str(tmp_path / "o")
     )
     assert_one_line_error(result, "bf16", "--backend torch")
+
+
+def test_prompt_and_guidance_reach_the_tiny_image(export_tiny):
+    """Without this, the 40 dB end-to-end bound could not tell a wrong text path from a right one."""
+    from common.metrics import psnr
+    from runtime.artifacts import open_artifacts
+    from runtime.backends.ort import OrtBackend
+    from runtime.pipeline import Flux2Runtime
+
+    opened = open_artifacts(export_tiny("fp32"))
+    runtime = Flux2Runtime(opened, OrtBackend(opened.folder, opened.manifest))
+
+    def image(prompt, guidance):
+        return next(runtime.generate(prompt, seed=0, steps=4, guidance=guidance, progress=False))[1]
+
+    fox = image("a red fox in the snow", 4.0)
+    assert psnr(fox, image("a bowl of ramen, studio light", 4.0)) < 40
+    assert psnr(fox, image("a red fox in the snow", 1.0)) < 35
