@@ -21,6 +21,14 @@ def data_file_name(onnx_name: str) -> str:
     return onnx_name + ".data"
 
 
+def example_inputs(spec: ComponentSpec) -> tuple:
+    """Zeros of the declared shapes and dtypes: tracing records shapes, never values (the graphs
+    traced on zeros and on the numerics check's real inputs are identical, node for node)."""
+    import torch
+
+    return tuple(torch.zeros(t.shape, dtype=getattr(torch, t.dtype)) for t in spec.inputs)
+
+
 def trace(module, example_args, spec: ComponentSpec, *, optimize: bool):
     """torch's dynamo exporter on `module`, quietly; returns the ONNXProgram (not yet saved)."""
     import torch

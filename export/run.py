@@ -26,7 +26,7 @@ from common.manifest import (
 from common.specs import COMPONENTS, PRECISIONS, TOLERANCES, Shapes, component_specs
 from common.tokenizer import TOKENIZER_FILES
 from export import checkpoint as ckpt
-from export.onnx_export import data_file_name, export_graph
+from export.onnx_export import data_file_name, example_inputs, export_graph
 
 # Bump when the graphs this code writes change for the same inputs: it invalidates cached exports.
 EXPORT_CODE_VERSION = 1
@@ -250,12 +250,9 @@ def _export_component(
         else:
             bar.set_postfix_str("loading weights")
             module = build_graph_module(component, checkpoint, geometry, shapes, precision)
-            fp32_text_encoder = module if (component == "text_encoder" and precision == "fp32") else None
-            feeds = reference.feeds(spec, fp32_text_encoder)
             bar.update()
             bar.set_postfix_str("tracing and writing ONNX")
-            args = [torch.from_numpy(feeds[t.name]) for t in spec.inputs]
-            facts = export_graph(module, args, spec, staging / onnx_name)
+            facts = export_graph(module, example_inputs(spec), spec, staging / onnx_name)
         bar.update()
 
         bar.set_postfix_str("sha256")

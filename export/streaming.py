@@ -42,7 +42,7 @@ import onnx_ir as ir
 from common.errors import CheckpointError, Flux2TrtError
 from common.specs import ComponentSpec, Geometry, Shapes
 from export import checkpoint as ckpt
-from export.onnx_export import check_graph, data_file_name, trace
+from export.onnx_export import check_graph, data_file_name, example_inputs, trace
 
 # Bytes of target-precision data a streamed weight holds at once while it is written.
 CHUNK_BYTES = 64 * 2**20
@@ -78,15 +78,26 @@ def _rename_language_model_key(key: str) -> str:
     return key
 
 
-def checkpoint_weights(folder: Path, rename=None) -> dict[str, WeightRef]:
-    """Every tensor of a component folder by (renamed) key; reads safetensors headers only."""
+def _open_safetensors(file: Path):
+    """The one place weights are opened (tests wrap it to see which tensors are read)."""
     from safetensors import safe_open
 
+    return safe_open(str(file), framework="pt")
+
+
+def checkpoint_weights(folder: Path, wanted, rename=None) -> dict[str, WeightRef]:
+    """Where each of the `wanted` tensors of a component folder lives; reads safetensors headers only.
+
+    Keys are matched after `rename` (the text encoder's language-model prefixes); tensors that no
+    wanted name matches (a vision tower, an lm_head, layers after the cut) are never read.
+    """
     refs: dict[str, WeightRef] = {}
     for file in ckpt.weight_files(folder):
-        with safe_open(str(file), framework="pt") as handle:
+        with _open_safetensors(file) as handle:
             for key in handle.keys():
                 name = rename(key) if rename else key
+                if name not in wanted:
+                    continue
                 if name in refs:
                     raise CheckpointError(
                         f"{folder} holds two tensors for {name} ({refs[name].key} in {refs[name].file.name} and "
@@ -97,9 +108,7 @@ def checkpoint_weights(folder: Path, rename=None) -> dict[str, WeightRef]:
 
 
 def read_tensor(ref: WeightRef):
-    from safetensors import safe_open
-
-    with safe_open(str(ref.file), framework="pt") as handle:
+    with _open_safetensors(ref.file) as handle:
         return handle.get_tensor(ref.key)
 
 
@@ -147,7 +156,8 @@ def build_weightless_graph(
 
     folder = checkpoint.component_dir(component)
     model, rename = _empty_model(component, checkpoint, geometry, torch_dtype(precision))
-    refs = checkpoint_weights(folder, rename)
+    wanted = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    refs = checkpoint_weights(folder, wanted, rename)
     missing = [name for name, _ in model.named_parameters() if name not in refs]
     if missing:
         raise CheckpointError(
@@ -274,11 +284,9 @@ class StreamedWeight(ir.LazyTensor):
 
     def chunks(self):
         """The target-precision tensor as consecutive row blocks of at most ~CHUNK_BYTES."""
-        from safetensors import safe_open
-
         self._check_open()
         itemsize = max(1, int(self.dtype.itemsize))
-        with safe_open(str(self.ref.file), framework="pt") as handle:
+        with _open_safetensors(self.ref.file) as handle:
             if not self.ref.shape:
                 yield handle.get_tensor(self.ref.key).to(self.torch_dtype)
                 return
@@ -391,12 +399,11 @@ def export_streaming(
     path: Path,
 ) -> dict:
     """Write `component` to `path` (+ `path.data`) without loading its weights; facts for the manifest."""
-    import torch
     from onnxscript.optimizer import _constant_folding
 
     hollow = build_weightless_graph(component, checkpoint, geometry, shapes, precision)
     with hollow.fake_mode:
-        example = tuple(torch.zeros(t.shape, dtype=getattr(torch, t.dtype)) for t in spec.inputs)
+        example = example_inputs(spec)
     program = trace(hollow.module, example, spec, optimize=False)
     model = program.model
     del program
