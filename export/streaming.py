@@ -45,7 +45,7 @@ from export import checkpoint as ckpt
 from export.onnx_export import check_graph, data_file_name, example_inputs, trace
 
 # Bytes of target-precision data a streamed weight holds at once while it is written.
-CHUNK_BYTES = 64 * 2**20
+CHUNK_BYTES = 32 * 2**20
 
 # Where each component's model sits inside its exportable wrapper (the initializer name prefix).
 WRAPPER_ATTRIBUTE = {"text_encoder": "language_model", "transformer": "model", "vae": "vae"}
@@ -283,23 +283,49 @@ class StreamedWeight(ir.LazyTensor):
         return _ir_tensor(tensor.T if self.transposed else tensor, self.name)
 
     def chunks(self):
-        """The target-precision tensor as consecutive row blocks of at most ~CHUNK_BYTES."""
+        """The target-precision tensor as consecutive row blocks of at most ~CHUNK_BYTES.
+
+        Each block is valid until the next one is asked for: the buffers are reused, so that
+        memory stays at two blocks (fresh ones per block fragment the heap: measured ~9 blocks).
+        """
+        import torch
+
         self._check_open()
+        dtype = self.torch_dtype
         itemsize = max(1, int(self.dtype.itemsize))
         with _open_safetensors(self.ref.file) as handle:
             if not self.ref.shape:
-                yield handle.get_tensor(self.ref.key).to(self.torch_dtype)
+                yield handle.get_tensor(self.ref.key).to(dtype)
                 return
-            source = handle.get_slice(self.ref.key)
+            source = handle.get_slice(self.ref.key)  # a view of the memory-mapped file
             if self.transposed:
                 rows, cols = self.ref.shape  # of the stored weight; the output is [cols, rows]
-                step = max(1, CHUNK_BYTES // (rows * itemsize))
+                step = max(1, min(cols, CHUNK_BYTES // (rows * itemsize)))
+                # Cast into a contiguous block, then transpose: transposing the strided view of
+                # the file directly is ~6x slower (measured, bf16 to bf16).
+                block = torch.empty((rows, step), dtype=dtype)
+                flipped = torch.empty((step, rows), dtype=dtype)
                 for start in range(0, cols, step):
-                    yield source[:, start : start + step].to(self.torch_dtype).T.contiguous()
+                    width = min(step, cols - start)
+                    part = block if width == step else torch.empty((rows, width), dtype=dtype)
+                    part.copy_(source[:, start : start + width])
+                    out = flipped[:width]
+                    out.copy_(part.T)
+                    yield out
             else:
-                step = max(1, CHUNK_BYTES // max(1, math.prod(self.ref.shape[1:]) * itemsize))
-                for start in range(0, self.ref.shape[0], step):
-                    yield source[start : start + step].to(self.torch_dtype)
+                length, row = self.ref.shape[0], self.ref.shape[1:]
+                step = max(1, min(length, CHUNK_BYTES // max(1, math.prod(row) * itemsize)))
+                buffer = None
+                for start in range(0, length, step):
+                    view = source[start : start + step]
+                    if view.dtype == dtype:
+                        yield view  # same dtype: straight from the file's pages, no copy
+                        continue
+                    if buffer is None:
+                        buffer = torch.empty((step, *row), dtype=dtype)
+                    out = buffer[: view.shape[0]]
+                    out.copy_(view)
+                    yield out
 
     def tofile(self, file) -> None:
         import torch

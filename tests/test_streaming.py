@@ -86,15 +86,20 @@ def test_weightless_module_is_the_loaded_module(tiny, small_shapes):
 
 
 def _sharded_copy(source, target):
-    """`source` re-saved sharded: diffusers' own sharded save for the transformer and VAE; the text
-    encoder by hand in transformers 5's key layout (`model.language_model.*`; the tiny one is saved
-    in the layout FLUX.2 [dev] is published in, `language_model.model.*`), vision tower included."""
+    """`source` re-saved sharded: diffusers' own sharded save for the transformer (in bf16, as FLUX.2
+    [dev] is published) and the VAE; the text encoder by hand in transformers 5's key layout
+    (`model.language_model.*`; the tiny one is saved in the layout FLUX.2 [dev] is published in,
+    `language_model.model.*`), vision tower included."""
+    import torch
     from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
     from safetensors.torch import load_file, save_file
 
     shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.safetensors"))
-    for component, cls in (("transformer", Flux2Transformer2DModel), ("vae", AutoencoderKLFlux2)):
-        model = cls.from_pretrained(source / component)
+    for component, cls, dtype in (
+        ("transformer", Flux2Transformer2DModel, torch.bfloat16),
+        ("vae", AutoencoderKLFlux2, torch.float32),
+    ):
+        model = cls.from_pretrained(source / component, torch_dtype=dtype)
         (target / component / "config.json").unlink()
         model.save_pretrained(target / component, max_shard_size="40KB")
     tensors = load_file(source / "text_encoder" / "model.safetensors")
@@ -119,6 +124,8 @@ def _sharded_copy(source, target):
 
 
 def test_sharded_checkpoint_exports_byte_identically(export_tiny, tiny_checkpoint, small_shapes, tmp_path, monkeypatch):
+    from safetensors import safe_open
+
     from export import streaming
     from export.checkpoint import weight_files
     from export.run import export_artifacts
@@ -127,6 +134,8 @@ def test_sharded_checkpoint_exports_byte_identically(export_tiny, tiny_checkpoin
     for component in COMPONENTS:
         assert len(weight_files(sharded / component)) >= 3, component
         assert len(list((sharded / component).glob("*.safetensors.index.json"))) == 1
+    with safe_open(str(weight_files(sharded / "transformer")[0]), framework="pt") as handle:
+        assert {handle.get_slice(k).get_dtype() for k in handle.keys()} == {"BF16"}
 
     read = []
     opened = streaming._open_safetensors
@@ -164,8 +173,10 @@ def test_sharded_checkpoint_exports_byte_identically(export_tiny, tiny_checkpoin
 
     monkeypatch.setattr(streaming, "_open_safetensors", Recording)
     out = tmp_path / "out"
-    export_artifacts(model=str(sharded), out=out, precision="fp16", shapes=small_shapes, skip_check=True, log=print)
-    reference = export_tiny("fp16")
+    # at bf16, the bf16-stored transformer (copied straight from the file's pages) must give what
+    # the fp32-stored one gives after the cast: rounding to bf16 once is rounding to bf16
+    export_artifacts(model=str(sharded), out=out, precision="bf16", shapes=small_shapes, skip_check=True, log=print)
+    reference = export_tiny("bf16")
     for component in COMPONENTS:
         for name in (f"{component}.onnx", f"{component}.onnx.data"):
             assert sha256_file(out / name) == sha256_file(reference / name), name
