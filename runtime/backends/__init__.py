@@ -37,9 +37,7 @@ class Backend(Protocol):
         """Free everything."""
 
 
-def load_backend(
-    name: str, artifacts, specs: dict[str, ComponentSpec], manifest: dict, *, low_vram: bool = False
-) -> Backend:
+def load_backend(name: str, artifacts, specs: dict[str, ComponentSpec], manifest: dict, *, low_vram: bool = False) -> Backend:
     """Create the backend `name` ('auto', 'trt', 'ort', 'torch') for an artifacts folder."""
     from runtime.backends.select import select_backend
 
