@@ -8,7 +8,7 @@ ARTIFACTS ?= artifacts/$(MODEL)-$(PRECISION)
 PROMPT ?= A photograph of a red fox sitting in fresh snow at dawn
 ENGINE_FLAGS ?=
 
-.PHONY: setup demo test lint export engines generate check gpu-smoke bench-runtime bench-cfg clean
+.PHONY: setup demo test lint export engines generate check gpu-smoke bench-runtime bench-cfg bench-export clean
 
 # torch is pinned to the CPU build that lies on this workplace's disk; an unpinned torch would
 # pull a multi-GB CUDA build. Production nodes install their own CUDA torch and the extras.
@@ -53,6 +53,11 @@ gpu-smoke: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# Memory and time of exporting full-width FLUX.2 [dev] transformer slices (~15 GB of disk, ~15 min
+# on 2 cores): see README "Streaming export".
+bench-export: setup
+	$(PY) -m bench.export_memory
 
 lint: setup
 	$(VENV)/bin/ruff check .

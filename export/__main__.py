@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from common.cli import OneLineParser, parse_csv, parse_int_csv, run_cli
@@ -31,6 +32,8 @@ def main(argv=None) -> int:
     parser.add_argument("--force", action="store_true", help="re-export even when cached artifacts match")
     parser.add_argument("--skip-check", action="store_true", help="do not run the numerics check against PyTorch")
     fp8_export.add_arguments(parser)
+    # The plain path (load the modules, then export), kept for benchmarks and comparisons.
+    parser.add_argument("--no-stream", dest="stream", action="store_false", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     from export.run import export_artifacts
@@ -53,6 +56,7 @@ def main(argv=None) -> int:
         force=args.force,
         skip_check=args.skip_check,
         fp8=fp8_export.options_from_args(args, args.precision),
+        stream=args.stream,
     )
     return 0
 

@@ -144,18 +144,11 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def load_language_model(checkpoint: Checkpoint, geometry: Geometry, dtype):
-    """The text encoder's language model alone, cut after the last layer FLUX.2 reads.
-
-    The vision tower and lm_head are never loaded (their keys do not map onto the language
-    model). Layers after `max(text_out_layers)` cannot influence the hidden states FLUX.2
-    reads, so they are not loaded either; one extra layer is kept so that transformers'
-    `hidden_states[max]` stays the raw layer output rather than the final-norm output it
-    substitutes for the last entry.
-    """
+def language_model_config(checkpoint: Checkpoint, geometry: Geometry):
+    """The text encoder's language-model config, cut after the last layer FLUX.2 reads (+1, see below)."""
     import copy
 
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig
 
     _quiet_transformers()
     folder = checkpoint.component_dir("text_encoder")
@@ -168,6 +161,22 @@ def load_language_model(checkpoint: Checkpoint, geometry: Geometry, dtype):
             "pass --text-encoder-layers within range"
         )
     text_config.num_hidden_layers = min(text_config.num_hidden_layers, deepest + 1)
+    return text_config
+
+
+def load_language_model(checkpoint: Checkpoint, geometry: Geometry, dtype):
+    """The text encoder's language model alone, cut after the last layer FLUX.2 reads.
+
+    The vision tower and lm_head are never loaded (their keys do not map onto the language
+    model). Layers after `max(text_out_layers)` cannot influence the hidden states FLUX.2
+    reads, so they are not loaded either; one extra layer is kept so that transformers'
+    `hidden_states[max]` stays the raw layer output rather than the final-norm output it
+    substitutes for the last entry.
+    """
+    from transformers import AutoModel
+
+    folder = checkpoint.component_dir("text_encoder")
+    text_config = language_model_config(checkpoint, geometry)
     key_mapping = {prefix: "" for prefix in LANGUAGE_MODEL_PREFIXES}
     try:
         model = AutoModel.from_pretrained(folder, config=text_config, key_mapping=key_mapping, dtype=dtype)

@@ -21,9 +21,16 @@ def data_file_name(onnx_name: str) -> str:
     return onnx_name + ".data"
 
 
-def export_graph(module, example_args, spec: ComponentSpec, path: Path) -> dict:
-    """Export `module` to `path` (+ `path.data`), check it, and return facts for the manifest."""
-    import onnx
+def example_inputs(spec: ComponentSpec) -> tuple:
+    """Zeros of the declared shapes and dtypes: tracing records shapes, never values (the graphs
+    traced on zeros and on the numerics check's real inputs are identical, node for node)."""
+    import torch
+
+    return tuple(torch.zeros(t.shape, dtype=getattr(torch, t.dtype)) for t in spec.inputs)
+
+
+def trace(module, example_args, spec: ComponentSpec, *, optimize: bool):
+    """torch's dynamo exporter on `module`, quietly; returns the ONNXProgram (not yet saved)."""
     import torch
 
     module.eval()
@@ -31,7 +38,7 @@ def export_graph(module, example_args, spec: ComponentSpec, path: Path) -> dict:
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings(), contextlib.redirect_stdout(captured), torch.no_grad():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(
+        return torch.onnx.export(
             module,
             tuple(example_args),
             dynamo=True,
@@ -39,10 +46,21 @@ def export_graph(module, example_args, spec: ComponentSpec, path: Path) -> dict:
             input_names=[t.name for t in spec.inputs],
             output_names=[t.name for t in spec.outputs],
             external_data=True,
-            optimize=True,
+            optimize=optimize,
         )
-        program.save(str(path), external_data=True)
+
+
+def export_graph(module, example_args, spec: ComponentSpec, path: Path) -> dict:
+    """Export `module` to `path` (+ `path.data`), check it, and return facts for the manifest."""
+    program = trace(module, example_args, spec, optimize=True)
+    program.save(str(path), external_data=True)
     del program
+    return check_graph(path, spec)
+
+
+def check_graph(path: Path, spec: ComponentSpec) -> dict:
+    """Refuse a written graph that TensorRT could not take; return facts for the manifest."""
+    import onnx
 
     model = onnx.load(str(path), load_external_data=False)
     problems = []

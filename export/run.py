@@ -26,7 +26,7 @@ from common.manifest import (
 from common.specs import COMPONENTS, PRECISIONS, TOLERANCES, Shapes, component_specs
 from common.tokenizer import TOKENIZER_FILES
 from export import checkpoint as ckpt
-from export.onnx_export import data_file_name, export_graph
+from export.onnx_export import data_file_name, example_inputs, export_graph
 
 # Bump when the graphs this code writes change for the same inputs: it invalidates cached exports.
 EXPORT_CODE_VERSION = 2  # 2: the VAE upsamples in float32 (no bf16 Resize for TensorRT)
@@ -108,9 +108,14 @@ def export_artifacts(
     force: bool = False,
     skip_check: bool = False,
     fp8=None,
+    stream: bool = True,
     log=None,
 ) -> dict:
-    """Write (or reuse) the ONNX graphs for `components` into `out`; return the manifest."""
+    """Write (or reuse) the ONNX graphs for `components` into `out`; return the manifest.
+
+    `stream` (the default) traces without weights and streams them from the checkpoint into the
+    ONNX file (`export.streaming`); False loads the modules and exports them as they are.
+    """
     log = log or (lambda message: print(message, file=sys.stderr))
     shapes = shapes or Shapes()
     if precision == "fp8" and fp8 is None:
@@ -163,6 +168,7 @@ def export_artifacts(
                     "code": EXPORT_CODE_VERSION,
                     "checked": not skip_check,
                     **({"fp8": fp8.key_payload(component)} if precision == "fp8" else {}),
+                    "streamed": stream,
                 }
             )
             started = time.perf_counter()
@@ -180,7 +186,17 @@ def export_artifacts(
                 status = "exported"
             else:
                 entry, report = _export_component(
-                    component, spec, key, checkpoint, geometry, shapes, precision, reference, staging, skip_check
+                    component,
+                    spec,
+                    key,
+                    checkpoint,
+                    geometry,
+                    shapes,
+                    precision,
+                    reference,
+                    staging,
+                    skip_check,
+                    stream,
                 )
                 status = "exported"
             entries[component] = entry
@@ -240,7 +256,7 @@ def _reusable(previous: dict | None, out: Path, component: str, key: str):
 
 
 def _export_component(
-    component, spec, key, checkpoint, geometry, shapes, precision, reference, staging: Path, skip_check: bool
+    component, spec, key, checkpoint, geometry, shapes, precision, reference, staging: Path, skip_check: bool, stream
 ):
     import torch
     from tqdm import tqdm
@@ -248,19 +264,22 @@ def _export_component(
     from export.reference import build_graph_module
     from export.verify import compare, method_for, run_graph
 
-    stages = ["load", "export", "hash"] + ([] if skip_check else ["verify"])
+    stages = ([] if stream else ["load"]) + ["export", "hash"] + ([] if skip_check else ["verify"])
     bar = tqdm(total=len(stages), desc=f"{component:<12} {precision}", unit="step", file=sys.stderr, leave=True)
     try:
-        bar.set_postfix_str("loading weights")
-        module = build_graph_module(component, checkpoint, geometry, shapes, precision)
-        fp32_text_encoder = module if (component == "text_encoder" and precision == "fp32") else None
-        feeds = reference.feeds(spec, fp32_text_encoder)
-        bar.update()
-
-        bar.set_postfix_str("tracing and writing ONNX")
         onnx_name = f"{component}.onnx"
-        args = [torch.from_numpy(feeds[t.name]) for t in spec.inputs]
-        facts = export_graph(module, args, spec, staging / onnx_name)
+        module = None
+        if stream:
+            from export.streaming import export_streaming
+
+            bar.set_postfix_str("tracing without weights, streaming them into ONNX")
+            facts = export_streaming(component, checkpoint, geometry, shapes, precision, spec, staging / onnx_name)
+        else:
+            bar.set_postfix_str("loading weights")
+            module = build_graph_module(component, checkpoint, geometry, shapes, precision)
+            bar.update()
+            bar.set_postfix_str("tracing and writing ONNX")
+            facts = export_graph(module, example_inputs(spec), spec, staging / onnx_name)
         bar.update()
 
         bar.set_postfix_str("sha256")
@@ -283,14 +302,17 @@ def _export_component(
                     "evaluator on a CPU and ONNX Runtime's CPU provider has no bf16 kernels: not checked here"
                 )
             else:
-                if precision == "fp32":
+                if precision == "fp32" and module is not None:
                     reference_module = module
                 else:
                     del module
                     reference_module = build_graph_module(component, checkpoint, geometry, shapes, "fp32")
+                feeds = reference.feeds(spec)
+                args = [torch.from_numpy(feeds[t.name]) for t in spec.inputs]
                 with torch.no_grad():
                     expected = reference_module(*args)
                 expected = {spec.outputs[0].name: expected.numpy()}
+                module = reference_module = None  # free the PyTorch weights before the graph runs
                 actual = run_graph(staging / onnx_name, feeds, method)
                 tolerance = TOLERANCES[precision]
                 passed = True
