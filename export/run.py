@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -182,7 +183,9 @@ def export_artifacts(
                 from export import fp8_export
 
                 request = (component, spec, key, checkpoint, geometry, shapes, reference, staging, skip_check, fp8)
-                entry, report = fp8_export.export_component(*request, export_bf16=_export_component)
+                entry, report = fp8_export.export_component(
+                    *request, export_bf16=functools.partial(_export_component, stream=stream)
+                )
                 status = "exported"
             else:
                 entry, report = _export_component(
