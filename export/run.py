@@ -30,7 +30,9 @@ from export import checkpoint as ckpt
 from export.onnx_export import data_file_name, example_inputs, export_graph
 
 # Bump when the graphs this code writes change for the same inputs: it invalidates cached exports.
-EXPORT_CODE_VERSION = 2  # 2: the VAE upsamples in float32 (no bf16 Resize for TensorRT)
+EXPORT_CODE_VERSION = (
+    3  # 2: the VAE upsamples in float32 (no bf16 Resize for TensorRT); 3: timestep rounding as the pipeline
+)
 LIBRARIES = ("flux2-trt", "torch", "diffusers", "transformers", "onnx", "onnxscript", "onnxruntime")
 
 

@@ -87,7 +87,8 @@ class TorchBackend:
                 velocity = pipe.transformer(
                     hidden_states=hidden.to(self.dtype),
                     encoder_hidden_states=feeds["encoder_hidden_states"].to(self.dtype),
-                    timestep=feeds["timestep"].to(self.dtype),
+                    # as Flux2Pipeline: t = sigma * 1000 cast to the latents dtype, then / 1000
+                    timestep=(feeds["timestep"] * 1000).to(self.dtype) / 1000,
                     guidance=None if guidance is None else guidance.float(),
                     txt_ids=txt_ids,
                     img_ids=img_ids,
