@@ -30,6 +30,11 @@ MIN_PSNR_FP32 = {"onnx": 40.0, "torch": 50.0}
 # now that it rounds the timestep where the pipeline does; fp16 graphs 57.5 and 47.1 dB against
 # diffusers fp16's 56.8 and 47.0. 3 dB is a factor of 2 in mean squared error.
 FLOOR_MARGIN_DB = 3.0
+# ... but never below this: on an H200 (8 steps, 1024 x 1024) diffusers' bf16 pipeline, which
+# rounds the latents to bf16 after every step, drifted to 13.3 dB from its fp32 pipeline while
+# this runtime (float32 latents between steps) stayed at 38.2 dB; a floor that low checks
+# nothing. 25 dB is the end-to-end bound FP8 is held to on the tiny default.
+MIN_PSNR_REDUCED = 25.0
 PIPELINE_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp8": "bfloat16"}
 
 
@@ -197,7 +202,9 @@ def run_check(
     end_to_end = {
         "psnr_db": psnr(our_image, ref_image),
         "ssim": ssim(our_image, ref_image),
-        "min_psnr_db": MIN_PSNR_FP32[kind] if floor_psnr is None else floor_psnr - FLOOR_MARGIN_DB,
+        "min_psnr_db": MIN_PSNR_FP32[kind]
+        if floor_psnr is None
+        else max(floor_psnr - FLOOR_MARGIN_DB, MIN_PSNR_REDUCED),
         "diffusers_same_precision_psnr_db": floor_psnr,
     }
     end_to_end["passed"] = bool(end_to_end["psnr_db"] >= end_to_end["min_psnr_db"])
@@ -244,7 +251,7 @@ def format_table(report: dict) -> str:
     if e.get("diffusers_same_precision_psnr_db") is not None:
         lines.append(
             f"{'':<14}(diffusers at {report['precision']} is {e['diffusers_same_precision_psnr_db']:.2f} dB from float32; "
-            f"bound = that - {FLOOR_MARGIN_DB:g} dB)"
+            f"bound = that - {FLOOR_MARGIN_DB:g} dB, at least {MIN_PSNR_REDUCED:g} dB)"
         )
     lines.append(f"overall: {'PASS' if report['passed'] else 'FAIL'}")
     return "\n".join(lines)
