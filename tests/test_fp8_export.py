@@ -205,3 +205,16 @@ def test_fp8_text_encoder(tmp_path, tiny_checkpoint):
     assert len(audit) == 6 * 7
     assert all((a["weight_dq_fp8"], a["activation_qdq"]) == (1, 1) for a in audit.values())
     assert read_manifest(out)["components"]["text_encoder"]["precision"] == "fp8"
+
+
+def test_engines_check_accepts_the_fp8_export(fp8_tiny):
+    """TensorRT's operator list and the Q/DQ rules hold for what --precision fp8 really writes."""
+    from engines.check import check_artifacts
+
+    reports = check_artifacts(fp8_tiny)
+    assert {r.component for r in reports} == {"text_encoder", "transformer", "vae"}
+    for report in reports:
+        assert report.findings == [], (report.component, report.findings)
+    transformer = next(r for r in reports if r.component == "transformer")
+    ops = {n.op_type for n in onnx.load(str(fp8_tiny / "transformer.onnx"), load_external_data=False).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and transformer.nodes > 0
