@@ -45,7 +45,9 @@ def _reference_pipeline(checkpoint: Path, pipeline_class: str, dtype: str = "flo
     from transformers.utils import logging as hf_logging
 
     diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # PyTorch lets cuDNN convolutions use TF32 by default: measured on an H200, that moved the
     # "float32" VAE reference 5.5e-4 (relative L2) away from the fp32 graphs, over the fp32 bound.
@@ -92,8 +94,9 @@ def run_check(
         if backend not in ("auto", "ort") or precision not in ("bf16", "fp8"):
             raise
         notes.append(
-            f"{exc}. Ran the torch backend at {precision} instead; the {precision} ONNX graphs themselves "
-            "were checked at export time (reports/export_check.json)"
+            f"{exc}. Ran the torch backend at {'bf16 (it has no FP8)' if precision == 'fp8' else precision} instead; "
+            f"the {precision} ONNX graphs themselves were checked at export time (reports/export_check.json"
+            + (", reports/fp8_check.json)" if precision == "fp8" else ")")
         )
         log(f"note: {notes[-1]}")
         chosen = select_backend("torch", opened.folder, opened.specs, opened.manifest, checkpoint=checkpoint, log=log)
@@ -250,7 +253,7 @@ def format_table(report: dict) -> str:
     )
     if e.get("diffusers_same_precision_psnr_db") is not None:
         lines.append(
-            f"{'':<14}(diffusers at {report['precision']} is {e['diffusers_same_precision_psnr_db']:.2f} dB from float32; "
+            f"{'':<14}(diffusers at {PIPELINE_DTYPES[report['precision']]} is {e['diffusers_same_precision_psnr_db']:.2f} dB from float32; "
             f"bound = that - {FLOOR_MARGIN_DB:g} dB, at least {MIN_PSNR_REDUCED:g} dB)"
         )
     lines.append(f"overall: {'PASS' if report['passed'] else 'FAIL'}")

@@ -36,7 +36,7 @@ class OrtBackend:
         if self.name == "ort-cpu" and self.precision in ("bf16", "fp8"):
             raise UsageError(
                 f"ONNX Runtime's CPU provider cannot run {self.precision} graphs ({self.artifacts}); "
-                "use --backend torch here, or --backend trt on a GPU node"
+                "use --backend torch here (PyTorch modules at bf16; it has no FP8), or --backend trt on a GPU node"
             )
         self._sessions: dict = {}
 
