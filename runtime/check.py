@@ -88,18 +88,19 @@ def run_check(
         )
 
     notes = []
-    try:
-        chosen = select_backend(backend, opened.folder, opened.specs, opened.manifest, checkpoint=checkpoint, log=log)
-    except UsageError as exc:
-        if backend not in ("auto", "ort") or precision not in ("bf16", "fp8"):
-            raise
+    # With --backend ort the refusal is an error; with auto, select_backend falls back to torch.
+    # Either way a bf16/fp8 check on a machine without TensorRT or onnxruntime-gpu runs the
+    # PyTorch modules, and the report says so.
+    requested = "auto" if backend == "ort" and precision in ("bf16", "fp8") else backend
+    chosen = select_backend(requested, opened.folder, opened.specs, opened.manifest, checkpoint=checkpoint, log=log)
+    if chosen.name.startswith("torch") and backend != "torch":
         notes.append(
-            f"{exc}. Ran the torch backend at {'bf16 (it has no FP8)' if precision == 'fp8' else precision} instead; "
-            f"the {precision} ONNX graphs themselves were checked at export time (reports/export_check.json"
+            f"ONNX Runtime's CPU provider cannot run {precision} graphs: ran the torch backend at "
+            f"{'bf16 (it has no FP8)' if precision == 'fp8' else precision} instead; the {precision} ONNX graphs "
+            "themselves were checked at export time (reports/export_check.json"
             + (", reports/fp8_check.json)" if precision == "fp8" else ")")
         )
         log(f"note: {notes[-1]}")
-        chosen = select_backend("torch", opened.folder, opened.specs, opened.manifest, checkpoint=checkpoint, log=log)
     kind = "torch" if chosen.name.startswith("torch") else "onnx"
     runtime = Flux2Runtime(opened, chosen)
     layers = tuple(opened.geometry.text_out_layers)

@@ -69,7 +69,15 @@ def select_backend(
         ) from None
     from runtime.backends.ort import OrtBackend
 
-    backend = OrtBackend(Path(artifacts), manifest, low_vram=low_vram)
+    try:
+        backend = OrtBackend(Path(artifacts), manifest, low_vram=low_vram)
+    except UsageError as exc:
+        if name != "auto":
+            raise
+        # bf16/fp8 graphs on a machine with neither TensorRT nor onnxruntime-gpu: the PyTorch
+        # modules are the only way to an image here, and the log says that is what ran.
+        log(f"backend: auto picked torch ({exc})")
+        return select_backend("torch", artifacts, specs, manifest, low_vram=low_vram, checkpoint=checkpoint, log=log)
     if name == "auto":
         log(f"backend: auto picked {backend.name}")
     return backend
