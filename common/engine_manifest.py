@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from common.errors import ArtifactsError
+from common.manifest import read_versioned_json
 
 ENGINES_DIR = "engines"
 ENGINE_MANIFEST_NAME = "manifest.json"
@@ -49,16 +50,7 @@ def read_engine_manifest(artifacts: Path) -> dict:
     build = f"python -m engines.build --artifacts {artifacts}"
     if not path.is_file():
         raise ArtifactsError(f"{artifacts} has no TensorRT engines ({path} is missing); build them with `{build}`")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ArtifactsError(f"{path} is not readable JSON ({exc}); rebuild with `{build} --force`") from None
-    if manifest.get("format") != ENGINE_FORMAT or manifest.get("format_version") != ENGINE_FORMAT_VERSION:
-        raise ArtifactsError(
-            f"{path} is format {manifest.get('format')!r} version {manifest.get('format_version')!r}, this flux2-trt "
-            f"reads {ENGINE_FORMAT!r} version {ENGINE_FORMAT_VERSION}; rebuild with `{build} --force`"
-        )
-    return manifest
+    return read_versioned_json(path, ENGINE_FORMAT, ENGINE_FORMAT_VERSION, fix=f"rebuild with `{build} --force`")
 
 
 def check_engines_usable(engine_manifest: dict, artifacts_manifest: dict, present: dict, artifacts: Path) -> None:

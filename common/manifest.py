@@ -43,16 +43,21 @@ def read_manifest(folder: Path) -> dict:
         raise ArtifactsError(
             f"{folder} has no {MANIFEST_NAME}; it is not a finished export, run `python -m export --out {folder}`"
         )
+    return read_versioned_json(path, FORMAT, FORMAT_VERSION, fix="re-run export with --force")
+
+
+def read_versioned_json(path: Path, expected_format: str, expected_version: int, *, fix: str) -> dict:
+    """A manifest file's JSON, refused (with `fix`) when unreadable or of another format/version."""
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ArtifactsError(f"{path} is not readable JSON ({exc}); re-run export with --force") from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ArtifactsError(f"{path} is not readable JSON ({exc}); {fix}") from None
+    if data.get("format") != expected_format or data.get("format_version") != expected_version:
         raise ArtifactsError(
-            f"{path} is format {manifest.get('format')!r} version {manifest.get('format_version')!r}; "
-            f"this flux2-trt reads {FORMAT!r} version {FORMAT_VERSION}: re-export with --force"
+            f"{path} is format {data.get('format')!r} version {data.get('format_version')!r}; "
+            f"this flux2-trt reads {expected_format!r} version {expected_version}: {fix}"
         )
-    return manifest
+    return data
 
 
 def manifest_hash(folder: Path) -> str:
