@@ -126,7 +126,10 @@ def validate_safetensors(path: Path) -> None:
                 raise CheckpointError(f"safetensors file {path} is truncated ({size} bytes, no header); {fix}")
             (header_len,) = struct.unpack("<Q", raw_len)
             if header_len > min(size - 8, 100 * 1024 * 1024):
-                raise CheckpointError(f"safetensors file {path} has a corrupt header length {header_len}; {fix}")
+                raise CheckpointError(
+                    f"safetensors file {path} is truncated or corrupt: its header claims {header_len} bytes, "
+                    f"the file has {size}; {fix}"
+                )
             header = json.loads(handle.read(header_len))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise CheckpointError(f"safetensors file {path} has a corrupt header; {fix}") from None
