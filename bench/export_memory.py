@@ -66,7 +66,7 @@ DEV_TRANSFORMER = {
 
 def _companion_config():
     """The tiny rest of the checkpoint, at the widths the transformer's inputs need."""
-    from export.tiny import TinyConfig
+    from flux2_tiny.config import TinyConfig
 
     # hidden 5120 x 3 stacked layers = joint_attention_dim 15360; 32 latent channels x 2x2 = 128.
     return TinyConfig(
@@ -149,7 +149,7 @@ def write_transformer(folder: Path, double: int, single: int) -> int:
 
 
 def ensure_companions(cache: Path) -> Path:
-    from export.tiny import write_tiny_checkpoint
+    from flux2_tiny.dev import write_tiny_checkpoint
 
     config = _companion_config()
     target = cache / f"companions-{config.key()}"

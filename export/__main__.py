@@ -7,7 +7,7 @@ from pathlib import Path
 
 from common.cli import OneLineParser, parse_csv, parse_int_csv, run_cli
 from common.specs import COMPONENTS, DEFAULT_HEIGHT, DEFAULT_MAX_SEQUENCE_LENGTH, DEFAULT_WIDTH, PRECISIONS, Shapes
-from export import fp8_export
+from export.fp8 import run as fp8_export
 
 
 def main(argv=None) -> int:

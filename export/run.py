@@ -24,10 +24,11 @@ from common.manifest import (
     sha256_file,
     write_json,
 )
+from common.named_checkpoints import resolve_model
 from common.specs import COMPONENTS, PRECISIONS, TOLERANCES, Shapes, component_specs
 from common.tokenizer import TOKENIZER_FILES
 from export import checkpoint as ckpt
-from export.onnx_export import data_file_name, example_inputs, export_graph
+from export.writing.trace import data_file_name, example_inputs, export_graph
 
 # Bump when the graphs this code writes change for the same inputs: it invalidates cached exports.
 EXPORT_CODE_VERSION = (
@@ -44,16 +45,6 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             found[name] = "not installed"
     return found
-
-
-def resolve_model(model: str) -> Path:
-    from export.tiny import TINY_MODELS
-
-    if model in TINY_MODELS:
-        from export.tiny import ensure_tiny_checkpoint, tiny_preset
-
-        return ensure_tiny_checkpoint(tiny_preset(model))
-    return Path(model).expanduser().resolve()
 
 
 def validate_request(
@@ -117,12 +108,12 @@ def export_artifacts(
     """Write (or reuse) the ONNX graphs for `components` into `out`; return the manifest.
 
     `stream` (the default) traces without weights and streams them from the checkpoint into the
-    ONNX file (`export.streaming`); False loads the modules and exports them as they are.
+    ONNX file (`export.writing.streaming`); False loads the modules and exports them as they are.
     """
     log = log or (lambda message: print(message, file=sys.stderr))
     shapes = shapes or Shapes()
     if precision == "fp8" and fp8 is None:
-        from export.fp8_export import Fp8Options
+        from export.fp8.run import Fp8Options
 
         fp8 = Fp8Options()
     out = Path(out).expanduser().absolute()
@@ -152,7 +143,7 @@ def export_artifacts(
     }
     previous = _previous_manifest(out)
 
-    from export.reference import ReferenceInputs
+    from export.verify.reference import ReferenceInputs
 
     reference = ReferenceInputs(checkpoint, geometry, shapes)
     entries, reports, rows = {}, {}, []
@@ -182,7 +173,7 @@ def export_artifacts(
                     os.link(out / name, staging / name)
                 status = "reused"
             elif precision == "fp8":
-                from export import fp8_export
+                from export.fp8 import run as fp8_export
 
                 request = (component, spec, key, checkpoint, geometry, shapes, reference, staging, skip_check, fp8)
                 entry, report = fp8_export.export_component(
@@ -225,7 +216,7 @@ def export_artifacts(
         }
         write_json(staging / "reports" / "export_check.json", {"precision": precision, "components": reports})
         if precision == "fp8":
-            from export import fp8_export
+            from export.fp8 import run as fp8_export
 
             fp8_export.write_reports(staging / "reports", reports)
         write_json(staging / MANIFEST_NAME, manifest)
@@ -266,8 +257,8 @@ def _export_component(
     import torch
     from tqdm import tqdm
 
-    from export.reference import build_graph_module
-    from export.verify import compare, method_for, run_graph
+    from export.verify.onnx_run import compare, method_for, run_graph
+    from export.verify.reference import build_graph_module
 
     stages = ([] if stream else ["load"]) + ["export", "hash"] + ([] if skip_check else ["verify"])
     bar = tqdm(total=len(stages), desc=f"{component:<12} {precision}", unit="step", file=sys.stderr, leave=True)
@@ -275,7 +266,7 @@ def _export_component(
         onnx_name = f"{component}.onnx"
         module = None
         if stream:
-            from export.streaming import export_streaming
+            from export.writing.streaming import export_streaming
 
             bar.set_postfix_str("tracing without weights, streaming them into ONNX")
             facts = export_streaming(component, checkpoint, geometry, shapes, precision, spec, staging / onnx_name)

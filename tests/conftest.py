@@ -23,7 +23,7 @@ def _cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(_cache_dir) -> Path:
-    from export.tiny import ensure_tiny_checkpoint
+    from flux2_tiny import ensure_tiny_checkpoint
 
     return ensure_tiny_checkpoint()
 
@@ -71,7 +71,7 @@ def variant_artifacts(tmp_path_factory) -> Path:
     """A tiny configuration no other fixture uses, exported at fp32 through the command lines."""
     root = tmp_path_factory.mktemp("variant")
     made = run_cli(
-        "-m", "export.tiny", "--out", str(root / "checkpoint"), *[a for pair in VARIANT for a in ("--set", pair)]
+        "-m", "flux2_tiny", "--out", str(root / "checkpoint"), *[a for pair in VARIANT for a in ("--set", pair)]
     )
     assert made.returncode == 0, made.stderr
     result = run_cli("-m", "export", "--model", str(root / "checkpoint"), "--out", str(root / "artifacts"),
@@ -93,8 +93,8 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) ->
 @pytest.fixture(scope="session")
 def tiny_klein_checkpoint(_cache_dir) -> Path:
     """The tiny FLUX.2 [klein] base model (true classifier-free guidance)."""
-    from export.tiny import ensure_tiny_checkpoint
-    from export.tiny_klein import KLEIN_BASE
+    from flux2_tiny import ensure_tiny_checkpoint
+    from flux2_tiny.klein import KLEIN_BASE
 
     return ensure_tiny_checkpoint(KLEIN_BASE)
 
@@ -102,7 +102,7 @@ def tiny_klein_checkpoint(_cache_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_klein_distilled_checkpoint(_cache_dir) -> Path:
     """The tiny FLUX.2 [klein] step-distilled model (`is_distilled`: no guidance)."""
-    from export.tiny import ensure_tiny_checkpoint
-    from export.tiny_klein import KLEIN_DISTILLED
+    from flux2_tiny import ensure_tiny_checkpoint
+    from flux2_tiny.klein import KLEIN_DISTILLED
 
     return ensure_tiny_checkpoint(KLEIN_DISTILLED)

@@ -85,7 +85,7 @@ def test_onnx_runtime_output_of_exported_graph_is_what_report_says(export_tiny):
 
     from common.specs import Shapes, component_specs
     from export.checkpoint import open_checkpoint
-    from export.reference import ReferenceInputs, build_graph_module
+    from export.verify.reference import ReferenceInputs, build_graph_module
 
     out = export_tiny("fp32")
     manifest = read_manifest(out)

@@ -8,15 +8,15 @@ from torch import nn
 
 from common.errors import UsageError
 from common.specs import Shapes
-from export.calibrate import AmaxRecorder, CalibrationSettings, cache_path, calibrate, load_prompts
+from export.fp8.calibrate import AmaxRecorder, CalibrationSettings, cache_path, calibrate, load_prompts
 from tests.conftest import run_cli
 
 TINY_SHAPES = Shapes(height=64, width=64, max_sequence_length=32)
 
 
 def test_prompt_set_is_varied_and_excludes_the_check_prompt():
-    from export.fp8_check import E2E_PROMPT
-    from export.reference import CHECK_PROMPT
+    from export.fp8.twin import E2E_PROMPT
+    from export.verify.reference import CHECK_PROMPT
 
     prompts = load_prompts()
     assert len(prompts) >= 32
@@ -122,8 +122,8 @@ def test_fp8_usage_errors_are_one_line(tmp_path, extra, needles):
 
 def test_fp8_options_from_the_command_line():
     from common.cli import OneLineParser
-    from export.fp8 import DEFAULT_TRANSFORMER_EXCLUDE
-    from export.fp8_export import Fp8Options, add_arguments, options_from_args
+    from export.fp8.rewrite import DEFAULT_TRANSFORMER_EXCLUDE
+    from export.fp8.run import Fp8Options, add_arguments, options_from_args
 
     parser = OneLineParser()
     add_arguments(parser)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from common.manifest import read_manifest
-from export.calibrate import CalibrationSettings
-from export.fp8 import DEFAULT_TRANSFORMER_EXCLUDE, audit_qdq, weight_bytes
-from export.fp8_export import Fp8Options
+from export.fp8.calibrate import CalibrationSettings
+from export.fp8.rewrite import DEFAULT_TRANSFORMER_EXCLUDE, audit_qdq, weight_bytes
+from export.fp8.run import Fp8Options
 from tests.conftest import run_cli
 
 # Tests calibrate on 3 prompts x 2 steps; the shipped default (32 x 20) is for real exports.
@@ -69,9 +69,9 @@ def test_fp8_graph_rerun_independently(fp8_tiny, tmp_path):
     """Do not trust the report: build the twin again from the artifact and compare with PyTorch here."""
     from common.specs import Shapes, component_specs
     from export.checkpoint import open_checkpoint
-    from export.fp8_check import fp32_twin, ort_session
-    from export.reference import ReferenceInputs, build_graph_module
-    from export.verify import compare
+    from export.fp8.twin import fp32_twin, ort_session
+    from export.verify.onnx_run import compare
+    from export.verify.reference import ReferenceInputs, build_graph_module
 
     manifest = read_manifest(fp8_tiny)
     checkpoint = open_checkpoint(manifest["source"]["checkpoint"])
@@ -157,7 +157,7 @@ def test_rerun_reuses_fp8_and_a_new_exclusion_redoes_it(fp8_tiny, tiny_checkpoin
 def test_unseen_configuration_with_extra_exclusion(tmp_path):
     checkpoint = tmp_path / "variant"
     made = run_cli(
-        "-m", "export.tiny", "--out", str(checkpoint),
+        "-m", "flux2_tiny", "--out", str(checkpoint),
         "--set", "text_hidden_size=40", "--set", "text_num_layers=4", "--set", "text_num_heads=5",
         "--set", "text_num_kv_heads=5", "--set", "text_out_layers=1,2,4",
         "--set", "num_layers=1", "--set", "num_single_layers=3", "--set", "num_attention_heads=4",

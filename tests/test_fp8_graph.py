@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from common.specs import ComponentSpec, TensorSpec
-from export.fp8 import (
+from export.fp8.rewrite import (
     DEFAULT_TRANSFORMER_EXCLUDE,
     audit_qdq,
     find_linear_uses,
@@ -16,9 +16,9 @@ from export.fp8 import (
     quantize_graph,
     weight_bytes,
 )
-from export.fp8_check import fp32_twin, ort_session, psnr
-from export.onnx_export import export_graph
-from export.verify import compare, run_graph
+from export.fp8.twin import fp32_twin, ort_session, psnr
+from export.verify.onnx_run import compare, run_graph
+from export.writing.trace import export_graph
 
 
 class Toy(nn.Module):
@@ -120,7 +120,7 @@ def test_saturating_scale_is_visible(tmp_path):
 
 
 def test_missing_amax_is_an_error(tmp_path):
-    from export.fp8 import Fp8GraphError
+    from export.fp8.rewrite import Fp8GraphError
 
     _, _, bf16_path = _export_toy(tmp_path)
     with pytest.raises(Fp8GraphError, match="no calibrated input amax.*body"):

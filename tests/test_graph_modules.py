@@ -21,7 +21,7 @@ def ckpt(tiny_checkpoint):
 
 def test_text_encoder_graph_is_diffusers_prompt_embeds(pipe, ckpt, small_shapes):
     from common.tokenizer import PromptTokenizer
-    from export.reference import CHECK_PROMPT, build_graph_module
+    from export.verify.reference import CHECK_PROMPT, build_graph_module
 
     geometry = ckpt.geometry()
     module = build_graph_module("text_encoder", ckpt, geometry, small_shapes, "fp32")
@@ -44,8 +44,8 @@ def test_text_encoder_graph_is_diffusers_prompt_embeds(pipe, ckpt, small_shapes)
 
 
 def test_transformer_graph_is_diffusers_forward(pipe, ckpt, small_shapes):
-    from export.reference import build_graph_module
-    from export.transformer import position_ids
+    from export.graphs.transformer import position_ids
+    from export.verify.reference import build_graph_module
 
     geometry = ckpt.geometry()
     module = build_graph_module("transformer", ckpt, geometry, small_shapes, "fp32")
@@ -75,7 +75,7 @@ def test_transformer_graph_is_diffusers_forward(pipe, ckpt, small_shapes):
 
 
 def test_vae_graph_is_pipeline_decode(pipe, ckpt, small_shapes):
-    from export.reference import build_graph_module
+    from export.verify.reference import build_graph_module
 
     geometry = ckpt.geometry()
     module = build_graph_module("vae", ckpt, geometry, small_shapes, "fp32")

@@ -89,8 +89,8 @@ def test_distilled_ignores_guidance_and_warns(tiny_klein_distilled_checkpoint, m
 
 
 def test_generator_is_deterministic(tmp_path, tiny_klein_checkpoint):
-    from export.tiny import DEFAULT
-    from export.tiny_klein import KLEIN_BASE, KLEIN_DISTILLED, write_tiny_klein_checkpoint
+    from flux2_tiny.config import DEFAULT
+    from flux2_tiny.klein import KLEIN_BASE, KLEIN_DISTILLED, write_tiny_klein_checkpoint
 
     def digest(folder):
         return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(folder.rglob("*.safetensors")))).hexdigest()
@@ -156,7 +156,7 @@ def test_unknown_pipeline_class_is_a_one_line_error(tiny_klein_checkpoint):
 
 def test_text_encoder_graph_is_klein_prompt_embeds(base_pipe, base_ckpt, small_shapes):
     from common.tokenizer import PromptTokenizer
-    from export.reference import build_graph_module
+    from export.verify.reference import build_graph_module
 
     geometry = base_ckpt.geometry()
     assert geometry.text_out_layers == (3, 5, 7)  # recorded in model_index.json
@@ -181,8 +181,8 @@ def test_text_encoder_graph_is_klein_prompt_embeds(base_pipe, base_ckpt, small_s
 
 def test_transformer_graph_is_forward_without_guidance(base_pipe, base_ckpt, small_shapes):
     from common.specs import component_specs
-    from export.reference import build_graph_module
-    from export.transformer import position_ids
+    from export.graphs.transformer import position_ids
+    from export.verify.reference import build_graph_module
 
     geometry = base_ckpt.geometry()
     spec = component_specs(geometry, small_shapes)["transformer"]

@@ -77,7 +77,7 @@ def test_reference_batch_rows_differ(tiny_klein_checkpoint, small_shapes):
     import dataclasses
 
     from export.checkpoint import open_checkpoint
-    from export.reference import ReferenceInputs
+    from export.verify.reference import ReferenceInputs
 
     checkpoint = open_checkpoint(tiny_klein_checkpoint)
     shapes = dataclasses.replace(small_shapes, batch_size=2)
@@ -98,7 +98,7 @@ def test_other_klein_configuration_exports_and_verifies(tmp_path):
     """Untied embeddings (as Qwen3-8B in klein 9B), other widths and layers: nothing tied to the preset."""
     checkpoint = tmp_path / "klein-variant"
     made = run_cli(
-        "-m", "export.tiny", "--model", "tiny-klein-distilled", "--out", str(checkpoint),
+        "-m", "flux2_tiny", "--model", "tiny-klein-distilled", "--out", str(checkpoint),
         "--set", "text_hidden_size=40", "--set", "text_num_heads=5", "--set", "text_num_kv_heads=1",
         "--set", "text_head_dim=8", "--set", "text_num_layers=6", "--set", "text_out_layers=1,2,4,5",
         "--set", "tie_word_embeddings=false", "--set", "num_single_layers=1", "--set", "latent_channels=4",

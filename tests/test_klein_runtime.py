@@ -125,7 +125,7 @@ def test_klein_configuration_never_seen(tmp_path):
     checkpoint = tmp_path / "klein-variant"
     made = run_cli(
         "-m",
-        "export.tiny",
+        "flux2_tiny",
         "--model",
         "tiny-klein",
         "--out",

@@ -40,8 +40,8 @@ def tiny(tiny_checkpoint, small_shapes):
 def test_streamed_graph_is_the_plain_paths_graph(export_tiny, tiny, small_shapes, tmp_path, precision, components):
     import onnxruntime as ort
 
-    from export.onnx_export import example_inputs, export_graph
-    from export.reference import ReferenceInputs, build_graph_module
+    from export.verify.reference import ReferenceInputs, build_graph_module
+    from export.writing.trace import example_inputs, export_graph
 
     checkpoint, geometry, specs = tiny
     streamed = export_tiny(precision)
@@ -65,8 +65,8 @@ def test_weightless_module_is_the_loaded_module(tiny, small_shapes):
     """Same parameters (names, shapes, dtypes) and the same buffer values as `from_pretrained` gives."""
     import torch
 
-    from export.reference import build_graph_module
-    from export.streaming import build_weightless_graph
+    from export.verify.reference import build_graph_module
+    from export.writing.streaming import build_weightless_graph
 
     checkpoint, geometry, _ = tiny
     for component in COMPONENTS:
@@ -126,9 +126,9 @@ def _sharded_copy(source, target):
 def test_sharded_checkpoint_exports_byte_identically(export_tiny, tiny_checkpoint, small_shapes, tmp_path, monkeypatch):
     from safetensors import safe_open
 
-    from export import streaming
     from export.checkpoint import weight_files
     from export.run import export_artifacts
+    from export.writing import streaming
 
     sharded = _sharded_copy(tiny_checkpoint, tmp_path / "sharded")
     for component in COMPONENTS:
@@ -191,7 +191,7 @@ def test_sharded_checkpoint_exports_byte_identically(export_tiny, tiny_checkpoin
 
 def test_chunking_does_not_change_a_byte(export_tiny, tiny, small_shapes, tmp_path, monkeypatch):
     """Tiny chunks make every streamed weight (transposed ones included) cross chunk boundaries."""
-    from export import streaming
+    from export.writing import streaming
 
     checkpoint, geometry, specs = tiny
     monkeypatch.setattr(streaming, "CHUNK_BYTES", 100)

@@ -13,7 +13,8 @@ def _digest(folder):
 
 
 def test_generator_is_deterministic(tmp_path, tiny_checkpoint):
-    from export.tiny import DEFAULT, write_tiny_checkpoint
+    from flux2_tiny.config import DEFAULT
+    from flux2_tiny.dev import write_tiny_checkpoint
 
     again = tmp_path / "again"
     again.mkdir()

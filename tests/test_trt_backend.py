@@ -275,7 +275,7 @@ def test_real_engines_match_onnx_runtime(export_tiny, tmp_path):
     from common.manifest import read_manifest
     from common.specs import TOLERANCES
     from engines.build import build_engines
-    from export.verify import compare, run_graph
+    from export.verify.onnx_run import compare, run_graph
 
     artifacts = tmp_path / "tiny-fp32"
     shutil.copytree(export_tiny("fp32"), artifacts)

@@ -2,7 +2,7 @@
 
 Exports the tiny FLUX.2 checkpoint (256 x 256, 128 tokens), checks the graphs, builds the
 engines, then runs each component on the same realistic inputs the export check uses
-(export.reference.ReferenceInputs) through
+(export.verify.reference.ReferenceInputs) through
 
   - the TensorRT engine (the runtime's trt backend),
   - the same ONNX graph (ONNX Runtime's CPU provider; onnx's reference evaluator for bf16),
@@ -54,9 +54,9 @@ def smoke(*, precision: str, out: Path) -> bool:
     from engines.build import build_engines
     from engines.check import run_check
     from export.checkpoint import open_checkpoint
-    from export.reference import ReferenceInputs, build_graph_module
     from export.run import export_artifacts
-    from export.verify import method_for, run_graph
+    from export.verify.onnx_run import method_for, run_graph
+    from export.verify.reference import ReferenceInputs, build_graph_module
     from runtime.backends.trt import TrtBackend
 
     available, reason = trt_status()

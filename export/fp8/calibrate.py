@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.cache import default_cache_dir
 from common.errors import UsageError
 from common.specs import Geometry, Shapes
 
@@ -75,8 +76,6 @@ def calibration_key(checkpoint, geometry: Geometry, shapes: Shapes, settings: Ca
 
 
 def cache_path(key: str, cache_dir: Path | None = None) -> Path:
-    from export.tiny import default_cache_dir
-
     return Path(cache_dir or default_cache_dir()) / "calibration" / f"{key}.json"
 
 

@@ -2,13 +2,13 @@
 
 An fp8 artifacts folder holds a bf16 VAE, a bf16 text encoder (or FP8 with
 `--text-encoder-precision fp8`) and a transformer whose non-excluded `nn.Linear` layers are FP8
-Q/DQ (`export.fp8`). Each FP8 component is made in three steps:
+Q/DQ (`export.fp8.rewrite`). Each FP8 component is made in three steps:
 
-1. calibrate (`export.calibrate`, cached): per-Linear input amax over the shipped prompts;
+1. calibrate (`export.fp8.calibrate`, cached): per-Linear input amax over the shipped prompts;
 2. export the component at bf16 through the normal path (`run._export_component`, passed in as
    `export_bf16` so this module follows whatever that path becomes);
 3. rewrite the bf16 graph into the FP8 Q/DQ graph, audit it, and check it against fp32 PyTorch
-   (`export.fp8_check`): an fp32 twin in ONNX Runtime always, the bf16 graph itself in onnx's
+   (`export.fp8.twin`): an fp32 twin in ONNX Runtime always, the bf16 graph itself in onnx's
    reference evaluator when small enough, and for the transformer an end-to-end image PSNR.
 
 Everything the rewrite decided goes into the component's report: which layers are FP8 and which
@@ -29,8 +29,8 @@ from common.cli import parse_csv
 from common.errors import Flux2TrtError, UsageError, VerificationError
 from common.manifest import sha256_file, write_json
 from common.specs import TOLERANCES
-from export.calibrate import DEVICES, CalibrationSettings, load_prompts
-from export.fp8 import DEFAULT_TEXT_ENCODER_EXCLUDE, DEFAULT_TRANSFORMER_EXCLUDE, is_excluded
+from export.fp8.calibrate import DEVICES, CalibrationSettings, load_prompts
+from export.fp8.rewrite import DEFAULT_TEXT_ENCODER_EXCLUDE, DEFAULT_TRANSFORMER_EXCLUDE, is_excluded
 
 # Bump when the FP8 graphs this code writes change for the same inputs (part of the cache key).
 FP8_CODE_VERSION = 1
@@ -163,7 +163,7 @@ def linear_names(checkpoint, geometry, component: str) -> list[str]:
     """The `nn.Linear` paths of a component, from its config alone (built on the meta device)."""
     import torch
 
-    from export.calibrate import language_model_of
+    from export.fp8.calibrate import language_model_of
 
     with torch.device("meta"):
         if component == "transformer":
@@ -201,7 +201,7 @@ def export_component(
         report["note"] = "bf16 in an fp8 export: FP8 applies to the transformer (and --text-encoder-precision fp8)"
         return entry, report
 
-    from export.calibrate import calibrate
+    from export.fp8.calibrate import calibrate
 
     exclude = options.exclude_for(component)
     check_patterns(exclude, linear_names(checkpoint, geometry, component), component)
@@ -257,7 +257,7 @@ def _rewrite(staging: Path, onnx_name: str, amax: dict, exclude, module_prefix: 
     import onnx
 
     from common.onnx_checks import dynamic_dims, float64_uses
-    from export.fp8 import Fp8GraphError, audit_qdq, quantize_graph
+    from export.fp8.rewrite import Fp8GraphError, audit_qdq, quantize_graph
 
     work = Path(tempfile.mkdtemp(prefix=".fp8-", dir=staging))
     try:
@@ -299,9 +299,9 @@ def _node_count(path: Path) -> int:
 def _verify(component, spec, checkpoint, geometry, shapes, reference, path: Path, report: dict) -> None:
     import torch
 
-    from export.fp8_check import end_to_end, fp32_twin, ort_session
-    from export.reference import build_graph_module
-    from export.verify import REFERENCE_EVALUATOR_MAX_BYTES, compare, run_graph
+    from export.fp8.twin import end_to_end, fp32_twin, ort_session
+    from export.verify.onnx_run import REFERENCE_EVALUATOR_MAX_BYTES, compare, run_graph
+    from export.verify.reference import build_graph_module
 
     data_bytes = report["fp8"]["sizes"]["bf16_data_bytes"]
     tolerance = TOLERANCES["fp8"]

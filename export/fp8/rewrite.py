@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.external_data import TensorReader, copy_with_external_data, flat_chunks, np_dtype
+from export.writing.external_data import TensorReader, copy_with_external_data, flat_chunks, np_dtype
 
 FP8_E4M3_MAX = 448.0
 

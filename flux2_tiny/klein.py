@@ -5,7 +5,7 @@ text encoder read at hidden-state indices (9, 18, 27), a Qwen2 byte-level BPE to
 Qwen3-style chat template (user turn, generation prompt, `enable_thinking`), a transformer
 without a guidance embedding, `_class_name: Flux2KleinPipeline` and the pipeline's
 `is_distilled` flag in model_index.json. The transformer, VAE and scheduler come from the same
-writer as [dev] (`export.tiny.write_image_models`).
+writer as [dev] (`flux2_tiny.dev.write_image_models`).
 
 `diffusers.Flux2KleinPipeline.from_pretrained(path)` loads it and generates with it, and reads
 `is_distilled` from model_index.json (the pipeline registers it as its own config).
@@ -18,7 +18,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
-from export.tiny import _CORPUS, TEXT_LAYERS_KEY, TinyConfig, _version, write_image_models
+from flux2_tiny.config import CORPUS, TEXT_LAYERS_KEY, TinyConfig
+from flux2_tiny.image_models import library_version, write_image_models
 
 # diffusers' Flux2KleinPipeline default `text_encoder_out_layers`; a checkpoint that reads other
 # layers records them under TEXT_LAYERS_KEY.
@@ -101,7 +102,7 @@ def _build_tokenizer(config: TinyKleinConfig):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    trainer_tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    trainer_tok.train_from_iterator([CORPUS] * 4, trainer=trainer)
     model = json.loads(trainer_tok.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
     tokenizer = Qwen2Tokenizer(
@@ -167,7 +168,7 @@ def write_tiny_klein_checkpoint(out: Path, config: TinyKleinConfig = KLEIN_BASE)
 
     model_index = {
         "_class_name": "Flux2KleinPipeline",
-        "_diffusers_version": _version("diffusers"),
+        "_diffusers_version": library_version("diffusers"),
         "is_distilled": config.is_distilled,
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
         "text_encoder": ["transformers", "Qwen3ForCausalLM"],

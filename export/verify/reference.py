@@ -15,9 +15,9 @@ import numpy as np
 from common.specs import ComponentSpec, Geometry, Shapes
 from common.tokenizer import PromptTokenizer
 from export import checkpoint as ckpt
-from export.text_encoder import TextEncoderGraph
-from export.transformer import TransformerGraph
-from export.vae import VaeDecoderGraph
+from export.graphs.text_encoder import TextEncoderGraph
+from export.graphs.transformer import TransformerGraph
+from export.graphs.vae import VaeDecoderGraph
 
 CHECK_PROMPT = "A photograph of a red fox sitting in fresh snow at dawn, soft light, shallow depth of field."
 # Rows of a batch get different prompts, so a graph that mixes rows fails the check. Row 1 is the

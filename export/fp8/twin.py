@@ -4,7 +4,7 @@ ONNX Runtime's CPU provider runs FLOAT8E4M3FN QuantizeLinear/DequantizeLinear bu
 The fp32 twin is the FP8 graph with every bf16 tensor, Cast target and constant turned into
 float32: the same Q/DQ nodes, the same FP8 weight bytes, the same scales (bf16 values are exact in
 float32), float32 everywhere else. Its error against fp32 PyTorch is the FP8 quantization error
-alone; the bf16 graph adds bf16 rounding on top, which `export.verify`'s reference evaluator
+alone; the bf16 graph adds bf16 rounding on top, which `export.verify.onnx_run`'s reference evaluator
 measures on small graphs.
 
 End to end: diffusers' `Flux2Pipeline` in bf16, once as it is and once with its transformer
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.external_data import copy_with_external_data
+from export.writing.external_data import copy_with_external_data
 
 # The end-to-end check: a prompt outside the calibration set, FLUX.2 [dev]'s default guidance.
 E2E_PROMPT = "A photograph of a red fox sitting in fresh snow at dawn, soft light, shallow depth of field."
@@ -128,7 +128,7 @@ def end_to_end(checkpoint, geometry, shapes, twin_graph: Path, *, steps: int = E
     """PSNR of the pipeline with the FP8 twin transformer against the bf16 (and fp32) pipeline."""
     import time
 
-    from export.calibrate import load_pipeline, pipeline_kwargs
+    from export.fp8.calibrate import load_pipeline, pipeline_kwargs
 
     started = time.perf_counter()
 

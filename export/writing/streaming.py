@@ -42,7 +42,7 @@ import onnx_ir as ir
 from common.errors import CheckpointError, Flux2TrtError
 from common.specs import ComponentSpec, Geometry, Shapes
 from export import checkpoint as ckpt
-from export.onnx_export import check_graph, data_file_name, example_inputs, trace
+from export.writing.trace import check_graph, data_file_name, example_inputs, trace
 
 # Bytes of target-precision data a streamed weight holds at once while it is written.
 CHUNK_BYTES = 32 * 2**20
@@ -149,10 +149,10 @@ def build_weightless_graph(
     """The exportable module of `component` holding no weights, and the sources of its initializers."""
     import torch
 
-    from export.reference import torch_dtype
-    from export.text_encoder import TextEncoderGraph
-    from export.transformer import TransformerGraph
-    from export.vae import VaeDecoderGraph
+    from export.graphs.text_encoder import TextEncoderGraph
+    from export.graphs.transformer import TransformerGraph
+    from export.graphs.vae import VaeDecoderGraph
+    from export.verify.reference import torch_dtype
 
     folder = checkpoint.component_dir(component)
     model, rename = _empty_model(component, checkpoint, geometry, torch_dtype(precision))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.metrics import compare  # noqa: F401  (re-exported for callers of export.verify)
+from common.metrics import compare  # noqa: F401  (re-exported for callers of export.verify.onnx_run)
 
 # Above this many bytes of weights the reference evaluator would take too long on a CPU.
 REFERENCE_EVALUATOR_MAX_BYTES = 64 * 1024 * 1024
