@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from tests.conftest import assert_one_line_error, run_cli
+from tests.support import assert_one_line_error, run_cli
 
 
 def _export(out, *extra, model="tiny"):

@@ -15,8 +15,8 @@ from common.manifest import FORMAT, FORMAT_VERSION, sha256_file
 from common.tensorrt_env import trt_status
 from engines.build import BuildConfig, build_engines, engine_key
 from engines.trt_build import EngineBuildError, configure, create_network
-from tests.conftest import run_cli
 from tests.fake_trt import BuilderFlag, FakeTrt, MemoryPoolType
+from tests.support import run_cli
 
 PLATFORM = {"tensorrt": "10.15.1.29", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
 INPUTS = [{"name": "x", "shape": [1, 4], "dtype": "float32"}]

@@ -11,7 +11,7 @@ from common.errors import EngineCompatibilityError
 from common.manifest import FORMAT, FORMAT_VERSION
 from engines.check import check_graph, run_check
 from engines.ops_table import load_table, parse_operators_md
-from tests.conftest import run_cli
+from tests.support import run_cli
 
 FP8 = TensorProto.FLOAT8E4M3FN
 

@@ -9,7 +9,7 @@ from torch import nn
 from common.errors import UsageError
 from common.specs import Shapes
 from export.fp8.calibrate import AmaxRecorder, CalibrationSettings, cache_path, calibrate, load_prompts
-from tests.conftest import run_cli
+from tests.support import run_cli
 
 TINY_SHAPES = Shapes(height=64, width=64, max_sequence_length=32)
 

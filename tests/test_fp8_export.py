@@ -11,7 +11,7 @@ from common.manifest import read_manifest
 from export.fp8.calibrate import CalibrationSettings
 from export.fp8.rewrite import DEFAULT_TRANSFORMER_EXCLUDE, audit_qdq, weight_bytes
 from export.fp8.run import Fp8Options
-from tests.conftest import run_cli
+from tests.support import run_cli
 
 # Tests calibrate on 3 prompts x 2 steps; the shipped default (32 x 20) is for real exports.
 FAST = Fp8Options(calibration=CalibrationSettings(prompts=3, steps=2))

@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from tests.conftest import REPO, run_cli
+from tests.support import REPO, run_cli
 
 
 def _module():

@@ -6,7 +6,7 @@ import onnx
 import pytest
 
 from common.manifest import read_manifest
-from tests.conftest import SMALL, run_cli
+from tests.support import SMALL, run_cli
 
 BOUNDS = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 3e-2}
 SIZE_ARGS = ["--height", str(SMALL["height"]), "--width", str(SMALL["width"])]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import run_cli
+from tests.support import run_cli
 
 KLEIN_VARIANT = (
     "text_hidden_size=40", "text_num_heads=5", "text_num_kv_heads=1", "text_head_dim=8", "text_num_layers=6",

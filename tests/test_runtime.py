@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import assert_one_line_error, run_cli
+from tests.support import assert_one_line_error, run_cli
 
 
 def test_ort_fp32_matches_diffusers(export_tiny):

@@ -1,0 +1,34 @@
+"""What tests share besides fixtures: the repo root, small shapes, running a command line, reading its error."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+# Small shapes keep the suite fast; the 1024x1024 / 512-token defaults are exercised by `make demo`.
+SMALL = {"height": 256, "width": 256, "max_sequence_length": 128}
+
+
+def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+VARIANT = (
+    "text_hidden_size=48", "text_num_layers=5", "text_num_heads=6", "text_num_kv_heads=3", "text_out_layers=1,3,5",
+    "num_layers=1", "num_single_layers=3", "num_attention_heads=3", "attention_head_dim=24", "axes_dims_rope=6,6,6,6",
+    "latent_channels=4", "vae_block_out_channels=8,16,16", "seed=11",
+)  # fmt: skip
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    """A user mistake: exit 2, exactly one line on stderr, no traceback, naming what matters."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
