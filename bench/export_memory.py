@@ -35,6 +35,8 @@ import time
 import zlib
 from pathlib import Path
 
+from common.atomic import atomic_dir
+
 REPO = Path(__file__).resolve().parent.parent
 GiB = 2**30
 MiB = 2**20
@@ -155,13 +157,9 @@ def ensure_companions(cache: Path) -> Path:
     target = cache / f"companions-{config.key()}"
     if (target / "model_index.json").is_file():
         return target
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=cache))
-    try:
+    with atomic_dir(target) as staging:
         write_tiny_checkpoint(staging, config)
         shutil.rmtree(staging / "transformer")  # replaced by each slice's own
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
@@ -171,18 +169,14 @@ def ensure_slice(cache: Path, double: int, single: int, log) -> Path:
         log(f"reusing {target}")
         return target
     companions = ensure_companions(cache)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=cache))
-    try:
+    with atomic_dir(target) as staging:
         started = time.perf_counter()
         for path in companions.rglob("*"):
             if path.is_file():
                 (staging / path.relative_to(companions)).parent.mkdir(parents=True, exist_ok=True)
                 os.link(path, staging / path.relative_to(companions))
         total = write_transformer(staging / "transformer", double, single)
-        staging.rename(target)
-        log(f"wrote {target}: {total / GiB:.2f} GiB of bf16 in {time.perf_counter() - started:.0f} s")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    log(f"wrote {target}: {total / GiB:.2f} GiB of bf16 in {time.perf_counter() - started:.0f} s")
     return target
 
 

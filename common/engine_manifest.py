@@ -8,11 +8,9 @@ when all of them match what is present.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 
+from common.atomic import atomic_write_json
 from common.errors import ArtifactsError
 from common.manifest import read_versioned_json
 
@@ -26,23 +24,8 @@ def engines_dir(artifacts: Path) -> Path:
     return Path(artifacts) / ENGINES_DIR
 
 
-def atomic_write_bytes(path: Path, data) -> None:
-    """Write `data` (bytes or any buffer) to a temporary sibling, fsync, then rename over `path`."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def write_engine_manifest(artifacts: Path, manifest: dict) -> None:
-    atomic_write_bytes(engines_dir(artifacts) / ENGINE_MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
+    atomic_write_json(engines_dir(artifacts) / ENGINE_MANIFEST_NAME, manifest)
 
 
 def read_engine_manifest(artifacts: Path) -> dict:

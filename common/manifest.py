@@ -7,12 +7,8 @@ would accept.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from common.errors import ArtifactsError
@@ -66,25 +62,3 @@ def manifest_hash(folder: Path) -> str:
 
 def write_json(path: Path, data: dict) -> None:
     Path(path).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-
-@contextlib.contextmanager
-def atomic_dir(target: Path):
-    """Yield a fresh temporary sibling of `target`; on success it replaces `target` in one rename.
-
-    On any exception the temporary folder is removed and `target` is left as it was.
-    """
-    target = Path(target)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield staging
-        retired = None
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.rename(target, retired / "old")
-        os.rename(staging, target)
-        if retired is not None:
-            shutil.rmtree(retired, ignore_errors=True)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)

@@ -16,6 +16,7 @@ def compare(actual, expected) -> dict:
         "rel_l2": float(np.linalg.norm(diff) / denom) if denom > 0 else float(np.linalg.norm(diff)),
         "cosine": float(a @ e / norms) if norms > 0 else float("nan"),
         "finite": bool(np.isfinite(a).all()),
+        "non_finite": int(a.size - np.count_nonzero(np.isfinite(a))),
     }
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from common.family import Family
+
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 COMPONENTS = ("text_encoder", "transformer", "vae")
 
@@ -22,13 +24,32 @@ COMPONENTS = ("text_encoder", "transformer", "vae")
 DEFAULT_HEIGHT = 1024
 DEFAULT_WIDTH = 1024
 DEFAULT_MAX_SEQUENCE_LENGTH = 512
-DEFAULT_TEXT_LAYERS = {"Flux2Pipeline": (10, 20, 30), "Flux2KleinPipeline": (9, 18, 27)}
 
 
 @dataclass(frozen=True)
 class Tolerance:
     max_rel_l2: float
     min_cosine: float
+
+    def judge(self, actual, expected) -> dict:
+        """compare()'s metrics plus `passed`: finite, within rel L2 and above cosine. The one judgement."""
+        from common.metrics import compare
+
+        metrics = compare(actual, expected)
+        metrics["passed"] = bool(
+            metrics["finite"] and metrics["rel_l2"] <= self.max_rel_l2 and metrics["cosine"] >= self.min_cosine
+        )
+        return metrics
+
+    def describe(self, name: str, metrics: dict) -> str:
+        """One failing (or passing) output, with the bounds it was held to."""
+        text = (
+            f"{name}: rel_l2 {metrics['rel_l2']:.3g} (max {self.max_rel_l2:g}), cosine {metrics['cosine']:.6f} "
+            f"(min {self.min_cosine:g}), max_abs {metrics['max_abs']:.3g}"
+        )
+        if not metrics["finite"]:
+            text += f", {metrics['non_finite']} non-finite values"
+        return text
 
 
 # Against the fp32 PyTorch module on realistic inputs. bf16 keeps 8 mantissa bits (~4e-3 per
@@ -120,10 +141,10 @@ def geometry_from_configs(
 ) -> Geometry:
     """Derive the geometry from the four config dicts of a diffusers FLUX.2 folder."""
     text_config = text_encoder_config.get("text_config", text_encoder_config)
-    pipeline_class = model_index.get("_class_name", "Flux2Pipeline")
+    pipeline_class = model_index.get("_class_name", Family.DEV)
     if text_out_layers is None:
         recorded = model_index.get("_flux2_trt_text_encoder_out_layers")
-        text_out_layers = tuple(recorded) if recorded else DEFAULT_TEXT_LAYERS.get(pipeline_class, (10, 20, 30))
+        text_out_layers = tuple(recorded) if recorded else Family(pipeline_class).default_text_layers
     in_channels = int(transformer_config.get("in_channels", 128))
     return Geometry(
         pipeline_class=pipeline_class,

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import ArtifactsError
+from common.family import Family
 
 # The FLUX.2 [dev] system message (diffusers `pipelines/flux2/system_messages.py`).
 # The line break after "object" is in the original and changes the tokens: keep it.
@@ -42,9 +43,6 @@ TOKENIZER_FILES = (
 )
 
 
-PIPELINE_CLASSES = ("Flux2Pipeline", "Flux2KleinPipeline")
-
-
 def flux2_messages(prompt: str, system_message: str = SYSTEM_MESSAGE) -> list[dict]:
     """diffusers' `format_input` for one text-only prompt ([IMG] markers are stripped)."""
     return [
@@ -62,16 +60,16 @@ def klein_messages(prompt: str) -> list[dict]:
 class PromptTokenizer:
     folder: Path
     max_length: int
-    pipeline_class: str = "Flux2Pipeline"
+    pipeline_class: str = Family.DEV
 
     def __post_init__(self):
         from tokenizers import Tokenizer
 
         folder = Path(self.folder)
-        if self.pipeline_class not in PIPELINE_CLASSES:
+        if self.pipeline_class not in tuple(Family):
             raise ArtifactsError(
                 f"pipeline class {self.pipeline_class!r} for the tokenizer in {folder} is not one of "
-                f"{', '.join(PIPELINE_CLASSES)}; re-export the artifacts with this version"
+                f"{Family.names()}; re-export the artifacts with this version"
             )
         tokenizer_json = folder / "tokenizer.json"
         if not tokenizer_json.is_file():
@@ -113,7 +111,7 @@ class PromptTokenizer:
 
     def token_ids(self, prompt: str) -> list[int]:
         """One prompt's ids, formatted and truncated as diffusers does for this pipeline class (no padding)."""
-        if self.pipeline_class == "Flux2KleinPipeline":
+        if self.pipeline_class == Family.KLEIN:
             text = self.render(klein_messages(prompt), add_generation_prompt=True, enable_thinking=False)
             # `tokenizer(text, truncation=True, max_length=N)`: truncate to leave room for the special
             # tokens the post-processor adds, then add them.

@@ -13,13 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.cli import OneLineParser, run_cli
+from common.dtypes import ONNX_ELEMENT_TYPE
 from common.errors import ArtifactsError, EngineCompatibilityError
 from common.manifest import read_manifest
 from engines import graph_checks as gc
 from engines.ops_table import load_table
 from engines.qdq import check_fp8_qdq
-
-ONNX_DTYPES = {"float32": 1, "int64": 7, "float16": 10, "bfloat16": 16}
 
 GRAPH_CHECKS = {
     "opset": gc.check_opset,
@@ -51,7 +50,7 @@ def check_io(graph: gc.Graph, entry: dict) -> list[gc.Finding]:
     """Graph inputs/outputs are the manifest's declaration: the names, shapes and dtypes engines are built with."""
     found = []
     for kind, values in (("inputs", graph.model.graph.input), ("outputs", graph.model.graph.output)):
-        declared = [(t["name"], tuple(t["shape"]), ONNX_DTYPES.get(t["dtype"], -1)) for t in entry.get(kind, [])]
+        declared = [(t["name"], tuple(t["shape"]), ONNX_ELEMENT_TYPE.get(t["dtype"], -1)) for t in entry.get(kind, [])]
         actual = [
             (v.name, tuple(d.dim_value for d in v.type.tensor_type.shape.dim), v.type.tensor_type.elem_type)
             for v in values

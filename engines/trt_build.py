@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from common.engine_manifest import atomic_write_bytes
+from common.atomic import atomic_write_bytes
 from common.errors import Flux2TrtError
 
 

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import CheckpointError
+from common.family import Family
+from common.hf_quiet import quiet_hf_libraries
 from common.specs import Geometry, geometry_from_configs
 
-SUPPORTED_PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline")
 LAYOUT_HINT = "expected a FLUX.2 diffusers folder (model_index.json, transformer/, vae/, text_encoder/, tokenizer/)"
 _CONFIG_FILES = {"transformer": "config.json", "vae": "config.json", "text_encoder": "config.json"}
 # Where the language model's weights live inside a text encoder checkpoint, newest layout first:
@@ -70,10 +71,10 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"checkpoint {root} has no model_index.json; {LAYOUT_HINT}")
     model_index = _read_json(index_path)
     pipeline_class = model_index.get("_class_name")
-    if pipeline_class not in SUPPORTED_PIPELINES:
+    if pipeline_class not in tuple(Family):
         raise CheckpointError(
             f"checkpoint {root} is a {pipeline_class!r} pipeline, not FLUX.2; "
-            f"expected _class_name one of {', '.join(SUPPORTED_PIPELINES)} in {index_path}"
+            f"expected _class_name one of {Family.names()} in {index_path}"
         )
     configs = {}
     for component, name in _CONFIG_FILES.items():
@@ -140,20 +141,13 @@ def validate_safetensors(path: Path) -> None:
         )
 
 
-def _quiet_transformers() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
 def language_model_config(checkpoint: Checkpoint, geometry: Geometry):
     """The text encoder's language-model config, cut after the last layer FLUX.2 reads (+1, see below)."""
     import copy
 
     from transformers import AutoConfig
 
-    _quiet_transformers()
+    quiet_hf_libraries()
     folder = checkpoint.component_dir("text_encoder")
     config = AutoConfig.from_pretrained(folder)
     text_config = copy.deepcopy(getattr(config, "text_config", None) or config)
@@ -201,10 +195,7 @@ def load_vae(checkpoint: Checkpoint, dtype):
 
 
 def _load_diffusers(cls, folder: Path, dtype):
-    from diffusers.utils import logging as diffusers_logging
-
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
+    quiet_hf_libraries()
     try:
         return cls.from_pretrained(folder, dtype=dtype).eval()
     except (OSError, ValueError, RuntimeError) as exc:

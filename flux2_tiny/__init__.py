@@ -10,10 +10,9 @@ is the config itself. Built once into the cache folder (atomically) and reused.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
+from common.atomic import atomic_dir
 from common.cache import default_cache_dir
 from flux2_tiny.config import DEFAULT, TinyConfig
 from flux2_tiny.klein import KLEIN_BASE, KLEIN_DISTILLED
@@ -36,16 +35,9 @@ def ensure_tiny_checkpoint(config: TinyConfig = DEFAULT, cache_dir: Path | None 
     if (target / "model_index.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    # Deterministic bytes: a concurrent writer of the same config writes the same folder.
+    with atomic_dir(target) as staging:
         writer_for(config)(staging, config)
-        try:
-            staging.rename(target)
-        except OSError:
-            if not (target / "model_index.json").is_file():  # not a concurrent writer's result
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

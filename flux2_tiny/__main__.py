@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import shutil
-import tempfile
 from pathlib import Path
 
+from common.atomic import atomic_dir
 from flux2_tiny import TINY_MODELS, tiny_preset, writer_for
 from flux2_tiny.config import DEFAULT, TinyConfig
 
@@ -45,12 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out.exists():
         raise SystemExit(f"error: --out {args.out} already exists; choose a new folder")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{args.out.name}-", dir=args.out.parent))
-    try:
+    with atomic_dir(args.out) as staging:
         writer_for(config)(staging, config)
-        staging.rename(args.out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     print(f"wrote tiny FLUX.2 checkpoint {args.out} ({config.key()})")
     return 0
 

@@ -86,9 +86,9 @@ def write_tiny_checkpoint(out: Path, config: TinyConfig = DEFAULT) -> None:
 
     if max(config.text_out_layers) > config.text_num_layers:
         raise ValueError(f"text_out_layers {config.text_out_layers} exceed text_num_layers {config.text_num_layers}")
-    from diffusers.utils import logging as diffusers_logging
+    from common.hf_quiet import quiet_hf_libraries
 
-    diffusers_logging.disable_progress_bar()
+    quiet_hf_libraries()
     out = Path(out)
     tokenizer = _build_tokenizer(config)
     vocab_size = len(tokenizer)

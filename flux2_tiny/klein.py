@@ -123,14 +123,13 @@ def _build_tokenizer(config: TinyKleinConfig):
 def write_tiny_klein_checkpoint(out: Path, config: TinyKleinConfig = KLEIN_BASE) -> None:
     """Write a FLUX.2 [klein]-layout checkpoint with random weights into `out` (must exist)."""
     import torch
-    from diffusers.utils import logging as diffusers_logging
     from transformers import Qwen3Config, Qwen3ForCausalLM
-    from transformers.utils import logging as transformers_logging
+
+    from common.hf_quiet import quiet_hf_libraries
 
     if max(config.text_out_layers) > config.text_num_layers:
         raise ValueError(f"text_out_layers {config.text_out_layers} exceed text_num_layers {config.text_num_layers}")
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
+    quiet_hf_libraries()
     out = Path(out)
     tokenizer = _build_tokenizer(config)
 

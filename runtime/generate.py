@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
 import tempfile
 from pathlib import Path
 
+from common.atomic import atomic_write_json, atomic_write_via
 from common.cli import OneLineParser, run_cli
 from common.errors import UsageError
 
@@ -57,22 +57,12 @@ def prepare_out(out: Path) -> Path:
     return out
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_image(out: Path, stem: str, image_uint8, sidecar: dict) -> Path:
     from PIL import Image
 
     png = out / f"{stem}.png"
-    _write_atomic(png, lambda p: Image.fromarray(image_uint8).save(p, format="PNG"))
-    _write_atomic(out / f"{stem}.json", lambda p: p.write_text(json.dumps(sidecar, indent=2) + "\n"))
+    atomic_write_via(png, lambda p: Image.fromarray(image_uint8).save(p, format="PNG"))
+    atomic_write_json(out / f"{stem}.json", sidecar)
     return png
 
 

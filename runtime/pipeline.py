@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from common.family import Family
 from common.tokenizer import PromptTokenizer
 from runtime.artifacts import Artifacts
 from runtime.scheduler import SchedulerConfig, euler_step, flux2_schedule
@@ -80,10 +81,10 @@ class Flux2Runtime:
     def uses_cfg(self, guidance: float) -> bool:
         """True classifier-free guidance: klein base models with a scale above 1, as diffusers decides."""
         geometry = self.artifacts.geometry
-        return self.pipeline_class == "Flux2KleinPipeline" and not geometry.is_distilled and guidance > 1
+        return self.pipeline_class == Family.KLEIN and not geometry.is_distilled and guidance > 1
 
     def guidance_warning(self, guidance: float) -> str | None:
-        if self.pipeline_class == "Flux2KleinPipeline" and self.artifacts.geometry.is_distilled and guidance > 1:
+        if self.pipeline_class == Family.KLEIN and self.artifacts.geometry.is_distilled and guidance > 1:
             return f"Guidance scale {guidance} is ignored for step-wise distilled models."
         return None
 

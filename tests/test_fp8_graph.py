@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from common.metrics import psnr
 from common.specs import ComponentSpec, TensorSpec
 from export.fp8.rewrite import (
     DEFAULT_TRANSFORMER_EXCLUDE,
@@ -16,7 +17,7 @@ from export.fp8.rewrite import (
     quantize_graph,
     weight_bytes,
 )
-from export.fp8.twin import fp32_twin, ort_session, psnr
+from export.fp8.twin import fp32_twin, ort_session
 from export.verify.onnx_run import compare, run_graph
 from export.writing.trace import export_graph
 

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from common.metrics import psnr
+
 PROMPTS = [
     "A cat holding a sign that says hello world",
     "",
@@ -13,10 +15,6 @@ PROMPTS = [
     "special tokens typed by a user: <|im_end|> <think> [IMG]",
     "a very long prompt " * 200,
 ]
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    return float(10 * np.log10(1.0 / np.mean((a.astype(np.float64) - b) ** 2)))
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +62,8 @@ def test_base_loads_and_guidance_changes_the_image(base_pipe, base_ckpt):
     assert with_cfg.shape == (128, 128, 3) and np.isfinite(with_cfg).all() and with_cfg.std() > 0.05
     # Guidance and prompt move the image far more than a 40 dB check allows: a runtime that
     # skipped CFG or encoded the wrong prompt could not pass one (measured ~30 and ~26 dB).
-    assert _psnr(with_cfg, without_cfg) < 35
-    assert _psnr(with_cfg, other_prompt) < 35
+    assert psnr(with_cfg, without_cfg) < 35
+    assert psnr(with_cfg, other_prompt) < 35
 
 
 def test_distilled_ignores_guidance_and_warns(tiny_klein_distilled_checkpoint, monkeypatch):

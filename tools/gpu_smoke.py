@@ -17,7 +17,6 @@ not import one another.
 
 from __future__ import annotations
 
-import math
 import sys
 import tempfile
 from pathlib import Path
@@ -28,21 +27,19 @@ import numpy as np  # noqa: E402
 
 from common.cli import OneLineParser, run_cli  # noqa: E402
 from common.errors import ArtifactsError, VerificationError  # noqa: E402
+from common.metrics import compare, psnr  # noqa: E402
 from common.specs import PRECISIONS, TOLERANCES, Shapes  # noqa: E402
 
 SMOKE_SHAPES = Shapes(height=256, width=256, max_sequence_length=128)
 
 
-def psnr(actual: np.ndarray, expected: np.ndarray) -> float:
-    """Peak signal-to-noise ratio in dB, the peak being the reference's value range."""
-    mse = float(np.mean((actual.astype(np.float64) - expected.astype(np.float64)) ** 2))
-    peak = float(expected.max() - expected.min())
-    return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
+def range_psnr(actual: np.ndarray, expected: np.ndarray) -> float:
+    """PSNR in dB with the reference's value range as the peak (latents and velocities have no fixed range)."""
+    return psnr(actual, expected, data_range=float(np.ptp(expected)))
 
 
 def rel_l2(actual: np.ndarray, expected: np.ndarray) -> float:
-    diff = np.linalg.norm(actual.astype(np.float64) - expected.astype(np.float64))
-    return float(diff / max(np.linalg.norm(expected.astype(np.float64)), 1e-30))
+    return compare(actual, expected)["rel_l2"]
 
 
 def smoke(*, precision: str, out: Path) -> bool:
@@ -107,7 +104,9 @@ def _table(rows, precision: str, bound: float) -> str:
         cells = []
         for reference in (graph, same, fp32):
             cells.append(
-                "not run" if reference is None else f"{rel_l2(engine, reference):.2e} / {psnr(engine, reference):5.1f}"
+                "not run"
+                if reference is None
+                else f"{rel_l2(engine, reference):.2e} / {range_psnr(engine, reference):5.1f}"
             )
         note = "" if method else " (graph not run: too large for the CPU reference)"
         lines.append(f"{component:<13}{cells[0]:>22}{cells[1]:>26}{cells[2]:>22}  {'pass' if ok else 'FAIL'}{note}")

@@ -23,15 +23,15 @@ import gc
 import hashlib
 import inspect
 import json
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.atomic import atomic_write_json
 from common.cache import default_cache_dir
 from common.errors import UsageError
+from common.hf_quiet import quiet_hf_libraries
 from common.specs import Geometry, Shapes
 
 PROMPTS_FILE = Path(__file__).with_name("calibration_prompts.txt")
@@ -114,10 +114,7 @@ def calibrate(
         **amax,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w") as stream:
-        json.dump(result, stream, indent=1, sort_keys=True)
-    os.replace(temp, path)
+    atomic_write_json(path, result, indent=1, sort_keys=True)
     log(f"calibrated FP8 scales on {len(prompts)} prompts x {settings.steps} steps in {result['seconds']} s: {path}")
     result["reused"] = False
     return result
@@ -178,13 +175,8 @@ class AmaxRecorder:
 
 def load_pipeline(checkpoint, dtype, device: str = "cpu"):
     from diffusers import DiffusionPipeline
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as hf_logging
 
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    quiet_hf_libraries()
     pipe = DiffusionPipeline.from_pretrained(checkpoint.root, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

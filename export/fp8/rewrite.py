@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.writing.external_data import TensorReader, copy_with_external_data, flat_chunks, np_dtype
+from common.dtypes import numpy_of_onnx
+from export.writing.external_data import TensorReader, copy_with_external_data, flat_chunks
 
 FP8_E4M3_MAX = 448.0
 
@@ -216,7 +217,7 @@ def quantize_graph(
         compute_type = value_types.get(first.activation)
         if compute_type is None:
             raise Fp8GraphError(f"activation {first.activation} of linear {path} has no known type")
-        scale_dtype = np_dtype(compute_type)
+        scale_dtype = numpy_of_onnx(compute_type)
         weight = reader.array(weight_proto)
         record.weight_amax = abs_max(weight)
         weight_scale = scale_for(record.weight_amax, scale_dtype)

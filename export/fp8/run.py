@@ -5,8 +5,8 @@ An fp8 artifacts folder holds a bf16 VAE, a bf16 text encoder (or FP8 with
 Q/DQ (`export.fp8.rewrite`). Each FP8 component is made in three steps:
 
 1. calibrate (`export.fp8.calibrate`, cached): per-Linear input amax over the shipped prompts;
-2. export the component at bf16 through the normal path (`run._export_component`, passed in as
-   `export_bf16` so this module follows whatever that path becomes);
+2. export the component at bf16 through the normal path (`run._export_component` on the job at bf16, passed in
+   as `export_bf16` so this module follows whatever that path becomes);
 3. rewrite the bf16 graph into the FP8 Q/DQ graph, audit it, and check it against fp32 PyTorch
    (`export.fp8.twin`): an fp32 twin in ONNX Runtime always, the bf16 graph itself in onnx's
    reference evaluator when small enough, and for the transformer an end-to-end image PSNR.
@@ -25,9 +25,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.atomic import atomic_write_json
 from common.cli import parse_csv
 from common.errors import Flux2TrtError, UsageError, VerificationError
-from common.manifest import sha256_file, write_json
+from common.manifest import sha256_file
 from common.specs import TOLERANCES
 from export.fp8.calibrate import DEVICES, CalibrationSettings, load_prompts
 from export.fp8.rewrite import DEFAULT_TEXT_ENCODER_EXCLUDE, DEFAULT_TRANSFORMER_EXCLUDE, is_excluded
@@ -178,26 +179,14 @@ def linear_names(checkpoint, geometry, component: str) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
 
 
-def export_component(
-    component,
-    spec,
-    key,
-    checkpoint,
-    geometry,
-    shapes,
-    reference,
-    staging: Path,
-    skip_check: bool,
-    options,
-    *,
-    export_bf16,
-):
-    """Export one component of an fp8 artifacts folder; returns (manifest entry, report)."""
+def export_component(job, options, *, export_bf16):
+    """Export one component (an `export.run.ComponentJob`) of an fp8 artifacts folder; returns (manifest entry, report)."""
+    component, spec, checkpoint, geometry = job.component, job.spec, job.checkpoint, job.geometry
+    shapes, reference, staging, skip_check = job.shapes, job.reference, job.staging, job.skip_check
     precision = options.component_precision(component)
+    bf16_job = dataclasses.replace(job, precision="bf16")
     if precision == "bf16":
-        entry, report = export_bf16(
-            component, spec, key, checkpoint, geometry, shapes, "bf16", reference, staging, skip_check
-        )
+        entry, report = export_bf16(bf16_job)
         report["note"] = "bf16 in an fp8 export: FP8 applies to the transformer (and --text-encoder-precision fp8)"
         return entry, report
 
@@ -208,7 +197,7 @@ def export_component(
     calibration = calibrate(checkpoint, geometry, shapes, options.calibration)
     amax = calibration[component]
 
-    entry, _ = export_bf16(component, spec, key, checkpoint, geometry, shapes, "bf16", reference, staging, True)
+    entry, _ = export_bf16(dataclasses.replace(bf16_job, skip_check=True))
     onnx_name = entry["file"]
     bf16_bytes = dict(entry["bytes"])
     records = _rewrite(staging, onnx_name, amax, exclude, MODULE_PREFIX[component])
@@ -300,7 +289,7 @@ def _verify(component, spec, checkpoint, geometry, shapes, reference, path: Path
     import torch
 
     from export.fp8.twin import end_to_end, fp32_twin, ort_session
-    from export.verify.onnx_run import REFERENCE_EVALUATOR_MAX_BYTES, compare, run_graph
+    from export.verify.onnx_run import REFERENCE_EVALUATOR_MAX_BYTES, run_graph
     from export.verify.reference import build_graph_module
 
     data_bytes = report["fp8"]["sizes"]["bf16_data_bytes"]
@@ -315,25 +304,19 @@ def _verify(component, spec, checkpoint, geometry, shapes, reference, path: Path
     del module
     output = spec.outputs[0].name
 
-    def judged(actual):
-        metrics = compare(actual, expected)
-        metrics["passed"] = bool(
-            metrics["finite"]
-            and metrics["rel_l2"] <= tolerance.max_rel_l2
-            and metrics["cosine"] >= tolerance.min_cosine
-        )
-        return metrics
-
     with tempfile.TemporaryDirectory(prefix="flux2-fp8-twin-") as folder:
         twin = Path(folder) / path.name
         fp32_twin(path, twin)
         (actual,) = ort_session(twin).run([output], feeds)
         report["method"] = "onnxruntime-cpu-fp32-twin"
-        report["outputs"] = {output: judged(actual)}
+        report["outputs"] = {output: tolerance.judge(actual, expected)}
         passed = report["outputs"][output]["passed"]
         if data_bytes <= REFERENCE_EVALUATOR_MAX_BYTES:
             actual = run_graph(path, feeds, "onnx-reference-evaluator")[output]
-            report["bf16_graph"] = {"method": "onnx-reference-evaluator", "outputs": {output: judged(actual)}}
+            report["bf16_graph"] = {
+                "method": "onnx-reference-evaluator",
+                "outputs": {output: tolerance.judge(actual, expected)},
+            }
             passed &= report["bf16_graph"]["outputs"][output]["passed"]
         else:
             report["bf16_graph"] = {"method": None, "note": "too large for onnx's reference evaluator here"}
@@ -347,12 +330,9 @@ def _verify(component, spec, checkpoint, geometry, shapes, reference, path: Path
             ("fp32 twin", report["outputs"]),
             ("bf16 graph", report["bf16_graph"].get("outputs", {})),
         ):
-            for metrics in outputs.values():
-                worst.append(f"{label}: rel_l2 {metrics['rel_l2']:.3g}, cosine {metrics['cosine']:.6f}")
-        raise VerificationError(
-            f"{component} fp8 graph does not match PyTorch fp32 (bound rel_l2 {tolerance.max_rel_l2:g}, "
-            f"cosine {tolerance.min_cosine:g}): {'; '.join(worst)}"
-        )
+            for name, metrics in outputs.items():
+                worst.append(tolerance.describe(f"{label} {name}", metrics))
+        raise VerificationError(f"{component} fp8 graph does not match PyTorch fp32: {'; '.join(worst)}")
 
 
 def write_reports(reports_dir: Path, reports: dict) -> None:
@@ -373,5 +353,5 @@ def write_reports(reports_dir: Path, reports: dict) -> None:
         }
         if "end_to_end" in report:
             check["end_to_end"] = report["end_to_end"]
-    write_json(Path(reports_dir) / "fp8_layers.json", layers)
-    write_json(Path(reports_dir) / "fp8_check.json", check)
+    atomic_write_json(Path(reports_dir) / "fp8_layers.json", layers)
+    atomic_write_json(Path(reports_dir) / "fp8_check.json", check)

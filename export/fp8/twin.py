@@ -14,13 +14,13 @@ steps; PSNR between the two images.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from common.metrics import psnr
 from export.writing.external_data import copy_with_external_data
 
 # The end-to-end check: a prompt outside the calibration set, FLUX.2 [dev]'s default guidance.
@@ -79,11 +79,6 @@ def ort_session(path: Path):
     # no float8 kernel ("Type 'tensor(float8e4m3fn)' ... is invalid"): keep the basic level.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def psnr(actual: np.ndarray, expected: np.ndarray, peak: float = 1.0) -> float:
-    mse = float(np.mean((np.asarray(actual, np.float64) - np.asarray(expected, np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
 
 
 class TwinTransformer(nn.Module):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from common.dtypes import torch_dtype
 from common.specs import ComponentSpec, Geometry, Shapes
 from common.tokenizer import PromptTokenizer
 from export import checkpoint as ckpt
@@ -26,14 +27,6 @@ CHECK_PROMPTS = (CHECK_PROMPT, "", "An astronaut riding a horse across a desert 
 CHECK_SEED = 0
 CHECK_SIGMA = 0.5
 CHECK_GUIDANCE = 4.0
-
-TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
-def torch_dtype(precision: str):
-    import torch
-
-    return getattr(torch, TORCH_DTYPES[precision])
 
 
 def build_graph_module(component: str, checkpoint: ckpt.Checkpoint, geometry: Geometry, shapes: Shapes, precision: str):

@@ -11,16 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def np_dtype(data_type: int):
-    import ml_dtypes
-    from onnx import TensorProto, helper
-
-    if data_type == TensorProto.BFLOAT16:
-        return np.dtype(ml_dtypes.bfloat16)
-    if data_type == TensorProto.FLOAT8E4M3FN:
-        return np.dtype(ml_dtypes.float8_e4m3fn)
-    return helper.tensor_dtype_to_np_dtype(data_type)
+from common.dtypes import numpy_of_onnx
 
 
 def _external(tensor) -> dict[str, str] | None:
@@ -48,7 +39,7 @@ class TensorReader:
             from onnx import numpy_helper
 
             return numpy_helper.to_array(tensor)
-        dtype = np_dtype(tensor.data_type)
+        dtype = numpy_of_onnx(tensor.data_type)
         count = int(info["length"]) // dtype.itemsize
         if count == 0:
             return np.zeros(tuple(tensor.dims), dtype)

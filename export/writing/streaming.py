@@ -39,6 +39,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from common.dtypes import numpy_view, torch_dtype, torch_of_ir
 from common.errors import CheckpointError, Flux2TrtError
 from common.specs import ComponentSpec, Geometry, Shapes
 from export import checkpoint as ckpt
@@ -152,7 +153,6 @@ def build_weightless_graph(
     from export.graphs.text_encoder import TextEncoderGraph
     from export.graphs.transformer import TransformerGraph
     from export.graphs.vae import VaeDecoderGraph
-    from export.verify.reference import torch_dtype
 
     folder = checkpoint.component_dir(component)
     model, rename = _empty_model(component, checkpoint, geometry, torch_dtype(precision))
@@ -211,46 +211,12 @@ def _make_fake(module):
 # --- onnx_ir tensors -----------------------------------------------------------------------
 
 
-def _numpy(tensor):
-    """A torch tensor as a numpy array, bf16/fp8 through ml_dtypes (numpy has neither)."""
-    import ml_dtypes
-    import numpy as np
-    import torch
-
-    tensor = tensor.detach().contiguous()
-    special = {
-        torch.bfloat16: (torch.uint16, ml_dtypes.bfloat16),
-        torch.float8_e4m3fn: (torch.uint8, ml_dtypes.float8_e4m3fn),
-        torch.float8_e5m2: (torch.uint8, ml_dtypes.float8_e5m2),
-    }
-    if tensor.dtype in special:
-        carrier, dtype = special[tensor.dtype]
-        return tensor.view(carrier).numpy().view(np.dtype(dtype))
-    return tensor.numpy()
-
-
 def _ir_tensor(tensor, name: str):
-    return ir.Tensor(_numpy(tensor), name=name)
+    return ir.Tensor(numpy_view(tensor), name=name)
 
 
-def _torch_dtypes() -> dict:
-    import torch
-
-    return {
-        ir.DataType.FLOAT: torch.float32,
-        ir.DataType.FLOAT16: torch.float16,
-        ir.DataType.BFLOAT16: torch.bfloat16,
-        ir.DataType.FLOAT8E4M3FN: torch.float8_e4m3fn,
-        ir.DataType.FLOAT8E5M2: torch.float8_e5m2,
-        ir.DataType.DOUBLE: torch.float64,
-        ir.DataType.INT64: torch.int64,
-        ir.DataType.INT32: torch.int32,
-        ir.DataType.BOOL: torch.bool,
-    }
-
-
-def _ir_dtype_of(torch_dtype):
-    return next(ir_dtype for ir_dtype, candidate in _torch_dtypes().items() if candidate == torch_dtype)
+def _ir_dtype_of(dtype):
+    return next(ir_dtype for ir_dtype, candidate in torch_of_ir().items() if candidate == dtype)
 
 
 class StreamedWeight(ir.LazyTensor):
@@ -339,7 +305,7 @@ def attach_weights(model, hollow: WeightlessGraph, *, eager_max_elements: int) -
     streamed = []
     for name, value in model.graph.initializers.items():
         placeholder = value.const_value
-        dtype = _torch_dtypes()[placeholder.dtype]
+        dtype = torch_of_ir()[placeholder.dtype]
         shape = tuple(placeholder.shape)
         if name in hollow.buffers:
             tensor = hollow.buffers[name]

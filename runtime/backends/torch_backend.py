@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from common.dtypes import torch_dtype
 from common.errors import ArtifactsError
-
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp8": "bfloat16"}
+from common.hf_quiet import quiet_hf_libraries
 
 
 class TorchBackend:
@@ -33,7 +33,7 @@ class TorchBackend:
         self.precision = manifest["precision"]
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.name = f"torch-{self.device.type}"
-        self.dtype = getattr(torch, DTYPES[self.precision])
+        self.dtype = torch_dtype(self.precision)
         self.checkpoint = Path(checkpoint or manifest["source"]["checkpoint"]).expanduser()
         if not (self.checkpoint / "model_index.json").is_file():
             raise ArtifactsError(
@@ -52,11 +52,8 @@ class TorchBackend:
     def pipe(self):
         if self._pipe is None:
             import diffusers
-            from diffusers.utils import logging as diffusers_logging
-            from transformers.utils import logging as hf_logging
 
-            diffusers_logging.set_verbosity_error()
-            hf_logging.set_verbosity_error()
+            quiet_hf_libraries()
             cls = getattr(diffusers, self.pipeline_class)
             self._pipe = cls.from_pretrained(self.checkpoint, dtype=self.dtype).to(self.device)
             self._pipe.set_progress_bar_config(disable=True)

@@ -1,0 +1,66 @@
+"""Atomic writes, the one way this project writes files: build beside the target, then rename.
+
+A crash, an interrupt or a full disk never leaves a file or folder that a later step would accept:
+the partial copy has a hidden temporary name and is removed on any exception.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def atomic_write_via(path: Path, write: Callable[[Path], None]) -> None:
+    """Let `write(temporary)` fill a hidden sibling of `path` (a library's own save()), then rename it over `path`."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data) -> None:
+    """Write `data` (bytes or any buffer, e.g. TensorRT's IHostMemory: no copy) atomically to `path`."""
+
+    def write(temporary: Path) -> None:
+        with open(temporary, "wb") as out:
+            out.write(data)
+
+    atomic_write_via(path, write)
+
+
+def atomic_write_json(path: Path, data, *, indent: int = 2, sort_keys: bool = False) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=indent, sort_keys=sort_keys) + "\n").encode())
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path):
+    """Yield a fresh temporary sibling of `target`; on success it replaces `target` in one rename.
+
+    On any exception the temporary folder is removed and `target` is left as it was.
+    """
+    target = Path(target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield staging
+        retired = None
+        if target.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.rename(target, retired / "old")
+        os.rename(staging, target)
+        if retired is not None:
+            shutil.rmtree(retired, ignore_errors=True)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
