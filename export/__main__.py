@@ -36,12 +36,12 @@ def main(argv=None) -> int:
     parser.add_argument("--no-stream", dest="stream", action="store_false", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    from export.run import export_artifacts
+    from export.run import ExportJob, run_export
 
     layers = (
         parse_int_csv(parser, "--text-encoder-layers", args.text_encoder_layers) if args.text_encoder_layers else None
     )
-    export_artifacts(
+    job = ExportJob(
         model=args.model,
         out=args.out,
         precision=args.precision,
@@ -58,6 +58,7 @@ def main(argv=None) -> int:
         fp8=fp8_export.options_from_args(args, args.precision),
         stream=args.stream,
     )
+    run_export(job)
     return 0
 
 

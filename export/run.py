@@ -3,29 +3,28 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from common.atomic import atomic_dir, atomic_write_json
 from common.errors import Flux2TrtError, UsageError, VerificationError
 from common.manifest import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST_NAME,
-    atomic_dir,
     key_of,
     read_manifest,
     sha256_file,
-    write_json,
 )
 from common.named_checkpoints import resolve_model
-from common.specs import COMPONENTS, PRECISIONS, TOLERANCES, Shapes, component_specs
+from common.specs import COMPONENTS, PRECISIONS, TOLERANCES, ComponentSpec, Geometry, Shapes, component_specs
 from common.tokenizer import TOKENIZER_FILES
 from export import checkpoint as ckpt
 from export.writing.trace import data_file_name, example_inputs, export_graph
@@ -45,6 +44,41 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             found[name] = "not installed"
     return found
+
+
+@dataclass(frozen=True)
+class ExportJob:
+    """One request to `python -m export`: what to export from which checkpoint, where, how."""
+
+    model: str | Path
+    out: Path
+    precision: str = "fp32"
+    components: tuple[str, ...] = COMPONENTS
+    shapes: Shapes = field(default_factory=Shapes)
+    text_encoder_layers: tuple[int, ...] | None = None
+    force: bool = False
+    skip_check: bool = False
+    fp8: object = None  # export.fp8.run.Fp8Options for precision fp8
+    # True traces without weights and streams them from the checkpoint into the ONNX file
+    # (`export.writing.streaming`); False loads the modules and exports them as they are.
+    stream: bool = True
+
+
+@dataclass(frozen=True)
+class ComponentJob:
+    """One graph of an export: everything `_export_component` (and the FP8 path) needs to write and check it."""
+
+    component: str
+    spec: ComponentSpec
+    key: str
+    checkpoint: ckpt.Checkpoint
+    geometry: Geometry
+    shapes: Shapes
+    precision: str
+    reference: object  # export.verify.reference.ReferenceInputs
+    staging: Path
+    skip_check: bool
+    stream: bool = True
 
 
 def validate_request(
@@ -91,32 +125,21 @@ def _prepare_out(out: Path) -> None:
         raise UsageError(f"output folder {parent} is not writable ({exc.strerror}); choose a writable --out") from None
 
 
-def export_artifacts(
-    *,
-    model: str,
-    out: Path,
-    precision: str = "fp32",
-    components: tuple[str, ...] = COMPONENTS,
-    shapes: Shapes | None = None,
-    text_encoder_layers: tuple[int, ...] | None = None,
-    force: bool = False,
-    skip_check: bool = False,
-    fp8=None,
-    stream: bool = True,
-    log=None,
-) -> dict:
-    """Write (or reuse) the ONNX graphs for `components` into `out`; return the manifest.
+def export_artifacts(*, log=None, **request) -> dict:
+    """Write (or reuse) the ONNX graphs of an `ExportJob(**request)`; return the manifest."""
+    return run_export(ExportJob(**request), log=log)
 
-    `stream` (the default) traces without weights and streams them from the checkpoint into the
-    ONNX file (`export.writing.streaming`); False loads the modules and exports them as they are.
-    """
+
+def run_export(job: ExportJob, log=None) -> dict:
+    """Write (or reuse) the ONNX graphs for `job.components` into `job.out`; return the manifest."""
     log = log or (lambda message: print(message, file=sys.stderr))
-    shapes = shapes or Shapes()
+    model, precision, components, shapes = job.model, job.precision, job.components, job.shapes
+    force, skip_check, stream, fp8 = job.force, job.skip_check, job.stream, job.fp8
     if precision == "fp8" and fp8 is None:
         from export.fp8.run import Fp8Options
 
         fp8 = Fp8Options()
-    out = Path(out).expanduser().absolute()
+    out = Path(job.out).expanduser().absolute()
     validate_request(
         precision=precision,
         components=components,
@@ -127,7 +150,7 @@ def export_artifacts(
     )
     _prepare_out(out)
     checkpoint = ckpt.open_checkpoint(resolve_model(model))
-    geometry = checkpoint.geometry(text_encoder_layers)
+    geometry = checkpoint.geometry(job.text_encoder_layers)
     if shapes.height % geometry.pixels_per_token or shapes.width % geometry.pixels_per_token:
         raise UsageError(
             f"--height/--width {shapes.height}x{shapes.width} must be multiples of {geometry.pixels_per_token} "
@@ -137,7 +160,7 @@ def export_artifacts(
     versions = library_versions()
     source = {
         "checkpoint": str(checkpoint.root),
-        "model": model,
+        "model": str(model),
         "config_sha256": checkpoint.config_hash(),
         "weights_fingerprint": checkpoint.weights_fingerprint(),
     }
@@ -166,6 +189,9 @@ def export_artifacts(
                 }
             )
             started = time.perf_counter()
+            component_job = ComponentJob(
+                component, spec, key, checkpoint, geometry, shapes, precision, reference, staging, skip_check, stream
+            )
             reused = None if force else _reusable(previous, out, component, key)
             if reused is not None:
                 entry, report = reused
@@ -175,25 +201,10 @@ def export_artifacts(
             elif precision == "fp8":
                 from export.fp8 import run as fp8_export
 
-                request = (component, spec, key, checkpoint, geometry, shapes, reference, staging, skip_check, fp8)
-                entry, report = fp8_export.export_component(
-                    *request, export_bf16=functools.partial(_export_component, stream=stream)
-                )
+                entry, report = fp8_export.export_component(component_job, fp8, export_bf16=_export_component)
                 status = "exported"
             else:
-                entry, report = _export_component(
-                    component,
-                    spec,
-                    key,
-                    checkpoint,
-                    geometry,
-                    shapes,
-                    precision,
-                    reference,
-                    staging,
-                    skip_check,
-                    stream,
-                )
+                entry, report = _export_component(component_job)
                 status = "exported"
             entries[component] = entry
             reports[component] = report
@@ -214,12 +225,12 @@ def export_artifacts(
             "scheduler_config": "scheduler_config.json",
             "components": entries,
         }
-        write_json(staging / "reports" / "export_check.json", {"precision": precision, "components": reports})
+        atomic_write_json(staging / "reports" / "export_check.json", {"precision": precision, "components": reports})
         if precision == "fp8":
             from export.fp8 import run as fp8_export
 
             fp8_export.write_reports(staging / "reports", reports)
-        write_json(staging / MANIFEST_NAME, manifest)
+        atomic_write_json(staging / MANIFEST_NAME, manifest)
     log(_summary_table(rows, precision, out))
     return manifest
 
@@ -251,13 +262,14 @@ def _reusable(previous: dict | None, out: Path, component: str, key: str):
     return entry, report
 
 
-def _export_component(
-    component, spec, key, checkpoint, geometry, shapes, precision, reference, staging: Path, skip_check: bool, stream
-):
+def _export_component(job: ComponentJob):
+    component, spec, key, checkpoint, geometry = job.component, job.spec, job.key, job.checkpoint, job.geometry
+    shapes, precision, reference, staging = job.shapes, job.precision, job.reference, job.staging
+    skip_check, stream = job.skip_check, job.stream
     import torch
     from tqdm import tqdm
 
-    from export.verify.onnx_run import compare, method_for, run_graph
+    from export.verify.onnx_run import method_for, run_graph
     from export.verify.reference import build_graph_module
 
     stages = ([] if stream else ["load"]) + ["export", "hash"] + ([] if skip_check else ["verify"])
@@ -311,23 +323,11 @@ def _export_component(
                 module = reference_module = None  # free the PyTorch weights before the graph runs
                 actual = run_graph(staging / onnx_name, feeds, method)
                 tolerance = TOLERANCES[precision]
-                passed = True
                 for name, value in expected.items():
-                    metrics = compare(actual[name], value)
-                    metrics["passed"] = bool(
-                        metrics["finite"]
-                        and metrics["rel_l2"] <= tolerance.max_rel_l2
-                        and metrics["cosine"] >= tolerance.min_cosine
-                    )
-                    passed &= metrics["passed"]
-                    report["outputs"][name] = metrics
-                report["passed"] = passed
-                if not passed:
-                    worst = ", ".join(
-                        f"{n}: rel_l2 {m['rel_l2']:.3g} (max {tolerance.max_rel_l2:g}), cosine {m['cosine']:.6f} "
-                        f"(min {tolerance.min_cosine:g}), max_abs {m['max_abs']:.3g}"
-                        for n, m in report["outputs"].items()
-                    )
+                    report["outputs"][name] = tolerance.judge(actual[name], value)
+                report["passed"] = all(m["passed"] for m in report["outputs"].values())
+                if not report["passed"]:
+                    worst = ", ".join(tolerance.describe(n, m) for n, m in report["outputs"].items())
                     raise VerificationError(
                         f"{component} {precision} graph does not match PyTorch fp32 ({method}): {worst}"
                     )
