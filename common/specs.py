@@ -13,7 +13,7 @@ sampler are precision-agnostic and the Euler update stays in float32.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from common.family import Family
 
@@ -116,16 +116,13 @@ class Geometry:
     vae_scale_factor: int  # pixels per latent pixel, 2 ** (len(block_out_channels) - 1)
     # klein's step-distilled model (model_index.json "is_distilled"): diffusers runs it without CFG.
     is_distilled: bool = False
-    extras: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def pixels_per_token(self) -> int:
         return self.vae_scale_factor * 2  # one packed token covers a 2x2 patch of latents
 
     def to_json(self) -> dict:
-        data = asdict(self)
-        data.pop("extras")
-        return data
+        return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict) -> Geometry:

@@ -16,18 +16,18 @@ from common.cli import OneLineParser, run_cli
 from common.dtypes import ONNX_ELEMENT_TYPE
 from common.errors import ArtifactsError, EngineCompatibilityError
 from common.manifest import read_manifest
-from engines import graph_checks as gc
+from engines import graph_checks
 from engines.ops_table import load_table
 from engines.qdq import check_fp8_qdq
 
 GRAPH_CHECKS = {
-    "opset": gc.check_opset,
-    "operators": gc.check_operators,
-    "types": gc.check_types,
-    "limits": gc.check_limits,
-    "float64": gc.check_float64,
-    "static": gc.check_static,
-    "external data": gc.check_external_data,
+    "opset": graph_checks.check_opset,
+    "operators": graph_checks.check_operators,
+    "types": graph_checks.check_types,
+    "limits": graph_checks.check_limits,
+    "float64": graph_checks.check_float64,
+    "static": graph_checks.check_static,
+    "external data": graph_checks.check_external_data,
     "fp8 q/dq": check_fp8_qdq,
 }
 
@@ -39,14 +39,14 @@ class ComponentReport:
     opset: int
     nodes: int
     op_types: int
-    findings: list[gc.Finding] = field(default_factory=list)
+    findings: list[graph_checks.Finding] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
         return not self.findings
 
 
-def check_io(graph: gc.Graph, entry: dict) -> list[gc.Finding]:
+def check_io(graph: graph_checks.Graph, entry: dict) -> list[graph_checks.Finding]:
     """Graph inputs/outputs are the manifest's declaration: the names, shapes and dtypes engines are built with."""
     found = []
     for kind, values in (("inputs", graph.model.graph.input), ("outputs", graph.model.graph.output)):
@@ -57,14 +57,18 @@ def check_io(graph: gc.Graph, entry: dict) -> list[gc.Finding]:
         ]
         if actual != declared:
             found.append(
-                gc.Finding("io", f"graph {kind}", f"{actual} differ from the manifest's {declared}; re-export")
+                graph_checks.Finding(
+                    "io", f"graph {kind}", f"{actual} differ from the manifest's {declared}; re-export"
+                )
             )
     return found
 
 
-def check_graph(path: Path, entry: dict | None = None, table: dict | None = None) -> tuple[gc.Graph, list[gc.Finding]]:
+def check_graph(
+    path: Path, entry: dict | None = None, table: dict | None = None
+) -> tuple[graph_checks.Graph, list[graph_checks.Finding]]:
     table = table or load_table()
-    graph = gc.Graph.load(path)
+    graph = graph_checks.Graph.load(path)
     findings = []
     for check in GRAPH_CHECKS.values():
         findings += check(graph, table)
@@ -99,7 +103,7 @@ def check_artifacts(folder: Path) -> list[ComponentReport]:
 
 
 def format_table(reports: list[ComponentReport], table: dict) -> str:
-    columns = [*gc.CHECKS]
+    columns = [*graph_checks.CHECKS]
     header = (
         f"{'component':<13}{'opset':>6}{'nodes':>7}{'ops':>5}  "
         + "".join(f"{c:<{max(len(c), 4) + 2}}" for c in columns)

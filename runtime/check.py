@@ -88,7 +88,7 @@ def run_check(
     # Either way a bf16/fp8 check on a machine without TensorRT or onnxruntime-gpu runs the
     # PyTorch modules, and the report says so.
     requested = "auto" if backend == "ort" and precision in ("bf16", "fp8") else backend
-    chosen = select_backend(requested, opened.folder, opened.specs, opened.manifest, checkpoint=checkpoint, log=log)
+    chosen = select_backend(requested, opened.folder, opened.manifest, checkpoint=checkpoint, log=log)
     if chosen.name.startswith("torch") and backend != "torch":
         notes.append(
             f"ONNX Runtime's CPU provider cannot run {precision} graphs: ran the torch backend at "

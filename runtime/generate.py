@@ -91,7 +91,7 @@ def generate(
     from runtime.pipeline import Flux2Runtime, to_uint8
 
     opened = open_artifacts(artifacts)
-    chosen = select_backend(backend, opened.folder, opened.specs, opened.manifest, low_vram=low_vram, log=log)
+    chosen = select_backend(backend, opened.folder, opened.manifest, low_vram=low_vram, log=log)
     runtime = Flux2Runtime(opened, chosen)
     warning = runtime.guidance_warning(guidance)
     if warning:

@@ -12,6 +12,7 @@ import numpy as np
 from common.family import Family
 from common.tokenizer import PromptTokenizer
 from runtime.artifacts import Artifacts
+from runtime.backends import Backend
 from runtime.scheduler import SchedulerConfig, euler_step, flux2_schedule
 
 
@@ -59,7 +60,7 @@ class Timings:
 
 
 class Flux2Runtime:
-    def __init__(self, artifacts: Artifacts, backend):
+    def __init__(self, artifacts: Artifacts, backend: Backend):
         self.artifacts = artifacts
         self.backend = backend
         pipeline_class = artifacts.geometry.pipeline_class
@@ -110,13 +111,14 @@ class Flux2Runtime:
         timings: Timings,
         progress: bool = True,
         negative_embeds=None,
+        paired_cfg: bool = False,
     ):
         """Run the sampling loop on backend arrays; no host round trip inside the loop.
 
         With `negative_embeds` (klein base, CFG): v = v_neg + g * (v_cond - v_neg), from two
         transformer evaluations per step, as diffusers' Flux2KleinPipeline does. Batch-2
         artifacts instead pass `prompt_embeds` holding [prompt, negative] and latents [x, x]:
-        one evaluation, rows 0 and 1 combined the same way.
+        one evaluation (`paired_cfg`), rows 0 and 1 combined the same way.
         """
         from tqdm import tqdm
 
@@ -141,7 +143,7 @@ class Flux2Runtime:
                     "velocity"
                 ]
                 velocity = negative + guidance * (velocity - negative)
-            elif self.paired_cfg:
+            elif paired_cfg:
                 cond, negative = velocity[:1], velocity[1:2]
                 velocity = _concat([negative + guidance * (cond - negative)] * 2)
             latents = euler_step(latents, velocity, schedule.dt(index))
@@ -157,8 +159,6 @@ class Flux2Runtime:
         timings.stages["vae"] += time.perf_counter() - started
         return to_image(decoded)
 
-    paired_cfg = False  # set per call: the CFG pair evaluated as one batch-2 call
-
     def generate(
         self,
         prompt: str,
@@ -173,8 +173,7 @@ class Flux2Runtime:
         """Yield (index, image float [H, W, 3] in [0, 1], timings) per image, as each is finished."""
         timings = Timings()
         noise = initial_noise(self.artifacts, seed, num_images)
-        self.paired_cfg = self.uses_cfg(guidance) and self.batch == 2
-        if self.paired_cfg:
+        if self.uses_cfg(guidance) and self.batch == 2:  # the CFG pair evaluated as one batch-2 call
             yield from self._generate_paired(prompt, negative_prompt, noise, steps, guidance, timings, progress)
             return
         prompt_embeds = self.encode_prompt(prompt, timings)
@@ -209,7 +208,13 @@ class Flux2Runtime:
             began = time.perf_counter()
             pair = self.backend.from_host(np.concatenate([noise[index : index + 1]] * 2))
             latents = self.denoise(
-                pair, prompt_embeds, steps=steps, guidance=guidance, timings=image_timings, progress=progress
+                pair,
+                prompt_embeds,
+                steps=steps,
+                guidance=guidance,
+                timings=image_timings,
+                progress=progress,
+                paired_cfg=True,
             )
             image = self.decode(latents, image_timings)[0]
             encode = timings.stages["tokenize"] + timings.stages["text_encoder"] if index == 0 else 0.0

@@ -12,8 +12,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from common.specs import ComponentSpec
-
 Array = Any  # numpy.ndarray | torch.Tensor, whichever the backend works in
 
 
@@ -35,12 +33,3 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Free everything."""
-
-
-def load_backend(
-    name: str, artifacts, specs: dict[str, ComponentSpec], manifest: dict, *, low_vram: bool = False
-) -> Backend:
-    """Create the backend `name` ('auto', 'trt', 'ort', 'torch') for an artifacts folder."""
-    from runtime.backends.select import select_backend
-
-    return select_backend(name, artifacts, specs, manifest, low_vram=low_vram)

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from common.errors import UsageError
+from runtime.backends import Backend
 
 BACKENDS = ("auto", "trt", "ort", "torch")
 
@@ -27,13 +28,12 @@ def _trt_status(artifacts: Path) -> tuple[bool, str]:
 def select_backend(
     name: str,
     artifacts: Path,
-    specs,
     manifest: dict,
     *,
     low_vram: bool = False,
     checkpoint: Path | None = None,
     log=None,
-):
+) -> Backend:
     """`checkpoint` overrides the manifest's source checkpoint for the torch backend (artifacts moved)."""
     log = log or (lambda message: print(message, file=sys.stderr))
     if name not in BACKENDS:
@@ -77,7 +77,7 @@ def select_backend(
         # bf16/fp8 graphs on a machine with neither TensorRT nor onnxruntime-gpu: the PyTorch
         # modules are the only way to an image here, and the log says that is what ran.
         log(f"backend: auto picked torch ({exc})")
-        return select_backend("torch", artifacts, specs, manifest, low_vram=low_vram, checkpoint=checkpoint, log=log)
+        return select_backend("torch", artifacts, manifest, low_vram=low_vram, checkpoint=checkpoint, log=log)
     if name == "auto":
         log(f"backend: auto picked {backend.name}")
     return backend
