@@ -8,7 +8,7 @@ ARTIFACTS ?= artifacts/$(MODEL)-$(PRECISION)
 PROMPT ?= A photograph of a red fox sitting in fresh snow at dawn
 ENGINE_FLAGS ?=
 
-.PHONY: setup demo test lint export engines generate check gpu-smoke bench-runtime bench-cfg bench-export clean
+.PHONY: setup demo test test-fast test-wheel lint export engines generate check gpu-smoke bench-runtime bench-cfg bench-export clean
 
 # torch is pinned to the CPU build that lies on this workplace's disk; an unpinned torch would
 # pull a multi-GB CUDA build. Production nodes install their own CUDA torch and the extras.
@@ -51,8 +51,17 @@ engines: setup
 gpu-smoke: setup
 	$(PY) tools/gpu_smoke.py --precision $(PRECISION)
 
+# The full suite: what CI runs.
 test: setup
 	$(PY) -m pytest -q
+
+# The inner loop: unit tests only (no end-to-end export or generation), under a minute.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+# The wheel as a node installs it: fresh venv, no source tree, every command (see tools/wheel_smoke.sh).
+test-wheel:
+	PYTHON=$(PYTHON) bash tools/wheel_smoke.sh
 
 # Memory and time of exporting full-width FLUX.2 [dev] transformer slices (~15 GB of disk, ~15 min
 # on 2 cores): see README "Streaming export".
