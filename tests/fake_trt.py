@@ -4,7 +4,7 @@ and enterprise TensorRT's builder (it needs a GPU to build; its timing cache too
 Builder-side behaviour that needs no GPU is tested against the real `tensorrt_rtx` binding
 (tests/test_engines_build.py). This fake offers only what engines/trt_build.py and
 runtime/backends/trt.py call, with the real names, signatures and enum values:
-tests/test_fake_trt_surface.py holds every class, method, enum member and value here to
+tests/test_engines_fake_surface.py holds every class, method, enum member and value here to
 `tensorrt_rtx`'s, except the documented TensorRT-only differences in `TENSORRT_ONLY`.
 
 It claims to be TensorRT 10.15: there `STRONGLY_TYPED` is 1 (EXPLICIT_BATCH is 0) and no precision
@@ -395,4 +395,6 @@ def _runtime_class(trt):
             return True
 
     trt.Refitter, trt.OnnxParserRefitter = Refitter, OnnxParserRefitter
+    trt.ICudaEngine, trt.IExecutionContext = ICudaEngine, IExecutionContext
+    trt.IRuntimeConfig, trt.IRuntimeCache = IRuntimeConfig, IRuntimeCache
     return Runtime
