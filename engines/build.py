@@ -225,6 +225,16 @@ def build_engines(
     elif target not in TARGETS:
         raise UsageError(f"a given trt module needs an explicit target ({', '.join(TARGETS)}), not {target!r}")
     _check_precision_fits(target, build, manifest["precision"])
+    if build.strip_weights and target == "rtx" and platform is None:
+        from common.tensorrt_env import gpu_status
+
+        present, why = gpu_status()
+        if not present:
+            raise UsageError(
+                f"--strip-weights: TensorRT-RTX {trt.__version__} compiles refittable plans only with a CUDA GPU "
+                f"present ({why}; measured: its kernel compiler fails its CUDA check); build them on a GPU node "
+                f"or leave --strip-weights out"
+            )
     platform = platform or _platform(target, trt, build)
     api = TrtApi(trt, target)
     if timing_cache is not None:

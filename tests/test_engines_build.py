@@ -389,3 +389,19 @@ def test_trt_status_never_raises(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert trt_status() == (False, "TensorRT 10.15.1 is installed but torch sees no CUDA GPU")
+
+
+def test_rtx_weight_stripped_plans_refused_without_a_gpu(rtx, tmp_path):
+    """TensorRT-RTX 1.7.1 builds REFIT/STRIP_PLAN plans only with a GPU (measured: a Myelin CUDA check fails)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the weight-stripped build is possible here")
+    folder, _ = _artifacts(tmp_path / "a")
+    with pytest.raises(
+        UsageError, match="--strip-weights: TensorRT-RTX .* compiles refittable plans only with a CUDA GPU"
+    ):
+        build_engines(
+            artifacts=folder, target="rtx", trt=rtx, build=BuildConfig(strip_weights=True), log=lambda m: None
+        )
+    assert not (engines_dir(folder, "rtx") / "vae.plan").exists()
