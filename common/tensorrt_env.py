@@ -1,40 +1,110 @@
-"""Is TensorRT usable here, and on which GPU? Shared by engines.build and the runtime's trt backend.
+"""Which TensorRT is here, and on which GPU? Shared by engines.build, engines.check and the trt backend.
 
-Imports tensorrt and torch lazily, inside the functions, and never raises: a machine without
-either is an ordinary case (CPU nodes, this workplace's CI), answered with a reason.
+Two build targets with one Python API (TensorRT for RTX is a fork of TensorRT's with the same
+classes and enums for every call this project makes):
+
+- `tensorrt`: enterprise TensorRT (module `tensorrt`), builds on and for the GPU it runs on; the
+  only route to data-center GPUs (Hopper H100/H200 is compute capability 9.0).
+- `rtx`: TensorRT for RTX (module `tensorrt_rtx`, on PyPI), builds ahead of time on any machine,
+  GPU or not, for a list of compute capabilities (no 9.0); a GPU is needed only to run the engine.
+
+Imports tensorrt, tensorrt_rtx and torch lazily, inside the functions, and never raises: a machine
+without any of them is an ordinary case (CPU nodes, CI), answered with a reason.
 """
 
 from __future__ import annotations
 
+import importlib
 
-def trt_status() -> tuple[bool, str]:
-    """(available, reason): TensorRT importable and a CUDA GPU visible to torch."""
+TARGETS = ("tensorrt", "rtx")
+MODULES = {"tensorrt": "tensorrt", "rtx": "tensorrt_rtx"}
+LABELS = {"tensorrt": "TensorRT", "rtx": "TensorRT-RTX"}
+
+# TensorRT-RTX's own default targets when none is set (docs: "CPU-Only AOT and TensorRT-RTX
+# Engines": compute capability 8.0, 8.6, 8.9, 12.0 and later; 12.1 is GB10 since 1.5). 7.5
+# (Turing) only on request. No 9.0: Hopper is not a TensorRT-RTX target.
+RTX_COMPUTE_CAPABILITIES = ("7.5", "8.0", "8.6", "8.9", "12.0", "12.1")
+RTX_DEFAULT_COMPUTE_CAPABILITIES = ("8.0", "8.6", "8.9", "12.0", "12.1")
+# FP8 tensor cores start with Ada (8.9); TensorRT-RTX refuses to compile FP8 for sm80 (measured:
+# "Cannot compile for target(s) sm80, because the model contains HW-specific datatypes: fp8_e4m3").
+FP8_MIN_COMPUTE_CAPABILITY = "8.9"
+
+
+def cc_tuple(capability: str) -> tuple[int, int]:
+    major, minor = capability.split(".")
+    return int(major), int(minor)
+
+
+def runnable_compute_capabilities(capabilities, precision: str) -> tuple[str, ...]:
+    """The GPUs an RTX engine of `precision` built for `capabilities` can run on."""
+    if precision != "fp8":
+        return tuple(capabilities)
+    return tuple(c for c in capabilities if cc_tuple(c) >= cc_tuple(FP8_MIN_COMPUTE_CAPABILITY))
+
+
+def import_trt(target: str):
+    """The module a target builds and runs with: `tensorrt` or `tensorrt_rtx`."""
+    return importlib.import_module(MODULES[target])
+
+
+def module_status(target: str) -> tuple[bool, str]:
+    """(importable, reason) for a target's module, without raising."""
     try:
-        import tensorrt as trt
+        module = import_trt(target)
     except Exception as exc:  # ImportError, or a broken install whose libraries fail to load
-        return (
-            False,
-            f"TensorRT is not installed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'import failed'})",
-        )
-    version = getattr(trt, "__version__", "unknown")
+        first = str(exc).splitlines()[0] if str(exc) else "import failed"
+        return False, f"{LABELS[target]} is not installed ({type(exc).__name__}: {first})"
+    return True, f"{LABELS[target]} {getattr(module, '__version__', 'unknown')}"
+
+
+def gpu_status() -> tuple[bool, str]:
+    """(present, GPU name or why not): a CUDA GPU visible to torch."""
     try:
         import torch
 
         if not torch.cuda.is_available():
-            return False, f"TensorRT {version} is installed but torch sees no CUDA GPU"
-        name = torch.cuda.get_device_name()
+            return False, "torch sees no CUDA GPU"
+        return True, torch.cuda.get_device_name()
     except Exception as exc:
-        return (
-            False,
-            f"TensorRT {version} is installed but the CUDA GPU could not be queried ({type(exc).__name__}: {exc})",
-        )
-    return True, f"TensorRT {version} on {name}"
+        return False, f"the CUDA GPU could not be queried ({type(exc).__name__}: {exc})"
 
 
-def present_platform() -> dict:
-    """What an engine is tied to: TensorRT version, GPU name and compute capability (call when available)."""
-    import tensorrt as trt
+def trt_status(target: str = "tensorrt") -> tuple[bool, str]:
+    """(available, reason): the target's module importable and a CUDA GPU to run engines on."""
+    ok, reason = module_status(target)
+    if not ok:
+        return False, reason
+    present, gpu = gpu_status()
+    if not present:
+        return False, f"{reason} is installed but {gpu}"
+    return True, f"{reason} on {gpu}"
+
+
+def present_gpu() -> dict:
+    """The GPU here: name and compute capability (call when gpu_status() is true)."""
     import torch
 
     major, minor = torch.cuda.get_device_capability()
-    return {"tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}
+    return {"gpu": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}
+
+
+def present_platform(target: str = "tensorrt") -> dict:
+    """What a running engine is checked against: target, its version, the GPU and its compute capability."""
+    module = import_trt(target)
+    return {"target": target, "tensorrt": module.__version__, **present_gpu()}
+
+
+def resolve_build_target(requested: str) -> tuple[str | None, str]:
+    """`auto`: tensorrt where it and a GPU are present, else rtx where tensorrt_rtx imports, else None.
+
+    Returns (target or None, what was found), the reason naming what is missing when None.
+    """
+    if requested != "auto":
+        return requested, ""
+    trt_ok, trt_reason = trt_status("tensorrt")
+    if trt_ok:
+        return "tensorrt", trt_reason
+    rtx_ok, rtx_reason = module_status("rtx")
+    if rtx_ok:
+        return "rtx", f"{rtx_reason} (no TensorRT build here: {trt_reason})"
+    return None, f"{trt_reason}; {rtx_reason}"

@@ -1,18 +1,23 @@
-"""python -m engines.build --artifacts DIR: one strongly typed TensorRT engine per exported component.
+"""python -m engines.build --artifacts DIR [--target auto|tensorrt|rtx]: one strongly typed engine per component.
 
-Plans go to DIR/engines/<component>.plan with DIR/engines/manifest.json (common.engine_manifest).
-A plan is reused only when its cache key matches: the ONNX files' sha256, the TensorRT version,
-the GPU name and compute capability, and the build flags; any change rebuilds it. Without
-TensorRT or a GPU this prints one line saying so and exits 0: the runtime then uses ONNX Runtime.
+Plans go to DIR/engines/<target>/<component>.plan with DIR/engines/<target>/manifest.json
+(common.engine_manifest). Targets (common.tensorrt_env): `tensorrt` builds with TensorRT for the GPU
+it runs on; `rtx` builds TensorRT-RTX engines ahead of time on any machine, for a list of compute
+capabilities; `auto` takes `tensorrt` where it and a GPU are present, else `rtx` where
+`tensorrt_rtx` imports, else prints one line saying why nothing was built and exits 0 (the runtime
+then uses ONNX Runtime). A plan is reused only when its cache key matches: the target and its
+version, the GPU or compute capabilities, the ONNX files' sha256 and the build flags.
 """
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.atomic import atomic_write_bytes
 from common.cli import OneLineParser, run_cli
 from common.engine_manifest import (
     ENGINE_FORMAT,
@@ -23,10 +28,39 @@ from common.engine_manifest import (
 )
 from common.errors import Flux2TrtError, UsageError
 from common.manifest import key_of, read_manifest, sha256_file
+from common.tensorrt_env import (
+    FP8_MIN_COMPUTE_CAPABILITY,
+    RTX_COMPUTE_CAPABILITIES,
+    RTX_DEFAULT_COMPUTE_CAPABILITIES,
+    TARGETS,
+    cc_tuple,
+)
 
 # Bump when the build code changes what a plan is for the same inputs: it invalidates cached plans.
-ENGINE_CODE_VERSION = 1
+ENGINE_CODE_VERSION = 2
 DEFAULT_OPT_LEVEL = 3  # TensorRT's own default builder optimization level
+
+
+def parse_compute_capabilities(text: str) -> tuple[str, ...]:
+    """`89,120` or `8.9,12.0` -> ("8.9", "12.0"), each one TensorRT-RTX can target."""
+    capabilities = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        capability = part if "." in part else f"{part[:-1]}.{part[-1:]}"
+        if capability == "9.0":
+            raise UsageError(
+                f"--compute-capability {part}: 9.0 (Hopper, H100/H200) is no TensorRT-RTX target; "
+                f"build those engines with --target tensorrt on the node"
+            )
+        if capability not in RTX_COMPUTE_CAPABILITIES:
+            raise UsageError(
+                f"--compute-capability {part} is not a TensorRT-RTX target; choose from "
+                f"{', '.join(c.replace('.', '') for c in RTX_COMPUTE_CAPABILITIES)}"
+            )
+        if capability not in capabilities:
+            capabilities.append(capability)
+    if not capabilities:
+        raise UsageError(f"--compute-capability {text!r} names no compute capability, e.g. 89,120")
+    return tuple(capabilities)
 
 
 @dataclass(frozen=True)
@@ -34,6 +68,8 @@ class BuildConfig:
     opt_level: int = DEFAULT_OPT_LEVEL  # IBuilderConfig.builder_optimization_level, 0..5
     workspace_gib: float | None = None  # MemoryPoolType.WORKSPACE limit; None leaves TensorRT's default
     tf32: bool = False  # fp32 math stays fp32 (TensorRT enables TF32 unless told not to)
+    compute_capabilities: tuple[str, ...] | None = None  # rtx only; None: TensorRT-RTX's defaults
+    strip_weights: bool = False  # weight-stripped, refittable plans: weights come from the ONNX at load
 
     def __post_init__(self):
         if not 0 <= self.opt_level <= 5:
@@ -57,6 +93,7 @@ class BuildConfig:
             "tf32": self.tf32,
             "builder_optimization_level": self.opt_level,
             "workspace_bytes": self.workspace_bytes,
+            "strip_weights": self.strip_weights,
         }
 
 
@@ -86,16 +123,80 @@ def rebuild_reason(previous: dict | None, entry: dict, plan: Path) -> str | None
     return f"{', '.join(changed) or 'build code'} changed"
 
 
-def _previous_engines(artifacts: Path) -> dict:
+def _previous_engines(artifacts: Path, target: str) -> dict:
     try:
-        return read_engine_manifest(artifacts).get("engines", {})
+        return read_engine_manifest(artifacts, target).get("engines", {})
     except Flux2TrtError:
         return {}  # none yet, or unreadable: everything is built
+
+
+def _resolve_target(requested: str, log) -> str | None:
+    """The target to build for, or None after logging the one line that says why nothing is built."""
+    from common.tensorrt_env import module_status, resolve_build_target, trt_status
+
+    if requested not in ("auto", *TARGETS):
+        raise UsageError(f"--target {requested!r} is unknown; choose auto, {', '.join(TARGETS)}")
+    target, found = resolve_build_target(requested)
+    if target is None:
+        log(f"engine building skipped: {found}; the runtime will use ONNX Runtime")
+        return None
+    ok, reason = trt_status("tensorrt") if target == "tensorrt" else module_status("rtx")
+    if not ok:
+        log(f"engine building skipped: {reason}; the runtime will use ONNX Runtime")
+        return None
+    if target == "rtx":
+        log(
+            f"{reason} builds engines ahead of time for RTX and workstation GPUs; data-center (Hopper) engines "
+            f"need TensorRT on the node (--target tensorrt there)"
+        )
+    return target
+
+
+def _platform(target: str, trt, build: BuildConfig) -> dict:
+    if target == "tensorrt":
+        from common.tensorrt_env import present_gpu
+
+        return {"target": target, "tensorrt": trt.__version__, **present_gpu()}
+    requested = build.compute_capabilities
+    return {
+        "target": target,
+        "tensorrt": trt.__version__,
+        "compute_capabilities": list(requested or RTX_DEFAULT_COMPUTE_CAPABILITIES),
+        "compute_capabilities_from": "--compute-capability" if requested else "TensorRT-RTX default",
+    }
+
+
+def _check_precision_fits(target: str, build: BuildConfig, precision: str) -> None:
+    if build.compute_capabilities and target != "rtx":
+        raise UsageError("--compute-capability applies to --target rtx; TensorRT builds for the GPU it runs on")
+    if precision == "fp8" and build.compute_capabilities:
+        old = [c for c in build.compute_capabilities if cc_tuple(c) < cc_tuple(FP8_MIN_COMPUTE_CAPABILITY)]
+        if old:
+            raise UsageError(
+                f"--compute-capability {','.join(c.replace('.', '') for c in old)} cannot run fp8 engines "
+                f"(FP8 needs compute capability {FP8_MIN_COMPUTE_CAPABILITY} or newer); drop it or export at bf16"
+            )
+
+
+def _timing_cache_input(timing_cache: Path | None, api, log) -> tuple[bytes | None, dict | None]:
+    """(bytes to start from or None, what the manifest records about the cache)."""
+    if timing_cache is None:
+        return None, None
+    if not timing_cache.parent.is_dir():
+        raise UsageError(f"--timing-cache {timing_cache}: folder {timing_cache.parent} does not exist")
+    if not api.has_timing_cache:
+        log(
+            f"timing cache {timing_cache} discarded: {api.label} {api.version} has no timing cache (its timing-cache "
+            f"calls are deprecated no-ops); building without one"
+        )
+        return None, {"file": str(timing_cache), "used": False}
+    return (timing_cache.read_bytes() if timing_cache.is_file() else b""), {"file": str(timing_cache), "used": True}
 
 
 def build_engines(
     *,
     artifacts: Path,
+    target: str = "auto",
     force: bool = False,
     build: BuildConfig | None = None,
     timing_cache: Path | None = None,
@@ -105,42 +206,58 @@ def build_engines(
 ) -> dict | None:
     """Build (or reuse) a plan per component; return the engine manifest, or None when skipped.
 
-    `trt` and `platform` default to the installed TensorRT and the present GPU; tests pass fakes.
+    `trt` and `platform` default to the target's installed module and what it builds for; tests
+    of the GPU-only parts pass a fake module with an explicit target.
     """
+    from engines.trt_build import TrtApi, build_plan
+
     log = log or (lambda message: print(message, flush=True))
     build = build or BuildConfig()
     artifacts = Path(artifacts).expanduser().absolute()
     manifest = read_manifest(artifacts)
     if trt is None:
-        from common.tensorrt_env import present_platform, trt_status
-
-        available, reason = trt_status()
-        if not available:
-            log(f"engine building skipped: {reason}; the runtime will use ONNX Runtime")
+        target = _resolve_target(target, log)
+        if target is None:
             return None
-        import tensorrt as trt
+        from common.tensorrt_env import import_trt
 
-        platform = platform or present_platform()
+        trt = import_trt(target)
+    elif target not in TARGETS:
+        raise UsageError(f"a given trt module needs an explicit target ({', '.join(TARGETS)}), not {target!r}")
+    _check_precision_fits(target, build, manifest["precision"])
+    if build.strip_weights and target == "rtx" and platform is None:
+        from common.tensorrt_env import gpu_status
+
+        present, why = gpu_status()
+        if not present:
+            raise UsageError(
+                f"--strip-weights: TensorRT-RTX {trt.__version__} compiles refittable plans only with a CUDA GPU "
+                f"present ({why}; measured: its kernel compiler fails its CUDA check); build them on a GPU node "
+                f"or leave --strip-weights out"
+            )
+    platform = platform or _platform(target, trt, build)
+    api = TrtApi(trt, target)
     if timing_cache is not None:
         timing_cache = Path(timing_cache).expanduser().absolute()
-        if not timing_cache.parent.is_dir():
-            raise UsageError(f"--timing-cache {timing_cache}: folder {timing_cache.parent} does not exist")
+    cache_bytes, cache_record = _timing_cache_input(timing_cache, api, log)
 
-    from engines.trt_build import build_plan
-
-    folder = engines_dir(artifacts)
-    folder.mkdir(exist_ok=True)
-    previous = _previous_engines(artifacts)
+    folder = engines_dir(artifacts, target)
+    folder.mkdir(parents=True, exist_ok=True)
+    previous = _previous_engines(artifacts, target)
     engines = {name: entry for name, entry in previous.items() if name in manifest["components"]}
     engine_manifest = {
         "format": ENGINE_FORMAT,
         "format_version": ENGINE_FORMAT_VERSION,
+        "target": target,
         "precision": manifest["precision"],
     }
     components = manifest["components"]
-    log(
-        f"TensorRT {platform['tensorrt']} on {platform['gpu']} (sm {platform['compute_capability']}), flags {build.flags()}"
+    where = (
+        f"{platform['gpu']} (sm {platform['compute_capability']})"
+        if target == "tensorrt"
+        else f"compute capabilities {', '.join(platform['compute_capabilities'])} ({platform['compute_capabilities_from']})"
     )
+    log(f"{api.label} {api.version} for {where}, flags {build.flags()}")
     rows = []
     for number, (component, onnx_entry) in enumerate(components.items(), start=1):
         plan_name = f"{component}.plan"
@@ -163,25 +280,38 @@ def build_engines(
             continue
         log(f"[{number}/{len(components)}] {component}: building ({reason}) from {artifacts / onnx_entry['file']}")
         started = time.perf_counter()
-        build_plan(
-            trt, artifacts / onnx_entry["file"], folder / plan_name, build, onnx_entry["inputs"], timing_cache, log
-        )
+        built = build_plan(api, artifacts / onnx_entry["file"], build, onnx_entry["inputs"], cache_bytes, log)
         seconds = time.perf_counter() - started
+        if built.timing_cache_discarded:
+            log(
+                f"timing cache {timing_cache} discarded: {api.label} {api.version} rejected it (another GPU or "
+                f"version, or damaged); a fresh cache was used and is written back"
+            )
+            cache_record = {**cache_record, "discarded": True}
+        # Everything the manifest records is computed before the plan is written: after the write,
+        # only the (atomic) manifest write stands between the plan and its record.
+        view = memoryview(built.serialized)
         entry.update(
-            plan_bytes=(folder / plan_name).stat().st_size,
-            plan_sha256=sha256_file(folder / plan_name),
+            plan_bytes=view.nbytes,
+            plan_sha256=hashlib.sha256(view).hexdigest(),
             build_seconds=round(seconds, 2),
             built=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            timing_cache=str(timing_cache) if timing_cache else None,
+            timing_cache=cache_record,
         )
         engines[component] = entry
+        atomic_write_bytes(folder / plan_name, view)
         # After every plan, so an interrupted build keeps the engines already finished.
-        write_engine_manifest(artifacts, {**engine_manifest, "engines": engines})
+        write_engine_manifest(artifacts, target, {**engine_manifest, "engines": engines})
+        updated_cache = built.timing_cache
+        del view, built  # a full-size plan is as large as the weights: free it before the next build
+        if updated_cache is not None:
+            cache_bytes = updated_cache
+            atomic_write_bytes(timing_cache, cache_bytes)
         log(
             f"[{number}/{len(components)}] {component}: built in {seconds:.1f} s, {entry['plan_bytes'] / 2**20:.1f} MiB"
         )
         rows.append((component, "built", entry["plan_bytes"], seconds))
-    write_engine_manifest(artifacts, {**engine_manifest, "engines": engines})
+    write_engine_manifest(artifacts, target, {**engine_manifest, "engines": engines})
     log(_summary(rows, folder))
     return {**engine_manifest, "engines": engines}
 
@@ -197,17 +327,44 @@ def main(argv=None) -> int:
         prog="python -m engines.build", description="Build TensorRT engines for an artifacts folder."
     )
     parser.add_argument("--artifacts", required=True, type=Path, help="artifacts folder written by python -m export")
+    parser.add_argument(
+        "--target",
+        default="auto",
+        choices=("auto", *TARGETS),
+        help="tensorrt (this node's GPU), rtx (TensorRT-RTX, ahead of time, any machine), or auto (default)",
+    )
+    parser.add_argument(
+        "--compute-capability",
+        default=None,
+        help="rtx: comma-separated targets, e.g. 89,120 (default: TensorRT-RTX's own, "
+        + ",".join(c.replace(".", "") for c in RTX_DEFAULT_COMPUTE_CAPABILITIES)
+        + ")",
+    )
     parser.add_argument("--force", action="store_true", help="rebuild every engine even when its cache key matches")
     parser.add_argument(
         "--opt-level", type=int, default=DEFAULT_OPT_LEVEL, help="builder optimization level 0..5 (default 3)"
     )
-    parser.add_argument("--timing-cache", type=Path, default=None, help="timing cache file to read and update")
+    parser.add_argument(
+        "--timing-cache", type=Path, default=None, help="timing cache file to read and update (tensorrt target)"
+    )
     parser.add_argument("--workspace", type=float, default=None, help="workspace memory pool limit in GiB")
+    parser.add_argument(
+        "--strip-weights",
+        action="store_true",
+        help="weight-stripped, refittable plans: the runtime refits them from the ONNX weights at load",
+    )
     args = parser.parse_args(argv)
+    capabilities = parse_compute_capabilities(args.compute_capability) if args.compute_capability else None
     build_engines(
         artifacts=args.artifacts,
+        target=args.target,
         force=args.force,
-        build=BuildConfig(opt_level=args.opt_level, workspace_gib=args.workspace),
+        build=BuildConfig(
+            opt_level=args.opt_level,
+            workspace_gib=args.workspace,
+            compute_capabilities=capabilities,
+            strip_weights=args.strip_weights,
+        ),
         timing_cache=args.timing_cache,
     )
     return 0

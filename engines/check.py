@@ -1,9 +1,12 @@
 """python -m engines.check DIR: will TensorRT's ONNX parser accept every graph in an artifacts folder?
 
-Runs on a CPU, without TensorRT and without reading weights: operator support and per-node types
+First, on a CPU, without TensorRT and without reading weights: operator support and per-node types
 against TensorRT's published operator list (`tensorrt_ops.json`), opset range, no float64, fully
 static shapes, one external-data file beside each model, well-formed FP8 Q/DQ, and graph inputs
-and outputs equal to the manifest's declaration. Prints a table; exits 1 naming the offending nodes.
+and outputs equal to the manifest's declaration. Then, where TensorRT or TensorRT-RTX imports, each
+graph goes through its real ONNX parser (engines.trt_parse): the parse result, the layer count, a
+census of layer output types, and what the precision promises (FP8 quantizers, matrix multiply
+types). Prints tables; exits 1 naming the offending nodes.
 """
 
 from __future__ import annotations
@@ -125,12 +128,32 @@ def format_table(reports: list[ComponentReport], table: dict) -> str:
     return "\n".join(lines)
 
 
-def run_check(*, folder: Path, out=None) -> list[ComponentReport]:
-    """Check `folder`, print the table; raise EngineCompatibilityError naming the offending nodes."""
+def run_parse(folder: Path, out) -> list:
+    """The real parser's half; [] with one printed line where no TensorRT imports."""
+    from engines.trt_parse import format_parse_table, parse_artifacts, parser_api, read_fp8_layers
+
+    api, found = parser_api()
+    if api is None:
+        print(f"TensorRT parse skipped: {found}", file=out)
+        return []
+    manifest = read_manifest(folder)
+    reports = parse_artifacts(api, Path(folder), manifest)
+    expected = {
+        name: sum(1 for r in report.get("layers", []) if r["precision"] == "fp8")
+        for name, report in read_fp8_layers(folder).items()
+    }
+    print(format_parse_table(reports, f"{api.label} {api.version}", expected), file=out)
+    return reports
+
+
+def run_check(*, folder: Path, out=None, parse: bool = True) -> list[ComponentReport]:
+    """Check `folder`, print the tables; raise EngineCompatibilityError naming the offending nodes."""
     out = out or sys.stdout
     reports = check_artifacts(folder)
     print(format_table(reports, load_table()), file=out)
     failed = [(r.component, f) for r in reports for f in r.findings]
+    if parse:
+        failed += [(r.component, f) for r in run_parse(folder, out) for f in r.findings]
     if failed:
         shown = ", ".join(f"{component} {finding.where} [{finding.check}]" for component, finding in failed[:5])
         more = f" (and {len(failed) - 5} more)" if len(failed) > 5 else ""
@@ -141,8 +164,13 @@ def run_check(*, folder: Path, out=None) -> list[ComponentReport]:
 def main(argv=None) -> int:
     parser = OneLineParser(prog="python -m engines.check", description=__doc__.splitlines()[0])
     parser.add_argument("artifacts", type=Path, help="artifacts folder written by python -m export")
+    parser.add_argument(
+        "--no-parse",
+        action="store_true",
+        help="only the static checks: skip TensorRT's parser (it holds the weights in host memory)",
+    )
     args = parser.parse_args(argv)
-    run_check(folder=args.artifacts)
+    run_check(folder=args.artifacts, parse=not args.no_parse)
     return 0
 
 

@@ -1,23 +1,40 @@
 """The thin TensorRT adapter: one ONNX file -> one serialized, strongly typed engine plan.
 
-Every call is TensorRT's documented Python API (10.x; 11.x accepts the same calls):
+Both targets go through it: enterprise TensorRT (module `tensorrt`, 10.x/11.x) and TensorRT for
+RTX (module `tensorrt_rtx`, 1.7). They share the classes and enums of every call made here; where
+they differ, the difference sits in `TrtApi` and nowhere else:
+
+  - the module (passed in: `tensorrt` or `tensorrt_rtx`, or a fake in tests of the GPU parts);
+  - the network flag's value (`STRONGLY_TYPED` is 1 in TensorRT 10.x, after EXPLICIT_BATCH = 0;
+    0 in TensorRT-RTX; TensorRT 11 ignores it): read from the module's own enum, never written;
+  - compute capabilities: TensorRT-RTX builds ahead of time for a list of them
+    (`IBuilderConfig.num_compute_capabilities` + `set_compute_capability`); TensorRT builds for
+    the GPU it runs on;
+  - the timing cache: TensorRT's `create_timing_cache` / `set_timing_cache` / `get_timing_cache`;
+    in TensorRT-RTX these are deprecated no-ops (its docstrings say so since 1.2; measured: a
+    garbage cache is "loaded" and without a GPU the call logs CUDA errors), so they are not called;
+  - weight-stripped plans: `STRIP_PLAN` with `REFIT_IDENTICAL` (TensorRT: refit from the same
+    weights) or `REFIT` (TensorRT-RTX's documented weightless workflow).
+
+API pages (TensorRT; TensorRT-RTX's Python API mirrors them):
   Builder            https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/Builder.html
   IBuilderConfig     https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/BuilderConfig.html
   ITimingCache       https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/TimingCache.html
   IProgressMonitor   https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/ProgressMonitor.html
   OnnxParser         https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/parsers/Onnx/pyOnnx.html
-The `trt` module is passed in, so the sequence of calls is unit-tested with a fake module on
-machines without TensorRT (tests/test_engines_build.py).
+  TensorRT-RTX       https://docs.nvidia.com/deeplearning/tensorrt-rtx/latest/inference-library/cpu-engines.html
+                     (compute capabilities, CPU-only ahead-of-time builds, weightless engines)
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from common.atomic import atomic_write_bytes
-from common.errors import Flux2TrtError
+from common.errors import ArtifactsError, Flux2TrtError
+from common.tensorrt_env import LABELS
 
 
 class EngineBuildError(Flux2TrtError):
@@ -26,18 +43,68 @@ class EngineBuildError(Flux2TrtError):
     exit_code = 1
 
 
-def create_network(trt, builder):
-    """A strongly typed network: every tensor's type comes from the ONNX graph, never from flags.
-
-    `Builder.create_network(flags)` with `1 << int(NetworkDefinitionCreationFlag.STRONGLY_TYPED)`;
-    TensorRT 11 makes strong typing the only mode and ignores the flag, so setting it fits both.
-    """
-    return builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+@dataclass
+class BuiltPlan:
+    serialized: object  # IHostMemory: exposes the buffer protocol, written without a copy
+    timing_cache: bytes | None  # the updated timing cache, None where there is none to keep
+    timing_cache_discarded: bool = False  # the given cache was unusable; a fresh one was used
 
 
-def configure(trt, builder, network, config, build, inputs: list[dict], timing_cache: bytes) -> None:
-    """Apply a `BuildConfig` to an IBuilderConfig. Sets no precision flag (FP16/BF16/FP8/INT8...):
-    strongly typed networks reject them and TensorRT 11 removed them."""
+class TrtApi:
+    """One TensorRT module and its target ("tensorrt" | "rtx"): every call where the two differ."""
+
+    def __init__(self, trt, target: str):
+        self.trt, self.target = trt, target
+        self.label = LABELS[target]
+        self.version = trt.__version__
+        self.has_timing_cache = target == "tensorrt"
+
+    def create_network(self, builder):
+        """A strongly typed network: every tensor's type comes from the ONNX graph, never from flags.
+
+        `Builder.create_network(flags)` with `1 << int(NetworkDefinitionCreationFlag.STRONGLY_TYPED)`:
+        the bit from the module's own enum (1 in TensorRT 10.x, 0 in TensorRT-RTX, where every
+        network is strongly typed anyway; TensorRT 11 accepts and ignores it).
+        """
+        return builder.create_network(1 << int(self.trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+
+    def set_compute_capabilities(self, config, capabilities: tuple[str, ...] | None) -> None:
+        """TensorRT-RTX: `config.num_compute_capabilities = n`, then `set_compute_capability(ComputeCapability.SMxy, i)`
+        for each (returns False when refused). None keeps TensorRT-RTX's defaults."""
+        if not capabilities:
+            return
+        config.num_compute_capabilities = len(capabilities)
+        for index, capability in enumerate(capabilities):
+            member = getattr(self.trt.ComputeCapability, "SM" + capability.replace(".", ""))
+            if not config.set_compute_capability(member, index):
+                raise EngineBuildError(f"{self.label} {self.version} refused compute capability {capability}")
+
+    def attach_timing_cache(self, config, serialized: bytes) -> bool:
+        """TensorRT: `IBuilderConfig.create_timing_cache(bytes)` (b"" makes an empty one), then
+        `set_timing_cache(cache, ignore_mismatch=False)`, which returns False for a cache from
+        another GPU or TensorRT version. Returns False when `serialized` was not usable; a fresh,
+        empty cache is attached instead, so the build goes on."""
+        cache = config.create_timing_cache(serialized) if serialized else None
+        if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+            return True
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+        return not serialized
+
+    def timing_cache_bytes(self, config) -> bytes | None:
+        """`IBuilderConfig.get_timing_cache()` (None when no cache is attached) -> `ITimingCache.serialize()`."""
+        cache = config.get_timing_cache()
+        return None if cache is None else bytes(cache.serialize())
+
+    def strip_flags(self) -> tuple:
+        """Builder flags of a weight-stripped, refittable plan (see the module docstring)."""
+        refit = "REFIT_IDENTICAL" if self.target == "tensorrt" else "REFIT"
+        return (self.trt.BuilderFlag.STRIP_PLAN, getattr(self.trt.BuilderFlag, refit))
+
+
+def configure(api: TrtApi, builder, network, config, build, inputs: list[dict], onnx_path: Path) -> None:
+    """Apply a `BuildConfig` to an IBuilderConfig. Sets no precision flag: TensorRT 11 and
+    TensorRT-RTX have none (strongly typed networks take precision from the graph)."""
+    trt = api.trt
     # IBuilderConfig.builder_optimization_level: 0 (fastest build) .. 5 (most tactics); TensorRT's default is 3.
     config.builder_optimization_level = build.opt_level
     if build.workspace_bytes is not None:
@@ -45,16 +112,18 @@ def configure(trt, builder, network, config, build, inputs: list[dict], timing_c
     # TF32 is on by default for FP32 math (BuilderFlag.TF32); an fp32 export asks for fp32 numerics.
     if not build.tf32 and hasattr(trt.BuilderFlag, "TF32"):
         config.clear_flag(trt.BuilderFlag.TF32)
-    # IBuilderConfig.create_timing_cache(b"") creates an empty cache; serialized bytes restore one.
-    cache = config.create_timing_cache(timing_cache)
-    config.set_timing_cache(cache, ignore_mismatch=False)
-    _static_shapes(trt, builder, network, config, inputs)
+    if build.strip_weights:
+        for flag in api.strip_flags():
+            config.set_flag(flag)
+    api.set_compute_capabilities(config, build.compute_capabilities)
+    check_static_inputs(network, inputs, onnx_path)
 
 
-def _static_shapes(trt, builder, network, config, inputs: list[dict]) -> None:
-    """Engines are built for the manifest's shapes: check the parsed inputs, pin any dynamic one."""
+def check_static_inputs(network, inputs: list[dict], onnx_path: Path) -> None:
+    """Engines are built for the manifest's static shapes. A dynamic input is refused: pinned with a
+    profile, the engine would still report -1 for it (`ICudaEngine.get_tensor_shape`) and the
+    runtime, which never calls `set_input_shape`, would refuse the engine it was just given."""
     declared = {t["name"]: tuple(t["shape"]) for t in inputs}
-    profile = None
     for index in range(network.num_inputs):
         tensor = network.get_input(index)
         shape = tuple(tensor.shape)
@@ -62,13 +131,12 @@ def _static_shapes(trt, builder, network, config, inputs: list[dict]) -> None:
         if want is None:
             raise EngineBuildError(f"network input {tensor.name!r} is not in the manifest's inputs {sorted(declared)}")
         if any(d < 0 for d in shape):
-            # IOptimizationProfile.set_shape(name, min, opt, max): one point, min = opt = max.
-            profile = profile or builder.create_optimization_profile()
-            profile.set_shape(tensor.name, want, want, want)
-        elif shape != want:
+            raise ArtifactsError(
+                f"{onnx_path}: input {tensor.name!r} has a dynamic shape {shape} (the manifest declares {want}); "
+                f"engines are built for static shapes only: re-export with python -m export"
+            )
+        if shape != want:
             raise EngineBuildError(f"network input {tensor.name!r} has shape {shape}, the manifest declares {want}")
-    if profile is not None:
-        config.add_optimization_profile(profile)
 
 
 def _progress_monitor(trt, log):
@@ -101,30 +169,45 @@ def _progress_monitor(trt, log):
     return Monitor()
 
 
-def build_plan(
-    trt, onnx_path: Path, plan_path: Path, build, inputs: list[dict], timing_cache_path: Path | None, log
-) -> None:
-    """Parse `onnx_path`, build a strongly typed engine, write it atomically to `plan_path`."""
+def parse_onnx(api: TrtApi, builder, logger, onnx_path: Path):
+    """`OnnxParser(network, logger).parse_from_file(path)` (external data resolved beside the model).
+    Returns (network, parser); raises EngineBuildError naming the ONNX node and TensorRT's message."""
+    network = api.create_network(builder)
+    parser = api.trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(parser_error_text(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EngineBuildError(
+            f"{api.label} could not parse {onnx_path}: {errors or 'no error recorded'}; run python -m engines.check"
+        )
+    return network, parser
+
+
+def parser_error_text(error) -> str:
+    """A ParserError on one line. Its str() names the ONNX node and operator, then TensorRT's message:
+    `In node 1 with name: unique_node and operator: Unique (checkUnique): UNSUPPORTED_NODE: ...`."""
+    return " ".join(str(error).split())
+
+
+def build_plan(api: TrtApi, onnx_path: Path, build, inputs: list[dict], timing_cache: bytes | None, log) -> BuiltPlan:
+    """Parse `onnx_path` and build a strongly typed engine; return it with the updated timing cache.
+
+    Writes nothing: the caller writes the plan and records it, so no step can fail between the two.
+    `timing_cache` None: no timing cache (TensorRT-RTX, or none asked for); b"" starts an empty one.
+    """
+    trt = api.trt
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = create_network(trt, builder)
-    parser = trt.OnnxParser(network, logger)
-    # OnnxParser.parse_from_file resolves external data relative to the model's folder.
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise EngineBuildError(
-            f"TensorRT could not parse {onnx_path}: {errors or 'no error recorded'}; run python -m engines.check"
-        )
+    network, _parser = parse_onnx(api, builder, logger, onnx_path)
     config = builder.create_builder_config()
-    cached = timing_cache_path.read_bytes() if timing_cache_path and timing_cache_path.is_file() else b""
-    configure(trt, builder, network, config, build, inputs, cached)
+    configure(api, builder, network, config, build, inputs, onnx_path)
+    discarded = False
+    if timing_cache is not None and api.has_timing_cache:
+        discarded = not api.attach_timing_cache(config, timing_cache)
     monitor = _progress_monitor(trt, log)
     if monitor is not None:
         config.progress_monitor = monitor
     serialized = builder.build_serialized_network(network, config)  # IHostMemory, None on failure
     if serialized is None:
-        raise EngineBuildError(f"TensorRT failed to build an engine from {onnx_path}; its log above says why")
-    atomic_write_bytes(plan_path, serialized)  # IHostMemory exposes the buffer protocol: no copy
-    if timing_cache_path is not None:
-        # ITimingCache.serialize(): the cache now holds this build's tactic timings too.
-        atomic_write_bytes(timing_cache_path, config.get_timing_cache().serialize())
+        raise EngineBuildError(f"{api.label} failed to build an engine from {onnx_path}; its log above says why")
+    cache = api.timing_cache_bytes(config) if timing_cache is not None and api.has_timing_cache else None
+    return BuiltPlan(serialized=serialized, timing_cache=cache, timing_cache_discarded=discarded)

@@ -1,4 +1,5 @@
-"""engines.build without TensorRT: the calls made on a fake `trt`, the cache key, the engine manifest."""
+"""engines.build: against the real TensorRT-RTX binding where it is installed (CI), and against the fake
+TensorRT for what needs a GPU (enterprise TensorRT's builder and its timing cache)."""
 
 import json
 import sys
@@ -12,52 +13,202 @@ from onnx import TensorProto, helper
 from common.engine_manifest import check_engines_usable, engines_dir, read_engine_manifest
 from common.errors import ArtifactsError, UsageError
 from common.manifest import FORMAT, FORMAT_VERSION, sha256_file
-from common.tensorrt_env import trt_status
-from engines.build import BuildConfig, build_engines, engine_key
-from engines.trt_build import EngineBuildError, configure, create_network
-from tests.fake_trt import BuilderFlag, FakeTrt, MemoryPoolType
-from tests.support import run_cli
+from common.tensorrt_env import module_status, trt_status
+from engines.build import BuildConfig, build_engines, engine_key, parse_compute_capabilities
+from engines.trt_build import EngineBuildError, TrtApi, configure
+from tests.fake_trt import TIMING_CACHE_HEADER, BuilderFlag, FakeTrt, IBuilderConfig
+from tests.support import assert_one_line_error, run_cli
 
-PLATFORM = {"tensorrt": "10.15.1.29", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+PLATFORM = {"target": "tensorrt", "tensorrt": "10.15.1.29", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
 INPUTS = [{"name": "x", "shape": [1, 4], "dtype": "float32"}]
+HAS_RTX, RTX_REASON = module_status("rtx")
 
 
-def _configure(trt, build, network_inputs=None, timing_cache=b""):
+@pytest.fixture(scope="module")
+def rtx():
+    if not HAS_RTX:
+        pytest.skip(f"needs tensorrt_rtx (pip install tensorrt-rtx, in the dev extra): {RTX_REASON}")
+    import tensorrt_rtx
+
+    return tensorrt_rtx
+
+
+def _artifacts(folder, components=("text_encoder", "vae"), dims=(1, 4), precision="fp32"):
+    folder.mkdir(parents=True)
+    entries = {}
+    for index, name in enumerate(components):
+        graph = helper.make_graph(
+            [helper.make_node("Relu", ["x"], ["y"], name=f"relu{index}")],
+            name,
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(dims))],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(dims))],
+        )
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), str(folder / f"{name}.onnx"))
+        entries[name] = {
+            "file": f"{name}.onnx",
+            "sha256": {f"{name}.onnx": sha256_file(folder / f"{name}.onnx")},
+            "inputs": INPUTS,
+            "outputs": [{"name": "y", "shape": [1, 4], "dtype": "float32"}],
+        }
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "precision": precision, "components": entries}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder, manifest
+
+
+def _parsed(trt, target, folder):
+    api = TrtApi(trt, target)
     builder = trt.Builder(trt.Logger(trt.Logger.WARNING))
-    network = create_network(trt, builder)
-    network.inputs = [
-        type("T", (), {"name": n, "shape": tuple(s)})() for n, s in (network_inputs or {"x": (1, 4)}).items()
-    ]
+    network = api.create_network(builder)
+    assert trt.OnnxParser(network, trt.Logger(trt.Logger.WARNING)).parse_from_file(str(folder / "vae.onnx"))
+    return api, builder, network
+
+
+# -- the real TensorRT-RTX binding ------------------------------------------------------------------
+
+
+def test_real_rtx_network_is_strongly_typed_and_configured(rtx, tmp_path):
+    folder, _ = _artifacts(tmp_path / "a")
+    api, builder, network = _parsed(rtx, "rtx", folder)
+    assert network.get_flag(rtx.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     config = builder.create_builder_config()
-    configure(trt, builder, network, config, build, INPUTS, timing_cache)
-    return config
+    assert config.get_flag(rtx.BuilderFlag.TF32)  # on unless cleared
+    build = BuildConfig(opt_level=5, workspace_gib=2, compute_capabilities=("8.9", "12.0"))
+    configure(api, builder, network, config, build, INPUTS, folder / "vae.onnx")
+    assert config.builder_optimization_level == 5
+    assert config.get_memory_pool_limit(rtx.MemoryPoolType.WORKSPACE) == 2 * 2**30
+    assert not config.get_flag(rtx.BuilderFlag.TF32)  # fp32 math stays fp32
+    assert config.num_compute_capabilities == 2
+    assert [config.get_compute_capability(i) for i in range(2)] == [
+        rtx.ComputeCapability.SM89,
+        rtx.ComputeCapability.SM120,
+    ]
+    for removed in ("FP16", "BF16", "INT8", "FP8", "OBEY_PRECISION_CONSTRAINTS"):
+        assert not hasattr(rtx.BuilderFlag, removed)  # precision is the graph's: no flag could set it
+    stripped = builder.create_builder_config()
+    configure(api, builder, network, stripped, replace(build, strip_weights=True), INPUTS, folder / "vae.onnx")
+    assert stripped.get_flag(rtx.BuilderFlag.STRIP_PLAN) and stripped.get_flag(rtx.BuilderFlag.REFIT)
 
 
-def test_strongly_typed_no_precision_flags_level_and_pool_given():
-    trt = FakeTrt()
-    config = _configure(trt, BuildConfig(opt_level=5, workspace_gib=2), timing_cache=b"cache")
-    assert ("create_network", 1 << 0) in trt.calls  # 1 << STRONGLY_TYPED
-    assert [c for c in trt.calls if c[0] == "set_flag"] == []  # no FP16/BF16/FP8/INT8/OBEY_PRECISION_CONSTRAINTS
-    assert ("clear_flag", BuilderFlag.TF32) in trt.calls  # fp32 math stays fp32
-    assert ("builder_optimization_level", 5) in trt.calls
-    assert ("set_memory_pool_limit", MemoryPoolType.WORKSPACE, 2 * 2**30) in trt.calls
-    assert ("create_timing_cache", b"cache") in trt.calls and ("set_timing_cache", b"cache", False) in trt.calls
-    assert config.profiles == []  # static network inputs need no optimization profile
+def test_real_rtx_build_records_manifest_and_reuses_until_an_input_changes(rtx, tmp_path):
+    folder, manifest = _artifacts(tmp_path / "a")
+    logs = []
+    built = build_engines(artifacts=folder, target="rtx", trt=rtx, log=logs.append)
+    on_disk = read_engine_manifest(folder, "rtx")
+    assert on_disk == built and on_disk["target"] == "rtx"
+    for name in ("text_encoder", "vae"):
+        entry = on_disk["engines"][name]
+        plan = engines_dir(folder, "rtx") / entry["plan"]
+        assert entry["platform"] == {
+            "target": "rtx",
+            "tensorrt": rtx.__version__,
+            "compute_capabilities": ["8.0", "8.6", "8.9", "12.0", "12.1"],
+            "compute_capabilities_from": "TensorRT-RTX default",
+        }
+        assert entry["onnx_sha256"] == manifest["components"][name]["sha256"]
+        assert entry["plan_sha256"] == sha256_file(plan) and entry["plan_bytes"] == plan.stat().st_size > 0
+    assert any("    Building engine" in line for line in logs)  # the progress monitor was called back
+
+    def builds(**kwargs):
+        logs.clear()
+        build_engines(artifacts=folder, target="rtx", trt=rtx, log=logs.append, **kwargs)
+        return [line for line in logs if ": building (" in line]
+
+    assert builds() == []  # same inputs: nothing is built
+    rebuilt = builds(build=BuildConfig(opt_level=1))
+    assert len(rebuilt) == 2 and all("(flags changed)" in line for line in rebuilt)
+    rebuilt = builds(build=BuildConfig(opt_level=1, compute_capabilities=("8.9",)))
+    assert len(rebuilt) == 2 and all("(platform changed)" in line for line in rebuilt)
+    builds()
+    plan = engines_dir(folder, "rtx") / "vae.plan"
+    plan.write_bytes(b"x" * plan.stat().st_size)
+    assert [line.split(":")[0] for line in builds()] == ["[2/2] vae"]
+    assert len(builds(force=True)) == 2
+    assert sorted(p.name for p in engines_dir(folder, "rtx").iterdir()) == [
+        "manifest.json",
+        "text_encoder.plan",
+        "vae.plan",
+    ]
 
 
-def test_default_workspace_leaves_tensorrt_default():
-    trt = FakeTrt()
-    _configure(trt, BuildConfig())
-    assert not [c for c in trt.calls if c[0] == "set_memory_pool_limit"]
-    assert ("builder_optimization_level", 3) in trt.calls
+def test_rtx_garbage_timing_cache_is_discarded_in_one_line_and_the_build_goes_on(rtx, tmp_path):
+    folder, _ = _artifacts(tmp_path / "a")
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"\x00garbage, not a timing cache")
+    result = run_cli("-m", "engines.build", "--artifacts", str(folder), "--target", "rtx", "--timing-cache", str(cache))
+    assert result.returncode == 0, result.stderr
+    discarded = [line for line in result.stdout.splitlines() if "discarded" in line]
+    assert len(discarded) == 1 and str(cache) in discarded[0]
+    engines = read_engine_manifest(folder, "rtx")["engines"]
+    assert set(engines) == {"text_encoder", "vae"}
+    assert all(
+        e["timing_cache"] == {"file": str(cache), "used": False} and e["plan_bytes"] > 0 for e in engines.values()
+    )
+    assert cache.read_bytes() == b"\x00garbage, not a timing cache"  # not ours to overwrite
 
 
-def test_dynamic_input_pinned_to_manifest_shape_and_mismatch_refused():
-    trt = FakeTrt()
-    config = _configure(trt, BuildConfig(), network_inputs={"x": (-1, 4)})
-    assert config.profiles[0].shapes == {"x": ((1, 4), (1, 4), (1, 4))}
-    with pytest.raises(EngineBuildError, match=r"has shape \(2, 4\), the manifest declares \(1, 4\)"):
-        _configure(FakeTrt(), BuildConfig(), network_inputs={"x": (2, 4)})
+def test_dynamic_input_refused_at_build_time_naming_it(rtx, tmp_path):
+    folder, _ = _artifacts(tmp_path / "a", components=("vae",), dims=("batch", 4))
+    result = run_cli("-m", "engines.build", "--artifacts", str(folder), "--target", "rtx")
+    assert_one_line_error(result, "input 'x' has a dynamic shape (-1, 4)", "vae.onnx", "re-export")
+    assert not (engines_dir(folder, "rtx") / "vae.plan").exists()
+
+
+def test_parse_failure_names_the_node_and_keeps_finished_engines(rtx, tmp_path):
+    folder, manifest = _artifacts(tmp_path / "a")
+    build_engines(artifacts=folder, target="rtx", trt=rtx, log=lambda m: None)
+    model = onnx.load(str(folder / "vae.onnx"))
+    model.graph.node[0].op_type, model.graph.node[0].name = "Unique", "unique_node"
+    onnx.save(model, str(folder / "vae.onnx"))
+    manifest["components"]["vae"]["sha256"]["vae.onnx"] = sha256_file(folder / "vae.onnx")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(
+        EngineBuildError, match="could not parse .*vae.onnx: In node 0 with name: unique_node and operator: Unique"
+    ):
+        build_engines(artifacts=folder, target="rtx", trt=rtx, log=lambda m: None)
+    assert set(read_engine_manifest(folder, "rtx")["engines"]) == {"text_encoder", "vae"}  # the previous plans stand
+    assert not [p for p in engines_dir(folder, "rtx").iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_cli_make_engines_builds_rtx_on_a_machine_without_a_gpu(export_tiny):
+    out = export_tiny("fp32")
+    build = run_cli("-m", "engines.build", "--artifacts", str(out))
+    assert build.returncode == 0, build.stderr
+    lines = [line for line in (build.stdout + build.stderr).splitlines() if line.strip()]
+    if not HAS_RTX:
+        assert len(lines) == 1 and lines[0].startswith("engine building skipped: TensorRT is not installed")
+        assert not engines_dir(out, "rtx").exists()
+        return
+    assert "data-center (Hopper) engines need TensorRT on the node" in lines[0]
+    engines = read_engine_manifest(out, "rtx")["engines"]
+    assert set(engines) == {"text_encoder", "transformer", "vae"}
+    assert all((engines_dir(out, "rtx") / e["plan"]).stat().st_size == e["plan_bytes"] > 0 for e in engines.values())
+
+
+# -- options, keys and refusals (no TensorRT needed) ------------------------------------------------
+
+
+def test_compute_capability_option():
+    assert parse_compute_capabilities("89,120") == ("8.9", "12.0")
+    assert parse_compute_capabilities("8.6, 121,86") == ("8.6", "12.1")
+    with pytest.raises(UsageError, match=r"9.0 \(Hopper, H100/H200\) is no TensorRT-RTX target.*--target tensorrt"):
+        parse_compute_capabilities("90")
+    with pytest.raises(UsageError, match="--compute-capability 70 is not a TensorRT-RTX target; choose from 75, 80"):
+        parse_compute_capabilities("70")
+
+
+def test_fp8_below_sm89_refused_naming_both(tmp_path):
+    folder, _ = _artifacts(tmp_path / "a", precision="fp8")
+    with pytest.raises(
+        UsageError, match=r"--compute-capability 80,86 cannot run fp8 engines \(FP8 needs compute capability 8.9"
+    ):
+        build_engines(
+            artifacts=folder, target="rtx", trt=FakeTrt(), build=BuildConfig(compute_capabilities=("8.0", "8.6", "8.9"))
+        )
+    with pytest.raises(UsageError, match="--compute-capability applies to --target rtx"):
+        build_engines(
+            artifacts=folder, target="tensorrt", trt=FakeTrt(), build=BuildConfig(compute_capabilities=("8.9",))
+        )
+    assert not engines_dir(folder, "rtx").exists()
 
 
 def test_build_config_rejects_bad_values():
@@ -68,6 +219,12 @@ def test_build_config_rejects_bad_values():
 
 
 def test_every_key_input_changes_the_key():
+    rtx_platform = {
+        "target": "rtx",
+        "tensorrt": "1.7.1.116",
+        "compute_capabilities": ["8.9"],
+        "compute_capabilities_from": "x",
+    }
     base = dict(
         component="transformer",
         onnx_sha256={"transformer.onnx": "a", "transformer.onnx.data": "b"},
@@ -80,115 +237,22 @@ def test_every_key_input_changes_the_key():
         {"platform": {**PLATFORM, "tensorrt": "10.16.0"}},
         {"platform": {**PLATFORM, "gpu": "NVIDIA H200"}},
         {"platform": {**PLATFORM, "compute_capability": "10.0"}},
+        {"platform": rtx_platform},
+        {"platform": {**rtx_platform, "compute_capabilities": ["8.9", "12.0"]}},
+        {"platform": {**rtx_platform, "tensorrt": "1.8.0"}},
         {"flags": replace(BuildConfig(), opt_level=4).flags()},
         {"flags": replace(BuildConfig(), workspace_gib=8).flags()},
         {"flags": replace(BuildConfig(), tf32=True).flags()},
+        {"flags": replace(BuildConfig(), strip_weights=True).flags()},
     ]
     keys = {engine_key(**base)} | {engine_key(**{**base, **v}) for v in variants}
     assert len(keys) == 1 + len(variants)
     assert engine_key(**base) == engine_key(**dict(base))  # and it is deterministic
 
 
-def _artifacts(folder, components=("text_encoder", "vae")):
-    folder.mkdir(parents=True)
-    entries = {}
-    for index, name in enumerate(components):
-        graph = helper.make_graph(
-            [helper.make_node("Relu", ["x"], ["y"], name=f"relu{index}")],
-            name,
-            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
-        )
-        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), str(folder / f"{name}.onnx"))
-        entries[name] = {
-            "file": f"{name}.onnx",
-            "sha256": {f"{name}.onnx": sha256_file(folder / f"{name}.onnx")},
-            "inputs": INPUTS,
-            "outputs": [{"name": "y", "shape": [1, 4], "dtype": "float32"}],
-        }
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "precision": "fp32", "components": entries}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    return folder, manifest
-
-
-def _builds(trt):
-    return sum(1 for c in trt.calls if c[0] == "build_serialized_network")
-
-
-def test_build_records_manifest_and_reuses_until_an_input_changes(tmp_path):
-    folder, manifest = _artifacts(tmp_path / "a")
-    logs = []
-    trt = FakeTrt()
-    cache = tmp_path / "timing.cache"
-    built = build_engines(artifacts=folder, trt=trt, platform=PLATFORM, timing_cache=cache, log=logs.append)
-    assert _builds(trt) == 2
-    on_disk = read_engine_manifest(folder)
-    assert on_disk == built
-    for name in ("text_encoder", "vae"):
-        entry = on_disk["engines"][name]
-        plan = engines_dir(folder) / entry["plan"]
-        assert entry["platform"] == PLATFORM and entry["flags"]["strongly_typed"] is True
-        assert entry["onnx_sha256"] == manifest["components"][name]["sha256"]
-        assert entry["plan_sha256"] == sha256_file(plan) and entry["plan_bytes"] == plan.stat().st_size
-        assert entry["key"] == engine_key(
-            component=name, onnx_sha256=entry["onnx_sha256"], platform=PLATFORM, flags=entry["flags"]
-        )
-    assert cache.read_bytes() == b"+timed+timed"  # loaded, extended and saved by each build
-    assert any("built in" in line for line in logs) and "engines in" in logs[-1]
-    check_engines_usable(on_disk, manifest, PLATFORM, folder)
-
-    # Same inputs: nothing is built.
-    trt = FakeTrt()
-    build_engines(artifacts=folder, trt=trt, platform=PLATFORM, log=logs.append)
-    assert _builds(trt) == 0 and "reused" in logs[-1]
-
-    # Each of: build flags, TensorRT version, GPU, a damaged plan, --force rebuilds.
-    for kwargs, reason in (
-        ({"build": BuildConfig(opt_level=1)}, "(flags changed)"),
-        ({"platform": {**PLATFORM, "tensorrt": "10.16.0"}}, "(platform, flags changed)"),  # flags: back to level 3
-        ({"platform": {**PLATFORM, "gpu": "NVIDIA H200"}}, "(platform changed)"),
-    ):
-        trt = FakeTrt()
-        logs.clear()
-        build_engines(artifacts=folder, trt=trt, log=logs.append, **{"platform": PLATFORM, **kwargs})
-        assert _builds(trt) == 2 and any(reason in line for line in logs), logs
-    build_engines(artifacts=folder, trt=FakeTrt(), platform=PLATFORM, log=logs.append)  # back to the first GPU
-    (engines_dir(folder) / "vae.plan").write_bytes(b"x" * (engines_dir(folder) / "vae.plan").stat().st_size)
-    trt = FakeTrt()
-    logs.clear()
-    build_engines(artifacts=folder, trt=trt, platform=PLATFORM, log=logs.append)
-    assert _builds(trt) == 1 and any("differs from its recorded sha256" in line for line in logs)
-    trt = FakeTrt()
-    build_engines(artifacts=folder, trt=trt, platform=PLATFORM, force=True, log=logs.append)
-    assert _builds(trt) == 2
-    assert sorted(p.name for p in engines_dir(folder).iterdir()) == ["manifest.json", "text_encoder.plan", "vae.plan"]
-
-
-def test_a_changed_onnx_file_rebuilds_only_that_engine(tmp_path):
-    folder, manifest = _artifacts(tmp_path / "a")
-    build_engines(artifacts=folder, trt=FakeTrt(), platform=PLATFORM, log=lambda m: None)
-    manifest["components"]["vae"]["sha256"]["vae.onnx"] = "0" * 64  # as a re-export would record
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    trt, logs = FakeTrt(), []
-    build_engines(artifacts=folder, trt=trt, platform=PLATFORM, log=logs.append)
-    assert _builds(trt) == 1 and any("vae: building (onnx_sha256 changed)" in line for line in logs)
-
-
-def test_parse_or_build_failure_keeps_finished_engines(tmp_path):
-    folder, _ = _artifacts(tmp_path / "a")
-    with pytest.raises(EngineBuildError, match="could not parse .*text_encoder.onnx: In node 0"):
-        build_engines(artifacts=folder, trt=FakeTrt(fail_parse=True), platform=PLATFORM, log=lambda m: None)
-    assert not (engines_dir(folder) / "manifest.json").exists()
-    build_engines(artifacts=folder, trt=FakeTrt(), platform=PLATFORM, log=lambda m: None)
-    with pytest.raises(EngineBuildError, match="failed to build an engine"):
-        build_engines(artifacts=folder, trt=FakeTrt(fail_build=True), platform=PLATFORM, force=True, log=lambda m: None)
-    assert set(read_engine_manifest(folder)["engines"]) == {"text_encoder", "vae"}  # the previous plans stand
-    assert not [p for p in engines_dir(folder).iterdir() if p.name.startswith(".")]  # no temporary left
-
-
 def test_engines_refused_for_another_gpu_tensorrt_or_onnx(tmp_path):
     folder, manifest = _artifacts(tmp_path / "a")
-    engines = build_engines(artifacts=folder, trt=FakeTrt(), platform=PLATFORM, log=lambda m: None)
+    engines = build_engines(artifacts=folder, target="tensorrt", trt=FakeTrt(), platform=PLATFORM, log=lambda m: None)
     cases = [
         (
             {**PLATFORM, "tensorrt": "10.16.0"},
@@ -209,6 +273,111 @@ def test_engines_refused_for_another_gpu_tensorrt_or_onnx(tmp_path):
             check_engines_usable(engines, artifacts_manifest, present, folder)
 
 
+def test_rtx_engines_refused_on_a_gpu_they_were_not_built_for(tmp_path):
+    folder, manifest = _artifacts(tmp_path / "a", precision="fp8")
+    rtx_platform = {
+        "target": "rtx",
+        "tensorrt": "1.7.1.116",
+        "compute_capabilities": ["8.0", "8.6", "8.9", "12.0", "12.1"],
+        "compute_capabilities_from": "TensorRT-RTX default",
+    }
+    engines = build_engines(artifacts=folder, target="rtx", trt=FakeTrt(), platform=rtx_platform, log=lambda m: None)
+    present = {"target": "rtx", "tensorrt": "1.7.1.116"}
+    check_engines_usable(engines, manifest, {**present, "gpu": "NVIDIA RTX 4090", "compute_capability": "8.9"}, folder)
+    with pytest.raises(ArtifactsError, match=r"TensorRT-RTX fp8 engine for compute capability 8.9, 12.0, 12.1; this node's "
+                       r"NVIDIA H100 .* is 9.0: Hopper is no TensorRT-RTX target: build with `python -m engines.build "
+                       r".*--target tensorrt` on this node"):  # fmt: skip
+        check_engines_usable(
+            engines, manifest, {**present, "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}, folder
+        )
+    with pytest.raises(
+        ArtifactsError, match=r"this node's NVIDIA RTX 3090 is 8.6: rebuild with .*--compute-capability 86"
+    ):
+        check_engines_usable(
+            engines, manifest, {**present, "gpu": "NVIDIA RTX 3090", "compute_capability": "8.6"}, folder
+        )
+    with pytest.raises(ArtifactsError, match="built with TensorRT-RTX 1.7.1.116, this node has TensorRT-RTX 1.8.0"):
+        check_engines_usable(
+            engines, manifest, {**present, "tensorrt": "1.8.0", "gpu": "G", "compute_capability": "8.9"}, folder
+        )
+
+
+# -- enterprise TensorRT's builder (needs a GPU): the fake ------------------------------------------
+
+
+def _calls(trt, name):
+    return [c for c in trt.calls if c[0] == name]
+
+
+def test_tensorrt_target_flags_and_timing_cache_reused(tmp_path):
+    folder, _ = _artifacts(tmp_path / "a")
+    trt, cache = FakeTrt(), tmp_path / "timing.cache"
+    build = BuildConfig(opt_level=5, workspace_gib=2, strip_weights=True)
+    build_engines(
+        artifacts=folder,
+        target="tensorrt",
+        trt=trt,
+        platform=PLATFORM,
+        build=build,
+        timing_cache=cache,
+        log=lambda m: None,
+    )
+    assert ("create_network", 1 << 1) in trt.calls  # 1 << STRONGLY_TYPED, which is 1 in TensorRT 10.x
+    assert (
+        _calls(trt, "set_flag") == [("set_flag", BuilderFlag.STRIP_PLAN), ("set_flag", BuilderFlag.REFIT_IDENTICAL)] * 2
+    )
+    assert ("clear_flag", BuilderFlag.TF32) in trt.calls and ("builder_optimization_level", 5) in trt.calls
+    assert cache.read_bytes() == TIMING_CACHE_HEADER + b"+timed+timed"  # created, extended by each build, saved
+    entry = read_engine_manifest(folder, "tensorrt")["engines"]["vae"]
+    assert entry["timing_cache"] == {"file": str(cache), "used": True} and entry["flags"]["strip_weights"] is True
+
+
+def test_tensorrt_mismatched_timing_cache_discarded_and_nothing_fails_after_a_plan(tmp_path, monkeypatch):
+    folder, _ = _artifacts(tmp_path / "a")
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"from another GPU")
+    logs = []
+    build_engines(
+        artifacts=folder, target="tensorrt", trt=FakeTrt(), platform=PLATFORM, timing_cache=cache, log=logs.append
+    )
+    assert len([line for line in logs if "discarded" in line]) == 1
+    assert cache.read_bytes() == TIMING_CACHE_HEADER + b"+timed+timed"  # a fresh cache, written back
+    assert read_engine_manifest(folder, "tensorrt")["engines"]["vae"]["timing_cache"]["discarded"] is True
+    # get_timing_cache() answering None (as TensorRT-RTX's does) after a build: the plans are still recorded.
+    monkeypatch.setattr(IBuilderConfig, "get_timing_cache", lambda self: None)
+    build_engines(
+        artifacts=folder,
+        target="tensorrt",
+        trt=FakeTrt(),
+        platform=PLATFORM,
+        timing_cache=cache,
+        force=True,
+        log=logs.append,
+    )
+    assert set(read_engine_manifest(folder, "tensorrt")["engines"]) == {"text_encoder", "vae"}
+
+
+def test_tensorrt_build_failure_keeps_finished_engines(tmp_path):
+    folder, _ = _artifacts(tmp_path / "a")
+    with pytest.raises(EngineBuildError, match="could not parse .*text_encoder.onnx: In node 0 with name: relu0"):
+        build_engines(
+            artifacts=folder, target="tensorrt", trt=FakeTrt(fail_parse=True), platform=PLATFORM, log=lambda m: None
+        )
+    assert not (engines_dir(folder, "tensorrt") / "manifest.json").exists()
+    build_engines(artifacts=folder, target="tensorrt", trt=FakeTrt(), platform=PLATFORM, log=lambda m: None)
+    with pytest.raises(EngineBuildError, match="failed to build an engine"):
+        build_engines(
+            artifacts=folder,
+            target="tensorrt",
+            trt=FakeTrt(fail_build=True),
+            platform=PLATFORM,
+            force=True,
+            log=lambda m: None,
+        )
+    assert set(read_engine_manifest(folder, "tensorrt")["engines"]) == {"text_encoder", "vae"}
+    assert not [p for p in engines_dir(folder, "tensorrt").iterdir() if p.name.startswith(".")]
+
+
 def test_trt_status_never_raises(monkeypatch):
     available, reason = trt_status()
     if "tensorrt" not in sys.modules:  # this workplace: TensorRT cannot be installed
@@ -222,15 +391,17 @@ def test_trt_status_never_raises(monkeypatch):
     assert trt_status() == (False, "TensorRT 10.15.1 is installed but torch sees no CUDA GPU")
 
 
-def test_cli_check_and_build_on_tiny_artifacts_without_tensorrt(export_tiny):
-    out = export_tiny("fp32")
-    check = run_cli("-m", "engines.check", str(out))
-    assert check.returncode == 0, check.stderr
-    assert check.stdout.count(" pass") == 3
-    build = run_cli("-m", "engines.build", "--artifacts", str(out))
-    assert build.returncode == 0, build.stderr
-    lines = [line for line in (build.stdout + build.stderr).splitlines() if line.strip()]
-    assert len(lines) == 1
-    assert lines[0].startswith("engine building skipped: TensorRT is not installed")
-    assert lines[0].endswith("the runtime will use ONNX Runtime")
-    assert not engines_dir(out).exists()  # nothing partial
+def test_rtx_weight_stripped_plans_refused_without_a_gpu(rtx, tmp_path):
+    """TensorRT-RTX 1.7.1 builds REFIT/STRIP_PLAN plans only with a GPU (measured: a Myelin CUDA check fails)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the weight-stripped build is possible here")
+    folder, _ = _artifacts(tmp_path / "a")
+    with pytest.raises(
+        UsageError, match="--strip-weights: TensorRT-RTX .* compiles refittable plans only with a CUDA GPU"
+    ):
+        build_engines(
+            artifacts=folder, target="rtx", trt=rtx, build=BuildConfig(strip_weights=True), log=lambda m: None
+        )
+    assert not (engines_dir(folder, "rtx") / "vae.plan").exists()

@@ -10,10 +10,12 @@ from common.engine_manifest import ENGINE_FORMAT, ENGINE_FORMAT_VERSION, engines
 from common.errors import ArtifactsError
 from common.specs import ComponentSpec, TensorSpec
 from common.tensorrt_env import trt_status
-from runtime.backends.trt import TrtBackend, check_engine_io, component_spec
-from tests.fake_trt import FakeTrt
+from runtime.backends.trt import TORCH_DTYPES, TrtBackend, check_engine_io, component_spec
+from tests.fake_trt import RUNTIME_CACHE_HEADER, DataType, ExecutionContextAllocationStrategy, FakeTrt
 
-PLATFORM = {"tensorrt": FakeTrt.__version__, "gpu": "GPU-X", "compute_capability": "9.0"}
+PLATFORM = {"target": "tensorrt", "tensorrt": FakeTrt.__version__, "gpu": "GPU-X", "compute_capability": "9.0"}
+RTX_BUILT = {"target": "rtx", "tensorrt": "1.7.1.116", "compute_capabilities": ["8.6", "8.9", "12.0"]}
+RTX_PRESENT = {"target": "rtx", "tensorrt": "1.7.1.116", "gpu": "NVIDIA RTX 4090", "compute_capability": "8.9"}
 SHAPES = {"text_encoder": (1, 8), "transformer": (2, 16, 4), "vae": (1, 4, 4)}
 
 
@@ -26,29 +28,39 @@ def _cuda_available() -> bool:
         return False
 
 
-def _fake_artifacts(folder, platform=PLATFORM):
-    """An artifacts manifest and fake-TensorRT plans (JSON) with matching engine manifest."""
-    engines_dir(folder).mkdir(parents=True)
+def _fake_artifacts(folder, platform=PLATFORM, strip_weights=False):
+    """An artifacts manifest and fake-TensorRT plans (JSON) with matching engine manifest. The text
+    encoder's input is int64 token ids, as the real one's: the engine's dtype is checked, not assumed."""
+    target = platform["target"]
+    engines_dir(folder, target).mkdir(parents=True, exist_ok=True)
     components, engines = {}, {}
     for name, shape in SHAPES.items():
-        tensor = {"shape": list(shape), "dtype": "float32"}
+        dtype, trt_dtype = ("int64", "INT64") if name == "text_encoder" else ("float32", "FLOAT")
         components[name] = {
             "file": f"{name}.onnx",
             "sha256": {f"{name}.onnx": name * 3},
-            "inputs": [{"name": "x", **tensor}],
-            "outputs": [{"name": "y", **tensor}],
+            "inputs": [{"name": "x", "shape": list(shape), "dtype": dtype}],
+            "outputs": [{"name": "y", "shape": list(shape), "dtype": "float32"}],
         }
-        plan = engines_dir(folder) / f"{name}.plan"
-        plan.write_text(json.dumps({"inputs": {"x": list(shape)}, "outputs": {"y": list(shape)}}))
+        plan = engines_dir(folder, target) / f"{name}.plan"
+        plan.write_text(
+            json.dumps(
+                {
+                    "inputs": {"x": {"shape": list(shape), "dtype": trt_dtype}},
+                    "outputs": {"y": {"shape": list(shape), "dtype": "FLOAT"}},
+                }
+            )
+        )
         engines[name] = {
             "plan": plan.name,
             "plan_bytes": plan.stat().st_size,
             "onnx_sha256": components[name]["sha256"],
             "platform": platform,
+            "flags": {"strip_weights": strip_weights},
         }
     manifest = {"precision": "fp32", "components": components}
     write_engine_manifest(
-        folder, {"format": ENGINE_FORMAT, "format_version": ENGINE_FORMAT_VERSION, "engines": engines}
+        folder, target, {"format": ENGINE_FORMAT, "format_version": ENGINE_FORMAT_VERSION, "engines": engines}
     )
     return manifest
 
@@ -74,6 +86,25 @@ def test_refuses_engines_for_another_gpu_or_tensorrt(tmp_path):
             TrtBackend(tmp_path, manifest, trt_module=FakeTrt(), platform=present)
     with pytest.raises(ArtifactsError, match="has no TensorRT engines"):
         TrtBackend(tmp_path / "nowhere", manifest, trt_module=FakeTrt(), platform=PLATFORM)
+
+
+def test_refuses_rtx_engines_on_a_gpu_they_were_not_built_for(tmp_path):
+    manifest = _fake_artifacts(tmp_path, platform=RTX_BUILT)
+    hopper = {**RTX_PRESENT, "gpu": "NVIDIA H200", "compute_capability": "9.0"}
+    with pytest.raises(
+        ArtifactsError, match=r"NVIDIA H200 is 9.0: Hopper is no TensorRT-RTX target: .*--target tensorrt"
+    ):
+        TrtBackend(tmp_path, manifest, trt_module=FakeTrt(), platform=hopper)
+    turing = {**RTX_PRESENT, "gpu": "RTX 2080", "compute_capability": "7.5"}
+    with pytest.raises(ArtifactsError, match=r"for compute capability 8.6, 8.9, 12.0; .*7.5: rebuild with .*75"):
+        TrtBackend(tmp_path, manifest, trt_module=FakeTrt(), platform=turing)
+
+
+def test_every_real_datatype_has_a_torch_dtype_or_is_refused_by_the_io_check():
+    import torch
+
+    for member in ("FLOAT", "HALF", "BF16", "INT8", "INT32", "INT64", "BOOL", "UINT8", "FP8"):
+        assert hasattr(torch, TORCH_DTYPES[member]) and member in DataType.__members__
 
 
 def test_engine_io_must_match_the_declaration(tmp_path):
@@ -161,10 +192,16 @@ def cuda_on_cpu(monkeypatch):
     return trt
 
 
-def _backend(folder, trt, **kwargs):
+def _backend(folder, trt, platform=PLATFORM, built=None, strip_weights=False, **kwargs):
+
+    manifest = _fake_artifacts(folder, built or platform, strip_weights=strip_weights)
+    return _recording(folder, manifest, trt, platform=platform, **kwargs)
+
+
+def _recording(folder, manifest, trt, **kwargs):
     import torch
 
-    backend = _RecordingBackend(folder, _fake_artifacts(folder), trt_module=trt, platform=PLATFORM, **kwargs)
+    backend = _RecordingBackend(folder, manifest, trt_module=trt, **kwargs)
     if backend.on_cpu:
         backend._device = torch.device("cpu")
     return backend
@@ -198,7 +235,8 @@ def _denoise_loop_then_vae(backend, trt, no_sync):
 
 def _low_vram(backend):
     for component in ("text_encoder", "transformer", "vae"):
-        out = backend.run(component, {"x": np.full(SHAPES[component], 2, np.float32)})["y"]
+        dtype = np.int64 if component == "text_encoder" else np.float32
+        out = backend.run(component, {"x": np.full(SHAPES[component], 2, dtype)})["y"]
         assert list(backend._loaded) == [component]
         assert backend.to_host(out).min() == 5.0
     with pytest.raises(ArtifactsError, match="the engine is built for"):
@@ -215,6 +253,63 @@ def test_buffers_graph_capture_and_copies_with_cuda_stand_ins(tmp_path, cuda_on_
 
 def test_low_vram_keeps_one_engine_loaded_with_cuda_stand_ins(tmp_path, cuda_on_cpu):
     _low_vram(_backend(tmp_path, cuda_on_cpu, low_vram=True))
+
+
+def test_low_vram_contexts_share_one_user_managed_scratch_buffer(tmp_path, cuda_on_cpu):
+    backend = _backend(tmp_path, cuda_on_cpu, low_vram=True)
+    _low_vram(backend)
+    sizes = {c: backend.memory[c]["device_memory_bytes"] for c in SHAPES}
+    assert len(set(sizes.values())) > 1  # the engines differ: the largest must decide
+    contexts = cuda_on_cpu.contexts
+    assert {c.strategy for c in contexts} == {ExecutionContextAllocationStrategy.USER_MANAGED}
+    # The first engine's context got a buffer of its own size; once a larger engine came it grew.
+    # A second backend on the same engines knows every size from the sidecar: one buffer, one address.
+    backend.close()
+    cuda_on_cpu.contexts.clear()
+    again = _RecordingBackend(
+        tmp_path, _fake_artifacts(tmp_path), trt_module=cuda_on_cpu, platform=PLATFORM, low_vram=True
+    )
+    _low_vram(again)
+    assert {c.device_memory for c in cuda_on_cpu.contexts} == {(again._scratch.data_ptr(), max(sizes.values()))}
+    assert (
+        json.loads((engines_dir(tmp_path, "tensorrt") / "memory.json").read_text())["vae"]["device_memory_bytes"]
+        == sizes["vae"]
+    )
+
+
+def test_plans_are_deserialised_from_a_memory_map(tmp_path, cuda_on_cpu):
+    backend = _backend(tmp_path, cuda_on_cpu)
+    backend.run("vae", {"x": np.zeros(SHAPES["vae"], np.float32)})
+    assert [c for c in cuda_on_cpu.calls if c[0] == "deserialize_cuda_engine"] == [("deserialize_cuda_engine", "mmap")]
+
+
+def test_rtx_engines_keep_their_runtime_cache_beside_the_engines(tmp_path, cuda_on_cpu):
+    backend = _backend(tmp_path, cuda_on_cpu, platform=RTX_PRESENT, built=RTX_BUILT)
+    backend.run("vae", {"x": np.zeros(SHAPES["vae"], np.float32)})
+    backend.close()
+    saved = engines_dir(tmp_path, "rtx") / "vae.runtime-cache"
+    assert saved.read_bytes() == RUNTIME_CACHE_HEADER + b"+compiled"  # the just-in-time step's kernels, kept
+    logs = []
+    backend = _RecordingBackend(
+        tmp_path, _fake_artifacts(tmp_path, RTX_BUILT), trt_module=cuda_on_cpu, platform=RTX_PRESENT, log=logs.append
+    )
+    backend.run("vae", {"x": np.zeros(SHAPES["vae"], np.float32)})
+    backend.close()
+    assert saved.read_bytes() == RUNTIME_CACHE_HEADER + b"+compiled+compiled" and logs == []  # loaded, extended
+    saved.write_bytes(b"from another GPU")
+    backend = _RecordingBackend(
+        tmp_path, _fake_artifacts(tmp_path, RTX_BUILT), trt_module=cuda_on_cpu, platform=RTX_PRESENT, log=logs.append
+    )
+    backend.run("vae", {"x": np.zeros(SHAPES["vae"], np.float32)})
+    assert len(logs) == 1 and "runtime cache from another GPU" in logs[0]
+
+
+def test_weight_stripped_plans_are_refitted_from_the_onnx(tmp_path, cuda_on_cpu):
+    backend = _backend(tmp_path, cuda_on_cpu, strip_weights=True)
+    backend.run("vae", {"x": np.zeros(SHAPES["vae"], np.float32)})
+    assert [c for c in cuda_on_cpu.calls if c[0] == "refit_cuda_engine"] == [
+        ("refit_cuda_engine", str(tmp_path / "vae.onnx"))
+    ]
 
 
 def test_no_graph_when_disabled_or_when_capture_fails(tmp_path, cuda_on_cpu, monkeypatch):

@@ -62,7 +62,7 @@ def smoke(*, precision: str, out: Path) -> bool:
     artifacts = out / f"tiny-{precision}"
     export_artifacts(model="tiny", out=artifacts, precision=precision, shapes=SMOKE_SHAPES)
     run_check(folder=artifacts)
-    build_engines(artifacts=artifacts)
+    build_engines(artifacts=artifacts, target="tensorrt")
 
     manifest = read_manifest(artifacts)
     checkpoint = open_checkpoint(manifest["source"]["checkpoint"])
@@ -91,7 +91,18 @@ def smoke(*, precision: str, out: Path) -> bool:
         rows.append((component, graph, same_precision, fp32, engine, method, ok))
     backend.close()
     print(_table(rows, precision, bound))
+    print(_memory_table(backend.memory))
     return passed
+
+
+def _memory_table(memory: dict) -> str:
+    """The resident-memory budget per engine: weights (the plan) and scratch activations (device_memory_size_v2)."""
+    lines = ["GPU memory per engine (MiB)", f"{'component':<13}{'weights':>10}{'activations':>13}"]
+    for component, record in memory.items():
+        lines.append(
+            f"{component:<13}{record['plan_bytes'] / 2**20:>10.1f}{record['device_memory_bytes'] / 2**20:>13.1f}"
+        )
+    return "\n".join(lines)
 
 
 def _table(rows, precision: str, bound: float) -> str:

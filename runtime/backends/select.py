@@ -16,12 +16,9 @@ def _trt_status(artifacts: Path) -> tuple[bool, str]:
         from runtime.backends.trt import trt_status
     except ImportError as exc:  # the module itself is missing from this install
         return False, f"TensorRT backend unavailable ({exc})"
-    ok, reason = trt_status()
-    if ok and not (Path(artifacts) / "engines" / "manifest.json").is_file():
-        return (
-            False,
-            f"no engines built in {Path(artifacts) / 'engines'} (run `python -m engines.build --artifacts {artifacts}`)",
-        )
+    ok, reason = trt_status(artifacts)  # a TensorRT target with a GPU here, and its engines in artifacts
+    if not ok and trt_status()[0]:
+        return False, f"{reason} (run `python -m engines.build --artifacts {artifacts}`)"
     return ok, reason
 
 

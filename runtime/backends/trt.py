@@ -8,25 +8,49 @@ engine by stream events, never by a host synchronisation: the denoising loop nev
 GPU. After a warm-up run the transformer's enqueue is captured in a CUDA graph and replayed (the
 buffers' addresses never change, which a graph requires). Only `to_host` synchronises.
 
-TensorRT Python API used (https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/):
-`Runtime.deserialize_cuda_engine`, `ICudaEngine.num_io_tensors / get_tensor_name /
-get_tensor_mode / get_tensor_shape / get_tensor_dtype / create_execution_context`,
-`IExecutionContext.set_tensor_address / execute_async_v3` (returns False when enqueueing failed).
+Engines come from ARTIFACTS/engines/<target>/: `tensorrt` engines through the `tensorrt` module,
+TensorRT-RTX engines (built ahead of time, anywhere) through `tensorrt_rtx`, whose just-in-time
+step compiles kernels for this GPU on first load: its runtime cache is kept beside the engines
+(`<component>.runtime-cache`), so a node pays that once. Plans are deserialised from a read-only
+memory map, not read into host memory first. With `low_vram`, one engine is loaded at a time and
+every execution context uses TensorRT's user-managed device memory: one scratch buffer, sized to the
+largest engine's `device_memory_size_v2` (sizes kept in `memory.json` beside the engines once seen),
+at one address, shared by all. (That mode is tested with a fake TensorRT only; unverified on a GPU.)
+
+TensorRT Python API used (https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/;
+TensorRT-RTX's mirrors it): `Runtime.deserialize_cuda_engine(buffer)`, `ICudaEngine.num_io_tensors /
+get_tensor_name / get_tensor_mode / get_tensor_shape / get_tensor_dtype / device_memory_size_v2 /
+create_execution_context(strategy | runtime_config)`, `IExecutionContext.set_tensor_address /
+set_device_memory / execute_async_v3` (returns False when enqueueing failed), TensorRT-RTX's
+`ICudaEngine.create_runtime_config`, `IRuntimeConfig.create_runtime_cache / set_runtime_cache /
+set_execution_context_allocation_strategy`, `IRuntimeCache.deserialize / serialize`, and for
+weight-stripped plans `Refitter(engine, logger)`, `OnnxParserRefitter(refitter, logger).refit_from_file`,
+`Refitter.refit_cuda_engine`.
 """
 
 from __future__ import annotations
 
+import json
+import mmap
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from common.engine_manifest import check_engines_usable, engines_dir, read_engine_manifest
+from common.atomic import atomic_write_bytes, atomic_write_json
+from common.engine_manifest import (
+    ENGINE_MANIFEST_NAME,
+    check_engines_usable,
+    engines_dir,
+    read_engine_manifest,
+)
 from common.errors import ArtifactsError
 from common.specs import ComponentSpec
-from common.tensorrt_env import present_platform, trt_status
+from common.tensorrt_env import TARGETS, present_platform
+from common.tensorrt_env import trt_status as target_status
 
-__all__ = ["TrtBackend", "trt_status"]
+__all__ = ["TrtBackend", "trt_status", "runtime_target"]
+MEMORY_SIDECAR = "memory.json"
 
 # Components run once per denoising step: kernel-launch overhead is worth a CUDA graph there.
 CUDA_GRAPH_COMPONENTS = ("transformer",)
@@ -40,7 +64,35 @@ TORCH_DTYPES = {
     "INT8": "int8",
     "UINT8": "uint8",
     "BOOL": "bool",
+    "FP8": "float8_e4m3fn",
 }
+
+
+def runtime_target(artifacts: Path) -> tuple[str | None, str]:
+    """(target, reason): the first of tensorrt, rtx whose module and a GPU are here and whose engines
+    `artifacts` holds; (None, why not) otherwise."""
+    reasons = []
+    for target in TARGETS:
+        ok, reason = target_status(target)
+        manifest = engines_dir(artifacts, target) / ENGINE_MANIFEST_NAME
+        if ok and manifest.is_file():
+            return target, reason
+        reasons.append(reason if not ok else f"no {target} engines in {manifest.parent}")
+    return None, "; ".join(reasons)
+
+
+def trt_status(artifacts: Path | None = None) -> tuple[bool, str]:
+    """(available, reason) for the runtime: a TensorRT target with a GPU here (and its engines in `artifacts`)."""
+    if artifacts is not None:
+        target, reason = runtime_target(Path(artifacts))
+        return target is not None, reason
+    reasons = []
+    for target in TARGETS:
+        ok, reason = target_status(target)
+        if ok:
+            return True, reason
+        reasons.append(reason)
+    return False, "; ".join(reasons)
 
 
 def component_spec(manifest: dict, component: str) -> ComponentSpec:
@@ -63,6 +115,7 @@ def check_engine_io(io: dict[str, tuple[bool, tuple, str]], spec: ComponentSpec,
 class _Loaded:
     engine: object
     context: object
+    runtime_cache: object = None  # TensorRT-RTX's IRuntimeCache, saved when the engine is unloaded
     inputs: dict = field(default_factory=dict)  # name -> torch CUDA tensor bound to the context
     outputs: dict = field(default_factory=dict)
     runs: int = 0
@@ -73,10 +126,12 @@ class _Loaded:
 class TrtBackend:
     """`TrtBackend(artifacts_dir, manifest, low_vram=False)`: the `Backend` protocol on TensorRT engines.
 
-    Refuses (ArtifactsError) when TensorRT or a GPU is missing, or when the engines were built
-    for another GPU, another TensorRT version or other ONNX files. `low_vram=True` keeps one
-    engine loaded at a time. `cuda_graphs=False` disables graph capture. `trt_module` and
-    `platform` are for tests, which pass a fake TensorRT.
+    Uses the engines of the first target (tensorrt, then rtx) whose module and a GPU are present.
+    Refuses (ArtifactsError) when none is, or when the engines were built for another GPU (an RTX
+    engine: for other compute capabilities), another TensorRT version or other ONNX files.
+    `low_vram=True` keeps one engine loaded at a time, all sharing one user-managed scratch buffer.
+    `cuda_graphs=False` disables graph capture. `trt_module` and `platform` are for tests, which pass
+    a fake TensorRT (the platform's "target" says which engines it stands for).
     """
 
     name = "trt"
@@ -90,29 +145,37 @@ class TrtBackend:
         cuda_graphs: bool = True,
         trt_module=None,
         platform=None,
+        log=None,
     ):
         self.artifacts = Path(artifacts_dir)
         self.manifest = manifest
         self.precision = manifest["precision"]
         self.low_vram = low_vram
         self.cuda_graphs = cuda_graphs
+        self._log = log or (lambda message: None)
         if trt_module is None:
-            available, reason = trt_status()
-            if not available:
+            target, reason = runtime_target(self.artifacts)
+            if target is None:
                 raise ArtifactsError(f"the trt backend cannot run here: {reason}; use the ort backend")
-            import tensorrt as trt_module
+            from common.tensorrt_env import import_trt
 
-            platform = present_platform()
+            trt_module = import_trt(target)
+            platform = present_platform(target)
+        self.target = platform.get("target", "tensorrt")
         import torch
 
-        self._engines = read_engine_manifest(self.artifacts)
+        self._engines = read_engine_manifest(self.artifacts, self.target)
         check_engines_usable(self._engines, manifest, platform, self.artifacts)
+        self._folder = engines_dir(self.artifacts, self.target)
         self._trt = trt_module
         self._torch = torch
         self._device = torch.device("cuda", torch.cuda.current_device())
         self._stream = torch.cuda.Stream(device=self._device)
-        self._runtime = trt_module.Runtime(trt_module.Logger(trt_module.Logger.WARNING))
+        self._logger = trt_module.Logger(trt_module.Logger.WARNING)
+        self._runtime = trt_module.Runtime(self._logger)
         self._loaded: dict[str, _Loaded] = {}
+        self._scratch = None  # low_vram: the one device buffer every context computes in
+        self.memory = self._read_memory_sidecar()  # component -> {"device_memory_bytes", "plan_bytes"}
 
     # -- the Backend protocol --------------------------------------------------------------------
 
@@ -146,6 +209,7 @@ class TrtBackend:
         if loaded is None:
             return
         self._stream.synchronize()  # its buffers may still be in use by queued work
+        self._save_runtime_cache(component, loaded)
         # TensorRT wants the execution context gone before its engine; the graph holds the context's work.
         loaded.graph = None
         loaded.context = None
@@ -157,9 +221,16 @@ class TrtBackend:
     def close(self) -> None:
         for component in list(self._loaded):
             self.unload(component)
+        self._scratch = None
         self._runtime = None
 
     # -- loading -----------------------------------------------------------------------------------
+
+    def _deserialize(self, plan: Path):
+        """`Runtime.deserialize_cuda_engine` from a read-only memory map: the OS pages the plan in as
+        TensorRT reads it, and a 32 GB plan never becomes a 32 GB bytes object in host memory."""
+        with open(plan, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            return self._runtime.deserialize_cuda_engine(mapped)
 
     def _load(self, component: str) -> _Loaded:
         if component not in self.manifest["components"]:
@@ -169,12 +240,16 @@ class TrtBackend:
         if self.low_vram:
             for other in list(self._loaded):
                 self.unload(other)
-        plan = engines_dir(self.artifacts) / self._engines["engines"][component]["plan"]
-        engine = self._runtime.deserialize_cuda_engine(plan.read_bytes())
+        entry = self._engines["engines"][component]
+        plan = self._folder / entry["plan"]
+        engine = self._deserialize(plan)
         if engine is None:
             raise ArtifactsError(
-                f"TensorRT could not deserialize {plan}; rebuild it with `python -m engines.build --artifacts {self.artifacts} --force`"
+                f"TensorRT could not deserialize {plan}; rebuild it with `python -m engines.build --artifacts "
+                f"{self.artifacts} --target {self.target} --force`"
             )
+        if entry.get("flags", {}).get("strip_weights"):
+            self._refit_from_onnx(engine, component, plan)
         io = {}
         for index in range(engine.num_io_tensors):
             name = engine.get_tensor_name(index)
@@ -185,7 +260,8 @@ class TrtBackend:
                 TORCH_DTYPES.get(getattr(dtype, "name", str(dtype)), str(dtype)),
             )
         check_engine_io(io, component_spec(self.manifest, component), plan)
-        loaded = _Loaded(engine=engine, context=engine.create_execution_context())
+        self._record_memory(component, engine, plan)
+        loaded = self._create_context(component, engine)
         with self._torch.cuda.stream(self._stream):  # allocated for, and freed after, work on this stream
             for name, (is_input, shape, dtype) in io.items():
                 buffer = self._allocate(shape, dtype)
@@ -194,6 +270,78 @@ class TrtBackend:
                 (loaded.inputs if is_input else loaded.outputs)[name] = buffer
         self._loaded[component] = loaded
         return loaded
+
+    def _create_context(self, component: str, engine) -> _Loaded:
+        """An execution context: TensorRT-RTX's with its runtime cache; with low_vram, on the shared scratch."""
+        trt = self._trt
+        strategy = trt.ExecutionContextAllocationStrategy
+        mode = strategy.USER_MANAGED if self.low_vram else strategy.STATIC
+        cache = None
+        if self.target == "rtx":
+            config = engine.create_runtime_config()
+            config.set_execution_context_allocation_strategy(mode)
+            cache = config.create_runtime_cache()
+            saved = self._folder / f"{component}.runtime-cache"
+            if saved.is_file() and not cache.deserialize(saved.read_bytes()):
+                self._log(f"{saved}: runtime cache from another GPU, driver or TensorRT-RTX version; compiling afresh")
+            config.set_runtime_cache(cache)
+            context = engine.create_execution_context(config)
+        else:
+            context = engine.create_execution_context(mode)
+        if context is None:
+            raise ArtifactsError(f"TensorRT could not create an execution context for {component} (out of GPU memory?)")
+        if self.low_vram:
+            scratch = self._scratch_for(engine.device_memory_size_v2)
+            context.set_device_memory(scratch.data_ptr(), scratch.numel())
+        return _Loaded(engine=engine, context=context, runtime_cache=cache)
+
+    def _scratch_for(self, needed: int):
+        """The shared scratch buffer, sized to the largest engine's needs known so far (the sidecar
+        remembers every engine's, so after a node's first run it is allocated once, at one address)."""
+        largest = max([needed] + [m["device_memory_bytes"] for m in self.memory.values()])
+        if self._scratch is None or self._scratch.numel() < largest:
+            self._scratch = None
+            self._scratch = self._allocate((largest,), "uint8")
+        return self._scratch
+
+    def _refit_from_onnx(self, engine, component: str, plan: Path) -> None:
+        """A weight-stripped plan takes its weights from the ONNX external data it was built from."""
+        trt = self._trt
+        onnx_path = self.artifacts / self.manifest["components"][component]["file"]
+        refitter = trt.Refitter(engine, self._logger)
+        if not trt.OnnxParserRefitter(refitter, self._logger).refit_from_file(str(onnx_path)) or not (
+            refitter.refit_cuda_engine()
+        ):
+            raise ArtifactsError(
+                f"TensorRT could not refit the weight-stripped {plan} from {onnx_path}; rebuild with `python -m "
+                f"engines.build --artifacts {self.artifacts} --target {self.target} --force`"
+            )
+
+    def _save_runtime_cache(self, component: str, loaded: _Loaded) -> None:
+        if loaded.runtime_cache is None:
+            return
+        try:
+            atomic_write_bytes(self._folder / f"{component}.runtime-cache", loaded.runtime_cache.serialize())
+        except OSError as exc:  # a read-only engines folder: the next process compiles again, nothing worse
+            self._log(f"runtime cache for {component} not saved: {exc}")
+
+    def _read_memory_sidecar(self) -> dict:
+        path = self._folder / MEMORY_SIDECAR
+        try:
+            return json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _record_memory(self, component: str, engine, plan: Path) -> None:
+        """The resident-memory budget per engine: its weights (the plan's size) and scratch activations."""
+        record = {"device_memory_bytes": int(engine.device_memory_size_v2), "plan_bytes": plan.stat().st_size}
+        if self.memory.get(component) == record:
+            return
+        self.memory[component] = record
+        try:
+            atomic_write_json(self._folder / MEMORY_SIDECAR, self.memory)
+        except OSError as exc:
+            self._log(f"{self._folder / MEMORY_SIDECAR} not written: {exc}")
 
     def _allocate(self, shape: tuple, dtype: str):
         return self._torch.empty(shape, dtype=getattr(self._torch, dtype), device=self._device)
