@@ -80,3 +80,15 @@ def tiny_klein_distilled_checkpoint(_cache_dir) -> Path:
     from flux2_tiny.klein import KLEIN_DISTILLED
 
     return ensure_tiny_checkpoint(KLEIN_DISTILLED)
+
+
+# The fast lane (`make test-fast`, `-m "not slow"`) is unit tests: anything that needs an export
+# of a checkpoint, end to end, is `slow`, whether it asks for one through these fixtures or marks
+# itself.
+EXPORTING_FIXTURES = {"export_tiny", "variant_artifacts", "klein_artifacts", "exported"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if EXPORTING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

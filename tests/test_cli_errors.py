@@ -41,6 +41,7 @@ def test_folder_that_is_not_flux2(tmp_path):
     assert_one_line_error(_export(tmp_path / "out", model=tmp_path / "empty"), "model_index.json", "transformer/")
 
 
+@pytest.mark.slow
 def test_truncated_safetensors(tmp_path, tiny_checkpoint):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_checkpoint, broken)

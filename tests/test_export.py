@@ -55,6 +55,7 @@ def test_graphs_are_deployable(export_tiny, precision):
     assert manifest["versions"]["torch"].startswith("2.")
 
 
+@pytest.mark.slow
 def test_rerun_reuses_and_force_redoes(tmp_path, tiny_checkpoint, small_shapes):
     from export.run import export_artifacts
 

@@ -44,6 +44,7 @@ def test_amax_recorder_keeps_the_largest_input():
     assert recorder.result() == amax  # removed hooks record nothing
 
 
+@pytest.mark.slow
 def test_calibration_is_deterministic_and_cached(tiny_checkpoint, tmp_path):
     from export.checkpoint import open_checkpoint
 
@@ -108,6 +109,7 @@ def _export(out, *extra):
         ),
     ],
 )  # fmt: skip
+@pytest.mark.slow
 def test_fp8_usage_errors_are_one_line(tmp_path, extra, needles):
     out = tmp_path / "out"
     result = _export(out, *extra)

@@ -48,6 +48,7 @@ def _check_structure(out, module_prefix="model."):
     return listed
 
 
+@pytest.mark.slow
 def test_fp8_transformer_matches_pytorch_fp32(fp8_tiny):
     report, _, check = _reports(fp8_tiny)
     transformer = report["components"]["transformer"]
@@ -65,6 +66,7 @@ def test_fp8_transformer_matches_pytorch_fp32(fp8_tiny):
         assert report["components"][component]["passed"] is True
 
 
+@pytest.mark.slow
 def test_fp8_graph_rerun_independently(fp8_tiny, tmp_path):
     """Do not trust the report: build the twin again from the artifact and compare with PyTorch here."""
     from common.specs import Shapes, component_specs
@@ -133,6 +135,7 @@ def test_fp8_weights_take_one_byte(fp8_tiny, tiny_checkpoint):
     assert sizes["ratio"] < 0.95
 
 
+@pytest.mark.slow
 def test_rerun_reuses_fp8_and_a_new_exclusion_redoes_it(fp8_tiny, tiny_checkpoint, small_shapes, tmp_path):
     import dataclasses
     import shutil
@@ -154,6 +157,7 @@ def test_rerun_reuses_fp8_and_a_new_exclusion_redoes_it(fp8_tiny, tiny_checkpoin
     assert listed["transformer_blocks.1.attn.to_q"] == "bf16" and listed["transformer_blocks.0.attn.to_q"] == "fp8"
 
 
+@pytest.mark.slow
 def test_unseen_configuration_with_extra_exclusion(tmp_path):
     checkpoint = tmp_path / "variant"
     made = run_cli(
@@ -183,6 +187,7 @@ def test_unseen_configuration_with_extra_exclusion(tmp_path):
     assert check["end_to_end"]["psnr_db"]["fp8_vs_bf16"] > 0  # reported; the 25 dB bar is for the tiny default
 
 
+@pytest.mark.slow
 def test_fp8_text_encoder(tmp_path, tiny_checkpoint):
     from common.specs import Shapes
     from export.run import export_artifacts

@@ -4,6 +4,7 @@ import importlib.util
 import math
 
 import numpy as np
+import pytest
 
 from tests.support import REPO, run_cli
 
@@ -23,6 +24,7 @@ def test_psnr_and_rel_l2():
     assert math.isclose(smoke.rel_l2(image * 1.01, image), 0.01, rel_tol=1e-4)
 
 
+@pytest.mark.slow
 def test_help_and_refusal_without_tensorrt():
     assert run_cli("tools/gpu_smoke.py", "--help").returncode == 0
     result = run_cli("tools/gpu_smoke.py", "--precision", "fp32")

@@ -47,6 +47,7 @@ def _generate(pipe, layers, guidance_scale, prompt="a red fox in the snow"):
     ).images[0]
 
 
+@pytest.mark.slow
 def test_base_loads_and_guidance_changes_the_image(base_pipe, base_ckpt):
     from transformers import Qwen3ForCausalLM
 

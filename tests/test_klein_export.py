@@ -22,6 +22,7 @@ def _check_report(out, precision, components=("text_encoder", "transformer", "va
         assert metrics["rel_l2"] <= BOUNDS[precision], (component, metrics)
 
 
+@pytest.mark.slow
 def test_tiny_klein_exports_from_the_command_line(tmp_path):
     out = tmp_path / "klein-fp32"
     result = run_cli("-m", "export", "--model", "tiny-klein", "--out", str(out), *SIZE_ARGS)
@@ -44,6 +45,7 @@ def test_tiny_klein_exports_from_the_command_line(tmp_path):
     assert "enable_thinking" in (out / "tokenizer" / "chat_template.jinja").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16"])  # fp16: the klein variant below
 def test_tiny_klein_exports_at_reduced_precision(tmp_path, tiny_klein_checkpoint, small_shapes, precision):
     from export.run import export_artifacts
@@ -55,6 +57,7 @@ def test_tiny_klein_exports_at_reduced_precision(tmp_path, tiny_klein_checkpoint
     _check_report(out, precision)
 
 
+@pytest.mark.slow
 def test_distilled_transformer_at_batch_2_verifies(tmp_path):
     """A batch-2 transformer runs a CFG step (prompt, negative prompt) in one call."""
     out = tmp_path / "klein-b2"
@@ -94,6 +97,7 @@ def test_batch_size_must_be_positive(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_other_klein_configuration_exports_and_verifies(tmp_path):
     """Untied embeddings (as Qwen3-8B in klein 9B), other widths and layers: nothing tied to the preset."""
     checkpoint = tmp_path / "klein-variant"

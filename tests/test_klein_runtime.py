@@ -121,6 +121,7 @@ def test_distilled_model_ignores_guidance_with_diffusers_warning(klein_artifacts
     assert sidecar["classifier_free_guidance"] is False
 
 
+@pytest.mark.slow
 def test_klein_configuration_never_seen(tmp_path):
     checkpoint = tmp_path / "klein-variant"
     made = run_cli(

@@ -218,6 +218,7 @@ def test_plain_path_is_still_reachable(export_tiny, tiny_checkpoint, small_shape
     assert sha256_file(out / "vae.onnx.data") == sha256_file(export_tiny("fp16") / "vae.onnx.data")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage, message", [("drop", "has no weight for 1 parameter"), ("reshape", "has shape")])
 def test_checkpoint_not_matching_its_config_is_one_line(tiny_checkpoint, small_shapes, tmp_path, damage, message):
     from safetensors.torch import load_file, save_file

@@ -2,6 +2,7 @@ import dataclasses
 import hashlib
 
 import numpy as np
+import pytest
 import torch
 
 
@@ -24,6 +25,7 @@ def test_generator_is_deterministic(tmp_path, tiny_checkpoint):
     assert other.key() != DEFAULT.key()
 
 
+@pytest.mark.slow
 def test_diffusers_loads_and_generates(tiny_checkpoint):
     from diffusers import Flux2Pipeline
 
