@@ -1,0 +1,160 @@
+"""make bench-fp8-rewrite: bytes, time and peak anonymous memory of the FP8 rewrite and its fp32 twin.
+
+Input: a bf16 transformer graph as `python -m export` writes it (by default the tiny checkpoint at
+256 x 256, 64 tokens, exported once into bench/results/fp8_rewrite/). Each step runs in its own
+process: `quantize_graph` (NVIDIA's default exclusions, a synthetic amax per linear input derived
+from the module path, so every run gets the same scales), then `fp32_twin` of its result. This
+process samples the child's /proc status every few milliseconds (outside the child, so a long call
+that holds the child's GIL is still seen): peak RssAnon, i.e. what the step holds in memory itself
+(memory-mapped weights are file pages and not counted), minus the child's RssAnon once its imports
+are done. Output: the sha256 of the written .onnx and .onnx.data (so two versions of the code can
+be compared byte for byte), seconds, and memory, as a table and JSON (default
+bench/results/fp8_rewrite.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+MiB = 2**20
+SAMPLE_SECONDS = 0.002
+MODULE_PREFIX = "model."
+READY = "ready"
+
+
+class SyntheticAmax(dict):
+    """Every module path has an amax in [0.5, 32): fixed per path, spread like calibrated activations."""
+
+    def __contains__(self, path) -> bool:
+        return True
+
+    def __missing__(self, path: str) -> float:
+        return 0.5 * 2 ** ((zlib.crc32(path.encode()) % 600) / 100)
+
+
+def _anon_kib(pid: int | str = "self") -> int:
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass  # the process ended
+    return 0
+
+
+def child(step: str, source: Path, target: Path) -> None:
+    """Run one step; print the RssAnon after imports, then a JSON line with the step's own facts."""
+    from export.fp8.rewrite import DEFAULT_TRANSFORMER_EXCLUDE, quantize_graph
+    from export.fp8.twin import fp32_twin
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    before = _anon_kib()
+    print(READY, before, flush=True)
+    started = time.perf_counter()
+    if step == "quantize":
+        quantize_graph(
+            source, target, input_amax=SyntheticAmax(), exclude=DEFAULT_TRANSFORMER_EXCLUDE, module_prefix=MODULE_PREFIX
+        )
+    else:
+        fp32_twin(source, target)
+    print(json.dumps({"seconds": time.perf_counter() - started}), flush=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(16 * MiB):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def measure(step: str, source: Path, target: Path) -> dict:
+    command = [sys.executable, "-m", "bench.fp8_rewrite", "--child", step, str(source), str(target)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    peak, done = [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _anon_kib(process.pid))
+            done.wait(SAMPLE_SECONDS)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    lines = process.stdout.read().splitlines()
+    done.set()
+    sampler.join()
+    if process.wait() != 0:
+        raise SystemExit(f"{step} of {source} failed (exit {process.returncode})")
+    before = int(next(line for line in lines if line.startswith(READY)).split()[1])
+    facts = json.loads(lines[-1])
+    files = {name: target.parent / name for name in (target.name, target.name + ".data")}
+    return {
+        "step": step,
+        "source": str(source),
+        "seconds": round(facts["seconds"], 3),
+        "anon_after_imports_mib": round(before / 1024, 1),
+        "peak_anon_mib": round(peak[0] / 1024, 1),
+        "step_anon_mib": round((peak[0] - before) / 1024, 1),
+        "bytes": {name: path.stat().st_size for name, path in files.items() if path.exists()},
+        "sha256": {name: _sha256(path) for name, path in files.items() if path.exists()},
+    }
+
+
+def default_source(folder: Path) -> Path:
+    """The tiny checkpoint's transformer at bf16, 256 x 256, 64 tokens (exported once, then reused)."""
+    graph = folder / "bf16" / "transformer.onnx"
+    if not graph.exists():
+        command = [sys.executable, "-m", "export", "--model", "tiny", "--precision", "bf16", "--components",
+                   "transformer", "--out", str(folder / "bf16"), "--height", "256", "--width", "256",
+                   "--max-sequence-length", "64", "--skip-check"]  # fmt: skip
+        subprocess.run(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
+    return graph
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--source", type=Path, action="append", help="bf16 transformer .onnx (repeatable)")
+    parser.add_argument("--work", type=Path, default=RESULTS / "fp8_rewrite", help="folder for the written graphs")
+    parser.add_argument("--json", type=Path, default=RESULTS / "fp8_rewrite.json")
+    parser.add_argument("--child", nargs=3, metavar=("STEP", "SOURCE", "TARGET"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        step, source, target = args.child
+        child(step, Path(source), Path(target))
+        return 0
+
+    sources = args.source or [default_source(args.work)]
+    rows = []
+    for index, source in enumerate(sources):
+        out = args.work / f"run{index}"
+        shutil.rmtree(out, ignore_errors=True)
+        fp8 = out / "fp8" / source.name
+        rows.append(measure("quantize", source.resolve(), fp8))
+        rows.append(measure("fp32_twin", fp8, out / "twin" / source.name))
+    print(f"{'step':<10} {'source':<40} {'seconds':>8} {'anon MiB':>9} {'sha256 .onnx / .data':<30}")
+    for row in rows:
+        digests = " / ".join(digest[:12] for digest in row["sha256"].values())
+        print(
+            f"{row['step']:<10} {row['source'][-40:]:<40} {row['seconds']:>8.2f} {row['step_anon_mib']:>9.1f} {digests}"
+        )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
