@@ -114,6 +114,82 @@ def measure(step: str, source: Path, target: Path) -> dict:
     }
 
 
+def _node_facts(node) -> tuple:
+    import onnx
+
+    attributes = sorted((a.name, onnx.helper.get_attribute_value(a)) for a in node.attribute)
+    attributes = [(name, value.SerializeToString() if hasattr(value, "SerializeToString") else value)
+                  for name, value in attributes]  # fmt: skip
+    metadata = sorted((p.key, p.value) for p in node.metadata_props)
+    return node.op_type, node.domain, node.name, list(node.input), list(node.output), attributes, metadata
+
+
+def _value_facts(values) -> dict:
+    return {v.name: v.type.SerializeToString(deterministic=True) for v in values}
+
+
+def equivalence(a: Path, b: Path) -> dict:
+    """What differs between two graphs, apart from where their external data sits in the file."""
+    import onnx
+    from onnx import numpy_helper
+
+    first, second = (onnx.load(str(path), load_external_data=False) for path in (a, b))
+    external = [sum(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+                for model in (first, second)]  # fmt: skip
+    for model, path in ((first, a), (second, b)):
+        onnx.load_external_data_for_model(model, str(path.parent))
+    differences = []
+    for field in ("ir_version", "producer_name", "producer_version", "opset_import", "metadata_props"):
+        if getattr(first, field) != getattr(second, field):
+            differences.append(f"model.{field}")
+    nodes = [[_node_facts(n) for n in model.graph.node] for model in (first, second)]
+    if nodes[0] != nodes[1]:
+        at = next((i for i, (x, y) in enumerate(zip(*nodes)) if x != y), min(map(len, nodes)))
+        differences.append(f"nodes differ from index {at} ({len(nodes[0])} vs {len(nodes[1])} nodes)")
+    for field in ("input", "output"):
+        if _value_facts(getattr(first.graph, field)) != _value_facts(getattr(second.graph, field)):
+            differences.append(f"graph.{field}")
+    info = [_value_facts(model.graph.value_info) for model in (first, second)]
+    if info[0] != info[1]:
+        changed = sum(info[0][k] != info[1][k] for k in info[0].keys() & info[1].keys())
+        for mine, other, model, label in ((0, 1, first, "first"), (1, 0, second, "second")):
+            only = info[mine].keys() - info[other].keys()
+            names = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
+            stale = len(only - names)
+            differences.append(f"value_info: {len(only)} names in the {label} graph only ({stale} name no value there)")
+        differences.append(f"value_info: {changed} names typed differently")
+    tensors = [{t.name: t for t in model.graph.initializer} for model in (first, second)]
+    if tensors[0].keys() != tensors[1].keys():
+        differences.append("initializer names")
+    for name in tensors[0].keys() & tensors[1].keys():
+        x, y = tensors[0][name], tensors[1][name]
+        if x.data_type != y.data_type or list(x.dims) != list(y.dims):
+            differences.append(f"initializer {name}: type or shape")
+        elif numpy_helper.to_array(x).tobytes() != numpy_helper.to_array(y).tobytes():
+            differences.append(f"initializer {name}: values")
+    order = [[t.name for t in model.graph.initializer] for model in (first, second)]
+    return {
+        "differences": differences,
+        "nodes": len(nodes[0]),
+        "initializers": len(tensors[0]),
+        "initializer_order_equal": order[0] == order[1],
+        "external_initializers": external,
+    }
+
+
+def ort_outputs_equal(a: Path, b: Path, seed: int = 0) -> bool:
+    """Both graphs in ONNX Runtime's CPU provider on the same random feeds: bit-identical outputs?"""
+    import numpy as np
+
+    from export.fp8.twin import ort_session
+
+    sessions = [ort_session(path) for path in (a, b)]
+    generator = np.random.default_rng(seed)
+    feeds = {i.name: generator.standard_normal(i.shape).astype(np.float32) for i in sessions[0].get_inputs()}
+    results = [session.run(None, feeds) for session in sessions]
+    return all(x.tobytes() == y.tobytes() for x, y in zip(*results, strict=True))
+
+
 def default_source(folder: Path) -> Path:
     """The tiny checkpoint's transformer at bf16, 256 x 256, 64 tokens (exported once, then reused)."""
     graph = folder / "bf16" / "transformer.onnx"
@@ -130,6 +206,9 @@ def main(argv=None) -> int:
     parser.add_argument("--source", type=Path, action="append", help="bf16 transformer .onnx (repeatable)")
     parser.add_argument("--work", type=Path, default=RESULTS / "fp8_rewrite", help="folder for the written graphs")
     parser.add_argument("--json", type=Path, default=RESULTS / "fp8_rewrite.json")
+    parser.add_argument(
+        "--compare", type=Path, metavar="DIR", help="a --work folder of an earlier run: compare every graph with it"
+    )
     parser.add_argument("--child", nargs=3, metavar=("STEP", "SOURCE", "TARGET"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -151,6 +230,16 @@ def main(argv=None) -> int:
         print(
             f"{row['step']:<10} {row['source'][-40:]:<40} {row['seconds']:>8.2f} {row['step_anon_mib']:>9.1f} {digests}"
         )
+    if args.compare:
+        for index, _ in enumerate(sources):
+            for step in ("fp8", "twin"):
+                name = sources[index].name
+                mine, theirs = args.work / f"run{index}" / step / name, args.compare / f"run{index}" / step / name
+                report = equivalence(theirs, mine)
+                if step == "twin":
+                    report["ort_outputs_bit_identical"] = ort_outputs_equal(theirs, mine)
+                print(f"run{index} {step}: {json.dumps(report)}")
+                rows.append({"compare": str(theirs), "with": str(mine), **report})
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0
