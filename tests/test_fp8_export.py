@@ -123,11 +123,11 @@ def test_fp8_weights_take_one_byte(fp8_tiny, tiny_checkpoint):
     }
     sizes = _reports(fp8_tiny)[0]["components"]["transformer"]["fp8"]["sizes"]
     assert sizes["fp8_data_bytes"] == manifest["components"]["transformer"]["bytes"]["transformer.onnx.data"]
-    # Every FP8 weight element saves exactly one byte against bf16 (both data files are packed densely).
+    # Every FP8 weight element saves exactly one byte against bf16 (up to 64-byte alignment).
     model = load_transformer(open_checkpoint(tiny_checkpoint), torch.float32)
     expected = weight_bytes(model, DEFAULT_TRANSFORMER_EXCLUDE)
     saved = sizes["bf16_data_bytes"] - sizes["fp8_data_bytes"]
-    assert saved == expected["fp8_params"], (saved, expected)
+    assert abs(saved - expected["fp8_params"]) <= 64 * 40, (saved, expected)
     # Tiny models miss the 0.55 target by construction (shared modulation layers and float32 RoPE
     # tables dominate); the real FLUX.2 [dev] config meets it, see test_full_flux2_dev_weights_halve.
     assert sizes["ratio"] < 0.95

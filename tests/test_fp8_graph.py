@@ -3,7 +3,6 @@
 import ml_dtypes
 import numpy as np
 import onnx
-import onnx_ir as ir
 import pytest
 import torch
 from torch import nn
@@ -64,7 +63,8 @@ def _bf16_scale(amax: float) -> float:
 @pytest.mark.parametrize("optimize", [True, False])
 def test_qdq_linear_computes_e4m3_exactly(tmp_path, optimize):
     module, x, bf16_path = _export_toy(tmp_path, optimize)
-    assert sorted({use.path for use in find_linear_uses(ir.load(bf16_path))}) == ["body", "proj_out"]
+    model = onnx.load(str(bf16_path), load_external_data=False)
+    assert sorted({use.path for use in find_linear_uses(model)}) == ["body", "proj_out"]
     amax = {"body": float(x.abs().max()), "proj_out": 1.0}
     fp8_path = tmp_path / "fp8" / "toy.onnx"
     fp8_path.parent.mkdir()

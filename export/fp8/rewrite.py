@@ -13,10 +13,9 @@ activation's type (bf16 in a bf16 graph), because opset 19-22 QuantizeLinear req
 have the input's type and DequantizeLinear's output takes the scale's type: the DQ output then
 feeds the bf16 MatMul with no Cast in between, the pattern TensorRT fuses.
 
-The rewrite streams: `onnx_ir` loads the graph with its weights memory-mapped, an FP8 layer's
-weight becomes a lazy tensor that quantizes when `ir.save` writes it, and every other weight is
-copied file to file, so memory stays at one tensor however large the model (measured in
-docs/fp8.md).
+The rewrite streams: the source graph is read without its external data, and each weight is read
+from the data file, converted if it is an FP8 layer's, and appended to the new data file, one
+tensor at a time, so memory stays at one tensor however large the model.
 
 Linear layers are found through the metadata the dynamo exporter puts on every node
 (`pkg.torch.onnx.name_scopes` and `class_hierarchy`): the node that computes `aten.linear` inside
@@ -31,15 +30,12 @@ import fnmatch
 from dataclasses import dataclass
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
-import onnx_ir as ir
 
-from export.writing.trace import data_file_name
+from common.dtypes import numpy_of_onnx
+from export.writing.external_data import TensorReader, copy_with_external_data, flat_chunks
 
 FP8_E4M3_MAX = 448.0
-# Temporaries while converting one tensor stay at ~64 MiB per float32 copy.
-CHUNK_ELEMENTS = 1 << 24
 
 # NVIDIA's FLUX.2 recipe (Model Optimizer) keeps these in high precision: the embedders see raw
 # latents and text features, the modulation linears produce the scale/shift/gate of every block
@@ -59,7 +55,6 @@ _LINEAR_CLASS = "torch.nn.modules.linear.Linear"
 _LINEAR_OPS = ("MatMul", "Gemm")
 # Ops a weight may pass through between its initializer and the MatMul (exports with optimize=False).
 _WEIGHT_PASSTHROUGH = ("Transpose", "Identity")
-_E4M3 = ml_dtypes.float8_e4m3fn
 
 
 class Fp8GraphError(Exception):
@@ -68,12 +63,13 @@ class Fp8GraphError(Exception):
 
 @dataclass(frozen=True)
 class LinearUse:
-    """One call of an `nn.Linear` in an `ir.Model`."""
+    """One call of an `nn.Linear` in the graph."""
 
     path: str  # module path relative to the exported model, e.g. "transformer_blocks.0.attn.to_q"
-    node: ir.Node  # the MatMul/Gemm
-    weight: ir.Value  # the weight's initializer (possibly pre-transposed by the optimizer)
-    via: tuple[ir.Node, ...]  # Transpose/Identity nodes between the weight and the node, nearest first
+    node: str  # name of the MatMul/Gemm node
+    activation: str  # value name of the input activation
+    weight: str  # initializer name of the weight (possibly pre-transposed by the optimizer)
+    via: tuple[str, ...]  # names of Transpose/Identity nodes between the weight and the node
 
 
 def is_excluded(path: str, patterns: tuple[str, ...]) -> bool:
@@ -85,11 +81,11 @@ def plan_precisions(paths, exclude: tuple[str, ...]) -> dict[str, str]:
     return {path: ("bf16" if is_excluded(path, exclude) else "fp8") for path in paths}
 
 
-def _module_path(metadata_props: dict[str, str], module_prefix: str) -> str | None:
-    """The `nn.Linear` a node was traced from, from the exporter's metadata; None for any other node."""
+def _module_path(node, module_prefix: str) -> str | None:
+    props = {p.key: p.value for p in node.metadata_props}
     try:
-        classes = ast.literal_eval(metadata_props.get("pkg.torch.onnx.class_hierarchy", "[]"))
-        scopes = ast.literal_eval(metadata_props.get("pkg.torch.onnx.name_scopes", "[]"))
+        classes = ast.literal_eval(props.get("pkg.torch.onnx.class_hierarchy", "[]"))
+        scopes = ast.literal_eval(props.get("pkg.torch.onnx.name_scopes", "[]"))
     except (ValueError, SyntaxError):
         return None
     # [..., 'torch.nn.modules.linear.Linear', 'aten.linear.default'] with scopes [..., '<path>', '<op>']
@@ -101,23 +97,25 @@ def _module_path(metadata_props: dict[str, str], module_prefix: str) -> str | No
     return path
 
 
-def find_linear_uses(model: ir.Model, module_prefix: str = "") -> list[LinearUse]:
+def find_linear_uses(model, module_prefix: str = "") -> list[LinearUse]:
     """Every MatMul/Gemm that the exporter traced from an `nn.Linear`, with its weight initializer."""
+    initializers = {t.name for t in model.graph.initializer}
+    producers = {out: node for node in model.graph.node for out in node.output}
     uses = []
-    for node in model.graph:
+    for node in model.graph.node:
         if node.op_type not in _LINEAR_OPS:
             continue
-        path = _module_path(node.metadata_props, module_prefix)
+        path = _module_path(node, module_prefix)
         if path is None:
             continue
-        weight, via = node.inputs[1], []
-        while not weight.is_initializer():
-            producer = weight.producer()
+        weight, via = node.input[1], []
+        while weight not in initializers:
+            producer = producers.get(weight)
             if producer is None or producer.op_type not in _WEIGHT_PASSTHROUGH:
-                raise Fp8GraphError(f"weight of linear {path} (node {node.name}) is not an initializer: {weight.name}")
-            via.append(producer)
-            weight = producer.inputs[0]
-        uses.append(LinearUse(path, node, weight, tuple(via)))
+                raise Fp8GraphError(f"weight of linear {path} (node {node.name}) is not an initializer: {weight}")
+            via.append(producer.name)
+            weight = producer.input[0]
+        uses.append(LinearUse(path, node.name, node.input[0], weight, tuple(via)))
     return uses
 
 
@@ -131,13 +129,6 @@ def scale_for(amax: float, dtype) -> np.ndarray:
     return np.asarray(value, dtype=np.float32).astype(dtype)
 
 
-def flat_chunks(values: np.ndarray):
-    """(start, chunk) views over a tensor's elements, CHUNK_ELEMENTS at a time."""
-    flat = values.reshape(-1)
-    for start in range(0, flat.size, CHUNK_ELEMENTS):
-        yield start, flat[start : start + CHUNK_ELEMENTS]
-
-
 def abs_max(values: np.ndarray) -> float:
     return max((float(np.abs(chunk.astype(np.float32)).max()) for _, chunk in flat_chunks(values)), default=0.0)
 
@@ -147,11 +138,13 @@ def quantize_e4m3(values: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
     Chunked, so a large weight costs its FP8 result plus one chunk of float32 temporaries.
     """
-    result = np.empty(values.shape, dtype=_E4M3)
+    import ml_dtypes
+
+    result = np.empty(values.shape, dtype=ml_dtypes.float8_e4m3fn)
     flat = result.reshape(-1)
     for start, chunk in flat_chunks(values):
         scaled = chunk.astype(np.float32) / np.float32(scale)
-        flat[start : start + chunk.size] = np.clip(scaled, -FP8_E4M3_MAX, FP8_E4M3_MAX).astype(_E4M3)
+        flat[start : start + chunk.size] = np.clip(scaled, -FP8_E4M3_MAX, FP8_E4M3_MAX).astype(ml_dtypes.float8_e4m3fn)
     return result
 
 
@@ -185,8 +178,11 @@ def quantize_graph(
     activation amax. A linear chosen for FP8 without a calibrated amax is an error: nothing falls
     back silently. Returns one record per linear found, in graph order.
     """
+    import onnx
+    from onnx import TensorProto, helper
+
     source, target = Path(source), Path(target)
-    model = ir.load(source)
+    model = onnx.load(str(source), load_external_data=False)
     uses = find_linear_uses(model, module_prefix)
     if not uses:
         raise Fp8GraphError(f"{source} has no nn.Linear nodes the exporter labelled; cannot place FP8 Q/DQ")
@@ -198,101 +194,133 @@ def quantize_graph(
     if missing:
         raise Fp8GraphError(f"no calibrated input amax for {len(missing)} FP8 layer(s), e.g. {missing[:3]}")
 
-    graph = model.graph
-    zero_point = _initializer(graph, "fp8_zero_point", np.zeros((), _E4M3))
+    initializers = {t.name: t for t in model.graph.initializer}
+    value_types = _value_types(model)
+    reader = TensorReader(source.parent)
+    nodes_by_name = {node.name: node for node in model.graph.node}
+    weight_users = _count_users(model)
+    new_nodes: dict[str, list] = {}  # MatMul node name -> nodes to insert before it
+    fp8_weights: dict[str, tuple[str, np.ndarray]] = {}  # original weight name -> (fp8 name, scale)
+    new_initializers = []
+    zero_point = helper.make_tensor("fp8_zero_point", TensorProto.FLOAT8E4M3FN, [], [0.0])
     records = []
     for path, path_uses in by_path.items():
         first = path_uses[0]
-        weight = first.weight
-        record = LayerRecord(path, plan[path], tuple(weight.shape), len(path_uses))
+        weight_proto = initializers[first.weight]
+        record = LayerRecord(path, plan[path], tuple(weight_proto.dims), len(path_uses))
         records.append(record)
         if plan[path] != "fp8":
             record.reason = f"excluded by {next(p for p in exclude if is_excluded(path, (p,)))!r}"
             continue
-        if len({u.weight.name for u in path_uses}) != 1:
-            raise Fp8GraphError(
-                f"linear {path} uses different weight initializers: {[u.weight.name for u in path_uses]}"
-            )
-        # MatMul and Gemm take A and B of one type, and Transpose/Identity keep it: the weight's
-        # type is the activation's, which the scales must have.
-        scale_dtype = weight.dtype.numpy()
-        record.weight_amax = _weight_amax(weight.const_value)
+        if len({u.weight for u in path_uses}) != 1:
+            raise Fp8GraphError(f"linear {path} uses different weight initializers: {[u.weight for u in path_uses]}")
+        compute_type = value_types.get(first.activation)
+        if compute_type is None:
+            raise Fp8GraphError(f"activation {first.activation} of linear {path} has no known type")
+        scale_dtype = numpy_of_onnx(compute_type)
+        weight = reader.array(weight_proto)
+        record.weight_amax = abs_max(weight)
         weight_scale = scale_for(record.weight_amax, scale_dtype)
         record.weight_scale = float(weight_scale.astype(np.float32))
         record.input_amax = float(input_amax[path])
         input_scale = scale_for(record.input_amax, scale_dtype)
         record.input_scale = float(input_scale.astype(np.float32))
-        w_scale = _initializer(graph, f"{path}.weight_scale", weight_scale)
-        x_scale = _initializer(graph, f"{path}.input_scale", input_scale)
+
+        fp8_name = f"{path}.weight_fp8"
+        fp8_weights[first.weight] = (fp8_name, weight_scale)
+        w_scale_name, x_scale_name = f"{path}.weight_scale", f"{path}.input_scale"
+        new_initializers.append(_scalar(w_scale_name, weight_scale, compute_type))
+        new_initializers.append(_scalar(x_scale_name, input_scale, compute_type))
+        del weight
 
         # The DQ sits directly on the initializer; a Transpose between it and the MatMul is
         # kept (TensorRT propagates DQ through Transpose). Shared weights are not expected.
-        if len(weight.uses()) != len(path_uses):
-            raise Fp8GraphError(f"weight {weight.name} of linear {path} is also used outside that linear")
-        weight_consumers = [(use.via[-1], 0) if use.via else (use.node, 1) for use in path_uses]
-        _to_fp8(weight, weight_scale)
-        weight.name = f"{path}.weight_fp8"
-        weight_dq = _node("DequantizeLinear", [weight, w_scale, zero_point], f"{path}.weight_dequantized", path)
-        # Right before the first node that reads the weight (the MatMul, or the Transpose in front
-        # of it), so the node list stays topologically sorted.
-        graph.insert_before(weight_consumers[0][0], weight_dq)
+        if weight_users.get(first.weight, 0) != len(path_uses):
+            raise Fp8GraphError(f"weight {first.weight} of linear {path} is also used outside that linear")
+        weight_dq = f"{path}.weight_dequantized"
+        weight_dq_node = _node("DequantizeLinear", [fp8_name, w_scale_name, zero_point.name], weight_dq, path)
         for index, use in enumerate(path_uses):
             suffix = f".{index}" if len(path_uses) > 1 else ""
-            quantize = _node(
-                "QuantizeLinear", [use.node.inputs[0], x_scale, zero_point], f"{path}.input_fp8{suffix}", path
+            q_out, dq_out = f"{path}.input_fp8{suffix}", f"{path}.input_dequantized{suffix}"
+            node = nodes_by_name[use.node]
+            new_nodes.setdefault(use.node, []).extend(
+                [
+                    _node("QuantizeLinear", [use.activation, x_scale_name, zero_point.name], q_out, path),
+                    _node("DequantizeLinear", [q_out, x_scale_name, zero_point.name], dq_out, path),
+                ]
             )
-            dequantize = _node(
-                "DequantizeLinear",
-                [quantize.outputs[0], x_scale, zero_point],
-                f"{path}.input_dequantized{suffix}",
-                path,
-            )
-            graph.insert_before(use.node, [quantize, dequantize])
-            use.node.replace_input_with(0, dequantize.outputs[0])
-            consumer, input_index = weight_consumers[index]
-            consumer.replace_input_with(input_index, weight_dq.outputs[0])
-    if not zero_point.uses():  # every linear excluded
-        graph.initializers.pop(zero_point.name)
-    ir.save(model, target, external_data=data_file_name(target.name))
+            node.input[0] = dq_out
+            # The weight DQ goes right before the first node that reads the weight (the MatMul,
+            # or the Transpose in front of it), keeping the node list topologically sorted.
+            weight_consumer = nodes_by_name[use.via[-1]] if use.via else node
+            weight_consumer.input[0 if use.via else 1] = weight_dq
+            if index == 0:
+                new_nodes.setdefault(weight_consumer.name, []).insert(0, weight_dq_node)
+
+    if new_nodes:
+        ordered = []
+        for node in model.graph.node:
+            ordered.extend(new_nodes.get(node.name, ()))
+            ordered.append(node)
+        del model.graph.node[:]
+        model.graph.node.extend(ordered)
+        model.graph.initializer.append(zero_point)
+        model.graph.initializer.extend(new_initializers)
+
+    def transform(tensor, tensors: TensorReader):
+        # Quantized while writing (read a second time), so only one weight is in memory at once.
+        if tensor.name not in fp8_weights:
+            return None
+        fp8_name, weight_scale = fp8_weights.pop(tensor.name)
+        values = quantize_e4m3(tensors.array(tensor), weight_scale)
+        tensor.name = fp8_name
+        tensor.data_type = TensorProto.FLOAT8E4M3FN
+        return values
+
+    copy_with_external_data(model, source.parent, target, transform)
     return records
 
 
-def _weight_amax(tensor) -> float:
-    amax = abs_max(tensor.numpy())
-    if isinstance(tensor, ir.ExternalTensor):
-        tensor.release()  # unmap the data file: pages of every weight would otherwise stay mapped
-    return amax
+def _value_types(model) -> dict[str, int]:
+    types = {}
+    for value in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
+        if value.type.tensor_type.elem_type:
+            types[value.name] = value.type.tensor_type.elem_type
+    for tensor in model.graph.initializer:
+        types[tensor.name] = tensor.data_type
+    produced = {out for node in model.graph.node for out in node.output}
+    if produced - types.keys():  # the exporter did not store every type: infer them
+        import onnx
+
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=False)
+        for value in inferred.graph.value_info:
+            types.setdefault(value.name, value.type.tensor_type.elem_type)
+    return types
 
 
-def _to_fp8(weight: ir.Value, scale: np.ndarray) -> None:
-    """Make the weight's initializer FP8, quantized only when it is written, so one weight is in memory at once."""
-    source = weight.const_value
-
-    def quantized():
-        values = quantize_e4m3(source.numpy(), scale)
-        if isinstance(source, ir.ExternalTensor):
-            source.release()
-        return ir.Tensor(values)
-
-    weight.const_value = ir.LazyTensor(quantized, dtype=ir.DataType.FLOAT8E4M3FN, shape=source.shape)
-    weight.dtype = ir.DataType.FLOAT8E4M3FN
+def _count_users(model) -> dict[str, int]:
+    users: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users[name] = users.get(name, 0) + 1
+    return users
 
 
-def _initializer(graph: ir.Graph, name: str, value: np.ndarray) -> ir.Value:
-    initializer = ir.val(name, const_value=ir.Tensor(value, name=name))
-    graph.register_initializer(initializer)
-    return initializer
+def _scalar(name: str, value: np.ndarray, data_type: int):
+    from onnx import TensorProto
+
+    tensor = TensorProto(name=name, data_type=data_type)
+    tensor.raw_data = np.asarray(value).tobytes()
+    return tensor
 
 
-def _node(op_type: str, inputs: list[ir.Value], output: str, path: str) -> ir.Node:
-    # The metadata is for a reader; audit_qdq does not trust it.
-    return ir.node(
-        op_type,
-        inputs,
-        outputs=[ir.Value(name=output)],
-        name=f"{output}/{op_type}",
-        metadata_props={"flux2_trt.fp8_layer": path},
-    )
+def _node(op_type: str, inputs: list[str], output: str, path: str):
+    from onnx import helper
+
+    node = helper.make_node(op_type, inputs, [output], name=f"{output}/{op_type}")
+    entry = node.metadata_props.add()
+    entry.key, entry.value = "flux2_trt.fp8_layer", path  # for a reader; audit_qdq does not trust it
+    return node
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,7 +341,7 @@ def audit_qdq(model, module_prefix: str = "") -> dict[str, dict]:
     for node in model.graph.node:
         if node.op_type not in _LINEAR_OPS:
             continue
-        path = _module_path({p.key: p.value for p in node.metadata_props}, module_prefix)
+        path = _module_path(node, module_prefix)
         if path is None:
             continue
         entry = result.setdefault(

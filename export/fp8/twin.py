@@ -17,12 +17,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx_ir as ir
 import torch
 from torch import nn
 
 from common.metrics import psnr
-from export.writing.trace import data_file_name
+from export.writing.external_data import copy_with_external_data
 
 # The end-to-end check: a prompt outside the calibration set, FLUX.2 [dev]'s default guidance.
 E2E_PROMPT = "A photograph of a red fox sitting in fresh snow at dawn, soft light, shallow depth of field."
@@ -33,38 +32,42 @@ E2E_GUIDANCE = 4.0
 
 def fp32_twin(source: Path, target: Path) -> None:
     """Write the float32 twin of the graph at `source` to `target` (+ `.data`)."""
-    bf16, f32 = ir.DataType.BFLOAT16, ir.DataType.FLOAT
-    model = ir.load(source)
-    graph = model.graph
-    for value in graph.initializers.values():
-        if value.const_value is not None and value.const_value.dtype == bf16:
-            value.const_value = _widened(value.const_value)
-    for node in graph:
-        for name, attr in node.attributes.items():
-            if name in ("to", "dtype", "output_dtype") and attr.type == ir.AttributeType.INT and attr.value == bf16:
-                node.attributes[name] = ir.AttrInt64(name, f32)
-            elif attr.type == ir.AttributeType.TENSOR and attr.value.dtype == bf16:
-                node.attributes[name] = ir.AttrTensor(name, _widened(attr.value))
-            elif attr.type == ir.AttributeType.TENSORS:
-                tensors = [_widened(t) if t.dtype == bf16 else t for t in attr.value]
-                node.attributes[name] = ir.AttrTensors(name, tensors)
-    values = [*graph.inputs, *graph.initializers.values(), *(out for node in graph for out in node.outputs)]
-    for value in values:
-        if value.dtype == bf16:
-            value.dtype = f32
-    ir.save(model, target, external_data=data_file_name(Path(target).name))
+    import onnx
+    from onnx import AttributeProto, TensorProto, numpy_helper
 
+    bf16, f32 = TensorProto.BFLOAT16, TensorProto.FLOAT
+    model = onnx.load(str(source), load_external_data=False)
 
-def _widened(tensor):
-    """A bf16 tensor as float32, converted only when written, so one tensor is in memory at once."""
+    def widen_tensor_proto(tensor):  # an inline tensor (node attribute)
+        if tensor.data_type != bf16:
+            return
+        array = numpy_helper.to_array(tensor).astype(np.float32)
+        tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
 
-    def convert():
-        values = tensor.numpy().astype(np.float32)
-        if isinstance(tensor, ir.ExternalTensor):
-            tensor.release()
-        return ir.Tensor(values)
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.name in ("to", "dtype", "output_dtype") and attr.type == AttributeProto.INT and attr.i == bf16:
+                attr.i = f32
+            elif attr.type == AttributeProto.TENSOR:
+                widen_tensor_proto(attr.t)
+            elif attr.type == AttributeProto.TENSORS:
+                for tensor in attr.tensors:
+                    widen_tensor_proto(tensor)
+    for value in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
+        if value.type.tensor_type.elem_type == bf16:
+            value.type.tensor_type.elem_type = f32
 
-    return ir.LazyTensor(convert, dtype=ir.DataType.FLOAT, shape=tensor.shape, name=tensor.name)
+    def transform(tensor, reader):
+        if tensor.data_type != bf16:
+            return None
+        values = reader.array(tensor).astype(np.float32)
+        if not tensor.external_data:
+            tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+            return None
+        tensor.data_type = f32
+        return values
+
+    copy_with_external_data(model, Path(source).parent, target, transform)
 
 
 def ort_session(path: Path):
