@@ -75,6 +75,10 @@ def test_qdq_linear_computes_e4m3_exactly(tmp_path, optimize):
     assert (audit["body"]["weight_dq_fp8"], audit["body"]["activation_qdq"]) == (1, 1)
     assert (audit["proj_out"]["weight_dq_fp8"], audit["proj_out"]["activation_qdq"]) == (0, 0)
     assert audit["proj_out"]["weight_dtype"] == "bfloat16"
+    # Every type entry names a value of the graph: a renamed weight's entry follows it.
+    written = onnx.load(str(fp8_path), load_external_data=False)
+    values = {t.name for t in written.graph.initializer} | {out for node in written.graph.node for out in node.output}
+    assert {info.name for info in written.graph.value_info} <= values
 
     # The FP8 initializer holds exactly torch's E4M3 rounding of the bf16 weight.
     weight = module.body.weight.detach().float()  # bf16 values, [out, in]

@@ -265,6 +265,10 @@ def quantize_graph(
         model.graph.node.extend(ordered)
         model.graph.initializer.append(zero_point)
         model.graph.initializer.extend(new_initializers)
+    for info in model.graph.value_info:  # a renamed weight's type entry follows it (it would name nothing)
+        if info.name in fp8_weights:
+            info.name = fp8_weights[info.name][0]
+            info.type.tensor_type.elem_type = TensorProto.FLOAT8E4M3FN
 
     def transform(tensor, tensors: TensorReader):
         # Quantized while writing (read a second time), so only one weight is in memory at once.
