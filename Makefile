@@ -82,3 +82,8 @@ clean:
 .PHONY: bench-engines
 bench-engines: setup
 	$(PY) -m bench.engine_build
+
+.PHONY: bench-fp8-rewrite
+# Bytes (sha256), time and peak anonymous memory of the FP8 rewrite and its fp32 twin: see docs/fp8.md.
+bench-fp8-rewrite: setup
+	$(PY) -m bench.fp8_rewrite

@@ -75,6 +75,10 @@ def test_qdq_linear_computes_e4m3_exactly(tmp_path, optimize):
     assert (audit["body"]["weight_dq_fp8"], audit["body"]["activation_qdq"]) == (1, 1)
     assert (audit["proj_out"]["weight_dq_fp8"], audit["proj_out"]["activation_qdq"]) == (0, 0)
     assert audit["proj_out"]["weight_dtype"] == "bfloat16"
+    # Every type entry names a value of the graph: a renamed weight's entry follows it.
+    written = onnx.load(str(fp8_path), load_external_data=False)
+    values = {t.name for t in written.graph.initializer} | {out for node in written.graph.node for out in node.output}
+    assert {info.name for info in written.graph.value_info} <= values
 
     # The FP8 initializer holds exactly torch's E4M3 rounding of the bf16 weight.
     weight = module.body.weight.detach().float()  # bf16 values, [out, in]
@@ -169,3 +173,54 @@ def test_psnr():
     a = np.zeros((4, 4, 3))
     assert psnr(a, a) == float("inf")
     assert psnr(a + 0.1, a) == pytest.approx(20.0)
+
+
+def test_fp32_twin_widens_every_bf16_tensor_cast_and_constant(tmp_path):
+    """Cast targets, Constant attributes, inline and external initializers: all float32, values unchanged."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((64, 64)).astype(ml_dtypes.bfloat16)  # 8 KiB: external data
+    bias = rng.standard_normal(16).astype(ml_dtypes.bfloat16)  # 32 bytes: stays inline
+    half = numpy_helper.from_array(np.array(0.5, dtype=ml_dtypes.bfloat16), "half")
+    bf16 = TensorProto.BFLOAT16
+    nodes = [
+        helper.make_node("Cast", ["x"], ["x16"], to=bf16),
+        helper.make_node("MatMul", ["x16", "w"], ["h"]),
+        helper.make_node("Constant", [], ["c"], value=half),
+        helper.make_node("Mul", ["h", "c"], ["s"]),
+        helper.make_node("Slice", ["s", "starts", "ends", "axes"], ["s16"]),
+        helper.make_node("Add", ["s16", "b"], ["a"]),
+        helper.make_node("Cast", ["a"], ["y"], to=TensorProto.FLOAT),
+    ]
+    initializers = [
+        numpy_helper.from_array(weight, "w"),
+        numpy_helper.from_array(bias, "b"),
+        *(numpy_helper.from_array(np.array([v], np.int64), n) for n, v in (("starts", 0), ("ends", 16), ("axes", 1))),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 16])],
+        initializers,
+        value_info=[helper.make_tensor_value_info("h", bf16, [4, 64])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    source = tmp_path / "g.onnx"
+    onnx.save_model(model, str(source), save_as_external_data=True, location="g.onnx.data", size_threshold=1024)
+
+    twin = tmp_path / "twin" / "g.onnx"
+    twin.parent.mkdir()
+    fp32_twin(source, twin)
+    written = onnx.load(str(twin), load_external_data=False)
+    types = [t.data_type for t in written.graph.initializer] + [
+        v.type.tensor_type.elem_type for v in written.graph.value_info
+    ]
+    types += [a.t.data_type for n in written.graph.node for a in n.attribute if a.type == onnx.AttributeProto.TENSOR]
+    types += [a.i for n in written.graph.node for a in n.attribute if a.name == "to"]
+    assert bf16 not in types and TensorProto.FLOAT in types
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    (got,) = ort_session(twin).run(None, {"x": x})
+    want = (x @ weight.astype(np.float32) * 0.5)[:, :16] + bias.astype(np.float32)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

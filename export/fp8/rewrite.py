@@ -195,7 +195,6 @@ def quantize_graph(
         raise Fp8GraphError(f"no calibrated input amax for {len(missing)} FP8 layer(s), e.g. {missing[:3]}")
 
     initializers = {t.name: t for t in model.graph.initializer}
-    value_types = _value_types(model)
     reader = TensorReader(source.parent)
     nodes_by_name = {node.name: node for node in model.graph.node}
     weight_users = _count_users(model)
@@ -214,9 +213,9 @@ def quantize_graph(
             continue
         if len({u.weight for u in path_uses}) != 1:
             raise Fp8GraphError(f"linear {path} uses different weight initializers: {[u.weight for u in path_uses]}")
-        compute_type = value_types.get(first.activation)
-        if compute_type is None:
-            raise Fp8GraphError(f"activation {first.activation} of linear {path} has no known type")
+        # MatMul and Gemm take A and B of one type, and Transpose/Identity keep it: the weight's
+        # type is the activation's, which the scales must have.
+        compute_type = weight_proto.data_type
         scale_dtype = numpy_of_onnx(compute_type)
         weight = reader.array(weight_proto)
         record.weight_amax = abs_max(weight)
@@ -266,6 +265,10 @@ def quantize_graph(
         model.graph.node.extend(ordered)
         model.graph.initializer.append(zero_point)
         model.graph.initializer.extend(new_initializers)
+    for info in model.graph.value_info:  # a renamed weight's type entry follows it (it would name nothing)
+        if info.name in fp8_weights:
+            info.name = fp8_weights[info.name][0]
+            info.type.tensor_type.elem_type = TensorProto.FLOAT8E4M3FN
 
     def transform(tensor, tensors: TensorReader):
         # Quantized while writing (read a second time), so only one weight is in memory at once.
@@ -279,23 +282,6 @@ def quantize_graph(
 
     copy_with_external_data(model, source.parent, target, transform)
     return records
-
-
-def _value_types(model) -> dict[str, int]:
-    types = {}
-    for value in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
-        if value.type.tensor_type.elem_type:
-            types[value.name] = value.type.tensor_type.elem_type
-    for tensor in model.graph.initializer:
-        types[tensor.name] = tensor.data_type
-    produced = {out for node in model.graph.node for out in node.output}
-    if produced - types.keys():  # the exporter did not store every type: infer them
-        import onnx
-
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=False)
-        for value in inferred.graph.value_info:
-            types.setdefault(value.name, value.type.tensor_type.elem_type)
-    return types
 
 
 def _count_users(model) -> dict[str, int]:

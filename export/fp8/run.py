@@ -34,7 +34,7 @@ from export.fp8.calibrate import DEVICES, CalibrationSettings, load_prompts
 from export.fp8.rewrite import DEFAULT_TEXT_ENCODER_EXCLUDE, DEFAULT_TRANSFORMER_EXCLUDE, is_excluded
 
 # Bump when the FP8 graphs this code writes change for the same inputs (part of the cache key).
-FP8_CODE_VERSION = 1
+FP8_CODE_VERSION = 2  # 2: the renamed FP8 weights keep their value_info entries
 # The exportable wrappers hold the diffusers/transformers model under these attribute names.
 MODULE_PREFIX = {"transformer": "model.", "text_encoder": "language_model."}
 # The fp32 twin doubles the bf16 weights in memory; beyond this it is not run on a CPU here.
