@@ -193,6 +193,10 @@ def pipeline_kwargs(pipe, geometry: Geometry, shapes: Shapes, *, steps: int, gui
     }
     if geometry.guidance_embeds:
         wanted["guidance_scale"] = guidance
+    if shapes.reference_images:  # editing artifacts: calibrate (and check) with K reference images
+        from export.verify.reference import check_reference_pil_images
+
+        wanted["image"] = check_reference_pil_images(shapes)
     accepted = inspect.signature(type(pipe).__call__).parameters
     return {name: value for name, value in wanted.items() if name in accepted}
 

@@ -47,6 +47,18 @@ def check_reference_images(shape: tuple[int, ...], seed: int = CHECK_SEED) -> np
     return np.clip(images, -1, 1)
 
 
+def check_reference_pil_images(shapes: Shapes) -> list:
+    """The same images as PIL RGB at the reference size, for pipelines called with `image=`; [] when K = 0."""
+    from PIL import Image
+
+    if not shapes.reference_images:
+        return []
+    height, width = shapes.reference_size
+    pixels = check_reference_images((shapes.reference_images, 3, height, width))
+    as_uint8 = np.round((pixels.transpose(0, 2, 3, 1) + 1) * 127.5).astype(np.uint8)
+    return [Image.fromarray(image) for image in as_uint8]
+
+
 def build_graph_module(component: str, checkpoint: ckpt.Checkpoint, geometry: Geometry, shapes: Shapes, precision: str):
     """The exportable module for `component` with weights in `precision`."""
     dtype = torch_dtype(precision)
