@@ -111,7 +111,11 @@ def run_check(
         from runtime.reference_images import load_references
 
         reference_array, prepared = load_references(
-            images or [], count=shapes.reference_images, size=shapes.reference_size, log=log
+            images or [],
+            count=shapes.reference_images,
+            size=shapes.reference_size,
+            multiple_of=opened.geometry.pixels_per_token,
+            log=log,
         )
 
     started = time.perf_counter()

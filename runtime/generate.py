@@ -100,7 +100,11 @@ def generate(
         from runtime.reference_images import load_references
 
         references, _ = load_references(
-            images or [], count=opened.shapes.reference_images, size=opened.shapes.reference_size, log=log
+            images or [],
+            count=opened.shapes.reference_images,
+            size=opened.shapes.reference_size,
+            multiple_of=opened.geometry.pixels_per_token,
+            log=log,
         )
     chosen = select_backend(backend, opened.folder, opened.manifest, low_vram=low_vram, log=log)
     runtime = Flux2Runtime(opened, chosen)

@@ -25,7 +25,7 @@ import numpy as np
 from common.errors import UsageError
 
 MAX_AREA = 1024 * 1024  # Flux2Pipeline's reference area limit
-MULTIPLE_OF = 16  # vae_scale_factor * 2
+MULTIPLE_OF = 16  # vae_scale_factor * 2 for FLUX.2's 8x VAE (`Geometry.pixels_per_token`)
 
 
 @dataclass(frozen=True)
@@ -82,13 +82,13 @@ def fit_to(image, width: int, height: int):
     return canvas
 
 
-def prepare(image, size: tuple[int, int]):
+def prepare(image, size: tuple[int, int], multiple_of: int = MULTIPLE_OF):
     """(PIL image at `size` = (height, width), fitted?) for one loaded image."""
     from PIL import Image
 
     height, width = size
     target_width, target_height, scaled = diffusers_size(image.width, image.height)
-    if (target_height // MULTIPLE_OF * MULTIPLE_OF, target_width // MULTIPLE_OF * MULTIPLE_OF) == (height, width):
+    if (target_height // multiple_of * multiple_of, target_width // multiple_of * multiple_of) == (height, width):
         if scaled:
             image = image.resize((target_width, target_height), Image.Resampling.LANCZOS)
         return center_crop(image, width, height), False
@@ -101,7 +101,9 @@ def to_array(images) -> np.ndarray:
     return np.stack(arrays).transpose(0, 3, 1, 2) * 2.0 - 1.0
 
 
-def load_references(paths, *, count: int, size: tuple[int, int], log=None) -> tuple[np.ndarray, list]:
+def load_references(
+    paths, *, count: int, size: tuple[int, int], multiple_of: int = MULTIPLE_OF, log=None
+) -> tuple[np.ndarray, list]:
     """Check the number against what the artifacts take, load, prepare; ([K, 3, H, W] array, PreparedReference list)."""
     paths = [Path(p) for p in paths]
     if len(paths) > count:
@@ -117,11 +119,11 @@ def load_references(paths, *, count: int, size: tuple[int, int], log=None) -> tu
     prepared = []
     for path in paths:
         image = load_image(path)
-        fitted_image, fitted = prepare(image, size)
+        fitted_image, fitted = prepare(image, size, multiple_of)
         prepared.append(PreparedReference(path, fitted_image, (image.height, image.width), fitted))
         if fitted and log is not None:
             natural_width, natural_height, _ = diffusers_size(image.width, image.height)
-            natural = f"{natural_height // MULTIPLE_OF * MULTIPLE_OF}x{natural_width // MULTIPLE_OF * MULTIPLE_OF}"
+            natural = f"{natural_height // multiple_of * multiple_of}x{natural_width // multiple_of * multiple_of}"
             log(
                 f"note: --image {path} is {image.height}x{image.width} (HxW); resized and center-cropped to the "
                 f"exported reference size {size[0]}x{size[1]} (diffusers would use {natural}: "
