@@ -224,3 +224,33 @@ def test_export_reference_flags(tmp_path, capsys, flags, needle):
     assert code == 2
     assert needle in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp16", "bf16", "fp8"])
+def test_every_precision_exports_references_within_its_bounds(editing, tmp_path, precision):
+    """fp16 graphs in ONNX Runtime, bf16 in onnx's reference evaluator, FP8 through its fp32 twin, as for text to image."""
+    from common.specs import TOLERANCES, Shapes
+    from engines.check import check_artifacts
+    from export.fp8.calibrate import CalibrationSettings
+    from export.fp8.run import Fp8Options
+    from export.run import export_artifacts
+
+    editing("dev-k1")  # makes the checkpoint
+    checkpoint = next(p for p in editing("dev-k1").parent.iterdir() if p.name == "checkpoint-dev")
+    out = tmp_path / precision
+    fp8 = Fp8Options(calibration=CalibrationSettings(prompts=2, steps=2)) if precision == "fp8" else None
+    manifest = export_artifacts(model=str(checkpoint), out=out, precision=precision, components=("transformer", "vae"),
+                                shapes=Shapes(**SHAPES, reference_images=1), fp8=fp8, log=lambda m: None)  # fmt: skip
+    assert set(manifest["components"]) == {"transformer", "vae", "vae_encoder"}
+    reports = json.loads((out / "reports" / "export_check.json").read_text())["components"]
+    for component in ("transformer", "vae_encoder"):
+        report = reports[component]
+        assert report["passed"], (component, report)
+        bound = TOLERANCES["bf16" if precision == "fp8" and component == "vae_encoder" else precision]
+        for metrics in report["outputs"].values():
+            assert metrics["rel_l2"] <= bound.max_rel_l2 and metrics["cosine"] >= bound.min_cosine
+    if precision == "fp8":
+        assert reports["transformer"]["fp8"]["counts"]["fp8"] > 0
+        assert reports["transformer"]["end_to_end"]["psnr_db"]["fp8_vs_bf16"] >= 25
+    assert all(r.passed for r in check_artifacts(out))
