@@ -65,3 +65,8 @@ lint: setup
 
 clean:
 	rm -rf artifacts out
+
+.PHONY: bench-editing
+# What K = 0, 1, 2 reference images cost on the tiny [dev] model (ort-cpu), as ratios to K = 0: see docs/editing.md.
+bench-editing: setup
+	PYTHONPATH=. $(PY) bench/editing.py
