@@ -149,6 +149,9 @@ def test_dev_one_and_two_references_match_diffusers(editing, images):
     assert manifest["shapes"]["reference_images"] == 2
     assert (manifest["shapes"]["reference_height"], manifest["shapes"]["reference_width"]) == (96, 128)
     assert manifest["components"]["vae_encoder"]["inputs"][0]["shape"] == [2, 3, 96, 128]
+    torch_backend = run_check(artifacts=editing("dev-k2"), backend="torch", steps=STEPS,
+                              images=[images["96x128"], images["128"]], log=lines.append)  # fmt: skip
+    assert torch_backend["passed"] and torch_backend["end_to_end"]["psnr_db"] >= 50
     # The references condition the image: another reference, another picture.
     other = _ours(editing("dev-k1"), [images["200x150"]])
     assert psnr(_ours(editing("dev-k1"), [images["128"]]), other) < 40
