@@ -229,6 +229,13 @@ def run_export(job: ExportJob, log=None) -> dict:
                     "checked": not skip_check,
                     **({"fp8": fp8.key_payload(component)} if precision == "fp8" else {}),
                     "streamed": stream,
+                    # K and the reference size fix the transformer's RoPE tables beyond its input
+                    # shapes (2 x 64x64 and 1 x 128x64 give the same token count); absent at K = 0.
+                    **(
+                        {"references": [shapes.reference_images, *shapes.reference_size]}
+                        if shapes.reference_images
+                        else {}
+                    ),
                 }
             )
             started = time.perf_counter()

@@ -257,3 +257,19 @@ def test_every_precision_exports_references_within_its_bounds(editing, tmp_path,
         assert reports["transformer"]["fp8"]["counts"]["fp8"] > 0
         assert reports["transformer"]["end_to_end"]["psnr_db"]["fp8_vs_bf16"] >= 25
     assert all(r.passed for r in check_artifacts(out))
+
+
+def test_same_token_count_other_references_is_a_new_transformer(editing, tmp_path):
+    """K=2 references of 128x64 give as many tokens as K=1 of 128x128, but other position ids: no cache reuse."""
+    from common.specs import Shapes
+    from export.run import export_artifacts
+
+    out = tmp_path / "k2-128x64"
+    shutil.copytree(editing("dev-k1"), out)
+    before = json.loads((out / "manifest.json").read_text())["components"]
+    shapes = Shapes(**SHAPES, reference_images=2, reference_height=128, reference_width=64)
+    after = export_artifacts(model=str(editing("dev-k1").parent / "checkpoint-dev"), out=out, shapes=shapes,
+                             skip_check=True, log=lambda m: None)["components"]  # fmt: skip
+    assert after["transformer"]["inputs"] == before["transformer"]["inputs"]  # same shapes ...
+    assert after["transformer"]["sha256"] != before["transformer"]["sha256"]  # ... another graph
+    assert after["text_encoder"]["sha256"] == before["text_encoder"]["sha256"]  # reused
