@@ -87,3 +87,8 @@ bench-engines: setup
 # Bytes (sha256), time and peak anonymous memory of the FP8 rewrite and its fp32 twin: see docs/fp8.md.
 bench-fp8-rewrite: setup
 	$(PY) -m bench.fp8_rewrite
+
+.PHONY: bench-editing
+# What K = 0, 1, 2 reference images cost on the tiny [dev] model (ort-cpu), as ratios to K = 0: see docs/editing.md.
+bench-editing: setup
+	PYTHONPATH=. $(PY) bench/editing.py

@@ -19,6 +19,8 @@ from common.family import Family
 
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 COMPONENTS = ("text_encoder", "transformer", "vae")
+# Only artifacts exported with reference images (`Shapes.reference_images` > 0) have this graph.
+EDITING_COMPONENTS = ("vae_encoder",)
 
 # Defaults live here and only here.
 DEFAULT_HEIGHT = 1024
@@ -98,6 +100,24 @@ class Shapes:
     width: int = DEFAULT_WIDTH
     max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH
     batch_size: int = 1
+    # Image editing: K reference images, each of reference_height x reference_width pixels (0:
+    # the output size). K = 0 is text-to-image, and then these fields are left out of the JSON so
+    # that text-to-image manifests and cache keys stay what they were.
+    reference_images: int = 0
+    reference_height: int = 0
+    reference_width: int = 0
+
+    @property
+    def reference_size(self) -> tuple[int, int]:
+        """(height, width) of each reference image."""
+        return (self.reference_height or self.height, self.reference_width or self.width)
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        if not self.reference_images:
+            for name in ("reference_images", "reference_height", "reference_width"):
+                data.pop(name)
+        return data
 
 
 @dataclass(frozen=True)
@@ -164,19 +184,35 @@ def image_tokens(geometry: Geometry, shapes: Shapes) -> int:
     return (shapes.height // step) * (shapes.width // step)
 
 
+def reference_tokens(geometry: Geometry, shapes: Shapes) -> int:
+    """Packed tokens of one reference image (0 without references)."""
+    if not shapes.reference_images:
+        return 0
+    height, width = shapes.reference_size
+    step = geometry.pixels_per_token
+    return (height // step) * (width // step)
+
+
 def component_specs(geometry: Geometry, shapes: Shapes) -> dict[str, ComponentSpec]:
     b, seq = shapes.batch_size, shapes.max_sequence_length
     tokens = image_tokens(geometry, shapes)
     text_embed_dim = len(geometry.text_out_layers) * geometry.text_hidden_size
     f32, i64 = "float32", "int64"
+    k, per_reference = shapes.reference_images, reference_tokens(geometry, shapes)
     transformer_inputs = [
         TensorSpec("hidden_states", (b, tokens, geometry.in_channels), f32),  # packed noisy latents
+    ]
+    if k:
+        # The K references' tokens, concatenated after the noisy latents' as Flux2Pipeline does
+        # every step; the velocity keeps only the first `tokens` rows.
+        transformer_inputs.append(TensorSpec("reference_latents", (b, k * per_reference, geometry.in_channels), f32))
+    transformer_inputs += [
         TensorSpec("encoder_hidden_states", (b, seq, geometry.joint_attention_dim), f32),  # prompt_embeds
         TensorSpec("timestep", (b,), f32),  # sigma in [0, 1] (diffusers passes t / 1000)
     ]
     if geometry.guidance_embeds:
         transformer_inputs.append(TensorSpec("guidance", (b,), f32))
-    return {
+    specs = {
         "text_encoder": ComponentSpec(
             "text_encoder",
             inputs=(TensorSpec("input_ids", (b, seq), i64), TensorSpec("attention_mask", (b, seq), i64)),
@@ -196,3 +232,14 @@ def component_specs(geometry: Geometry, shapes: Shapes) -> dict[str, ComponentSp
             outputs=(TensorSpec("image", (b, 3, shapes.height, shapes.width), f32),),  # in [-1, 1]
         ),
     }
+    if k:
+        ref_height, ref_width = shapes.reference_size
+        # The reference images, all K in one call: pixels in [-1, 1] -> encoded (the latent
+        # distribution's mode), patchified, BatchNorm-normalised and packed, as
+        # Flux2Pipeline._encode_vae_image + _pack_latents.
+        specs["vae_encoder"] = ComponentSpec(
+            "vae_encoder",
+            inputs=(TensorSpec("reference_images", (k, 3, ref_height, ref_width), f32),),
+            outputs=(TensorSpec("reference_tokens", (k, per_reference, 4 * geometry.latent_channels), f32),),
+        )
+    return specs

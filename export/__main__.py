@@ -27,6 +27,19 @@ def main(argv=None) -> int:
         "--batch-size", type=int, default=1, help="batch of every graph (2: both CFG passes in one transformer call)"
     )
     parser.add_argument(
+        "--reference-images",
+        type=int,
+        default=0,
+        metavar="K",
+        help="image editing: K reference images per generation (adds vae_encoder.onnx; default 0, text to image)",
+    )
+    parser.add_argument(
+        "--reference-size",
+        default=None,
+        metavar="HxW",
+        help="pixel size of each reference image (default: the output --height x --width)",
+    )
+    parser.add_argument(
         "--text-encoder-layers", default=None, help="hidden-state indices, e.g. 10,20,30 (default: from the checkpoint)"
     )
     parser.add_argument("--force", action="store_true", help="re-export even when cached artifacts match")
@@ -41,6 +54,11 @@ def main(argv=None) -> int:
     layers = (
         parse_int_csv(parser, "--text-encoder-layers", args.text_encoder_layers) if args.text_encoder_layers else None
     )
+    reference_height = reference_width = 0
+    if args.reference_size is not None:
+        if not args.reference_images:
+            parser.error(f"--reference-size {args.reference_size} needs --reference-images K (K >= 1)")
+        reference_height, reference_width = parse_size(parser, "--reference-size", args.reference_size)
     job = ExportJob(
         model=args.model,
         out=args.out,
@@ -51,6 +69,9 @@ def main(argv=None) -> int:
             width=args.width,
             max_sequence_length=args.max_sequence_length,
             batch_size=args.batch_size,
+            reference_images=args.reference_images,
+            reference_height=reference_height,
+            reference_width=reference_width,
         ),
         text_encoder_layers=layers,
         force=args.force,
@@ -60,6 +81,14 @@ def main(argv=None) -> int:
     )
     run_export(job)
     return 0
+
+
+def parse_size(parser: argparse.ArgumentParser, flag: str, text: str) -> tuple[int, int]:
+    """'512x768' -> (512, 768): height first, as --height/--width."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
+        parser.error(f"{flag} {text!r} is not HEIGHTxWIDTH in pixels, e.g. 1024x1024")
+    return int(parts[0]), int(parts[1])
 
 
 if __name__ == "__main__":

@@ -24,7 +24,16 @@ from common.manifest import (
     sha256_file,
 )
 from common.named_checkpoints import resolve_model
-from common.specs import COMPONENTS, PRECISIONS, TOLERANCES, ComponentSpec, Geometry, Shapes, component_specs
+from common.specs import (
+    COMPONENTS,
+    EDITING_COMPONENTS,
+    PRECISIONS,
+    TOLERANCES,
+    ComponentSpec,
+    Geometry,
+    Shapes,
+    component_specs,
+)
 from common.tokenizer import TOKENIZER_FILES
 from export import checkpoint as ckpt
 from export.writing.trace import data_file_name, example_inputs, export_graph
@@ -89,12 +98,16 @@ def validate_request(
     width: int,
     max_sequence_length: int,
     batch_size: int = 1,
+    reference_images: int = 0,
+    reference_size: tuple[int, int] = (0, 0),
 ) -> None:
     if precision not in PRECISIONS:
         raise UsageError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    unknown = [c for c in components if c not in COMPONENTS]
+    known = COMPONENTS + (EDITING_COMPONENTS if reference_images else ())
+    unknown = [c for c in components if c not in known]
     if unknown or not components:
-        raise UsageError(f"unknown component(s) {','.join(unknown) or '(none)'}; choose from {','.join(COMPONENTS)}")
+        hint = "" if reference_images else " (vae_encoder comes with --reference-images)"
+        raise UsageError(f"unknown component(s) {','.join(unknown) or '(none)'}; choose from {','.join(known)}{hint}")
     for name, value in (("height", height), ("width", width)):
         if value <= 0 or value % 16:
             raise UsageError(
@@ -104,6 +117,28 @@ def validate_request(
         raise UsageError(f"--max-sequence-length {max_sequence_length} must be positive (FLUX.2 uses 512)")
     if batch_size <= 0:
         raise UsageError(f"--batch-size {batch_size} must be positive (2 runs a CFG step in one transformer call)")
+    if reference_images < 0:
+        raise UsageError(f"--reference-images {reference_images} must be 0 (text to image) or more")
+    if reference_images:
+        validate_reference_size(*reference_size)
+
+
+# diffusers' Flux2ImageProcessor.check_image_input refuses sides under 64 pixels, and the pipeline
+# scales an image above 1024 x 1024 pixels of area down to that area before encoding it.
+MIN_REFERENCE_SIDE = 64
+MAX_REFERENCE_AREA = 1024 * 1024
+
+
+def validate_reference_size(height: int, width: int) -> None:
+    size = f"--reference-size {height}x{width}"
+    if height % 16 or width % 16 or min(height, width) < MIN_REFERENCE_SIDE:
+        raise UsageError(
+            f"{size} must be multiples of 16 of at least {MIN_REFERENCE_SIDE} pixels (diffusers' smallest reference)"
+        )
+    if height * width > MAX_REFERENCE_AREA:
+        raise UsageError(
+            f"{size} is over 1024x1024 pixels of area; diffusers scales references down to that area, so choose one within it"
+        )
 
 
 def _prepare_out(out: Path) -> None:
@@ -140,6 +175,12 @@ def run_export(job: ExportJob, log=None) -> dict:
 
         fp8 = Fp8Options()
     out = Path(job.out).expanduser().absolute()
+    if shapes.reference_images:
+        # The size is recorded, never left to "the output size" on reading.
+        reference_height, reference_width = shapes.reference_size
+        shapes = dataclasses.replace(shapes, reference_height=reference_height, reference_width=reference_width)
+        if "vae" in components and "vae_encoder" not in components:
+            components = (*components, "vae_encoder")
     validate_request(
         precision=precision,
         components=components,
@@ -147,6 +188,8 @@ def run_export(job: ExportJob, log=None) -> dict:
         width=shapes.width,
         max_sequence_length=shapes.max_sequence_length,
         batch_size=shapes.batch_size,
+        reference_images=shapes.reference_images,
+        reference_size=shapes.reference_size,
     )
     _prepare_out(out)
     checkpoint = ckpt.open_checkpoint(resolve_model(model))
@@ -186,6 +229,13 @@ def run_export(job: ExportJob, log=None) -> dict:
                     "checked": not skip_check,
                     **({"fp8": fp8.key_payload(component)} if precision == "fp8" else {}),
                     "streamed": stream,
+                    # K and the reference size fix the transformer's RoPE tables beyond its input
+                    # shapes (2 x 64x64 and 1 x 128x64 give the same token count); absent at K = 0.
+                    **(
+                        {"references": [shapes.reference_images, *shapes.reference_size]}
+                        if shapes.reference_images
+                        else {}
+                    ),
                 }
             )
             started = time.perf_counter()
@@ -219,7 +269,7 @@ def run_export(job: ExportJob, log=None) -> dict:
             "precision": precision,
             "source": source,
             "geometry": geometry.to_json(),
-            "shapes": dataclasses.asdict(shapes),
+            "shapes": shapes.to_json(),
             "versions": versions,
             "tokenizer": {"folder": "tokenizer", "files": tokenizer_files},
             "scheduler_config": "scheduler_config.json",

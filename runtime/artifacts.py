@@ -8,7 +8,7 @@ from pathlib import Path
 
 from common.errors import ArtifactsError
 from common.manifest import manifest_hash, read_manifest
-from common.specs import ComponentSpec, Geometry, Shapes, component_specs
+from common.specs import EDITING_COMPONENTS, ComponentSpec, Geometry, Shapes, component_specs
 
 REQUIRED = ("text_encoder", "transformer", "vae")
 
@@ -34,12 +34,15 @@ def open_artifacts(folder: str | Path) -> Artifacts:
     folder = Path(folder).expanduser()
     manifest = read_manifest(folder)
     components = manifest.get("components", {})
-    missing = [c for c in REQUIRED if c not in components]
+    shapes = Shapes(**manifest["shapes"])
+    # Editing artifacts (exported with --reference-images K) also need the VAE encoder.
+    required = REQUIRED + (EDITING_COMPONENTS if shapes.reference_images else ())
+    missing = [c for c in required if c not in components]
     if missing:
         raise ArtifactsError(
             f"artifacts {folder} lack {', '.join(missing)}; re-run `python -m export --out {folder}` with all components"
         )
-    for component in REQUIRED:
+    for component in required:
         entry = components[component]
         for name, size in entry["bytes"].items():
             path = folder / name
@@ -62,9 +65,8 @@ def open_artifacts(folder: str | Path) -> Artifacts:
             f"artifacts {folder} are incomplete: scheduler_config.json is missing; re-run export with --force"
         )
     geometry = Geometry.from_json(manifest["geometry"])
-    shapes = Shapes(**manifest["shapes"])
     specs = component_specs(geometry, shapes)
-    for component in REQUIRED:
+    for component in required:
         declared = [(t["name"], tuple(t["shape"])) for t in components[component]["inputs"]]
         if declared != [(t.name, t.shape) for t in specs[component].inputs]:
             raise ArtifactsError(

@@ -3,6 +3,10 @@
 Per component (same inputs into both): text encoder -> prompt_embeds; transformer -> the
 velocity at the first step; VAE -> the image decoded from diffusers' final latents. End to end:
 PSNR and SSIM between the two images. Written as a table and DIR/reports/runtime_check.json.
+
+Editing artifacts (exported with --reference-images K) take K `--image` files: both sides get the
+same prepared images (`runtime.reference_images`), the VAE encoder is compared on them (its
+reference tokens against `Flux2Pipeline.prepare_image_latents`), and the transformer with them.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ def run_check(
     seed: int = 0,
     steps: int = 4,
     guidance: float = 4.0,
+    images: list[Path] | None = None,
     log=None,
 ) -> dict:
     import torch
@@ -101,6 +106,17 @@ def run_check(
     runtime = Flux2Runtime(opened, chosen)
     layers = tuple(opened.geometry.text_out_layers)
     shapes = opened.shapes
+    reference_array, prepared = None, []
+    if images or shapes.reference_images:
+        from runtime.reference_images import load_references
+
+        reference_array, prepared = load_references(
+            images or [],
+            count=shapes.reference_images,
+            size=shapes.reference_size,
+            multiple_of=opened.geometry.pixels_per_token,
+            log=log,
+        )
 
     started = time.perf_counter()
     pipe = _reference_pipeline(checkpoint, opened.geometry.pipeline_class)
@@ -127,6 +143,8 @@ def run_check(
             output_type="np",
             callback_on_step_end=keep_latents,
         )
+        if prepared:
+            call["image"] = [reference.image for reference in prepared]
         ref_image = pipe(**call).images[0]
     floor_psnr = None
     if precision != "fp32":
@@ -141,7 +159,11 @@ def run_check(
 
     timings = Timings()
     started = time.perf_counter()
-    _, our_image, _ = next(runtime.generate(prompt, seed=seed, steps=steps, guidance=guidance, progress=False))
+    _, our_image, _ = next(
+        runtime.generate(
+            prompt, seed=seed, steps=steps, guidance=guidance, progress=False, reference_images=reference_array
+        )
+    )
     runtime_seconds = time.perf_counter() - started
 
     # Per component, same inputs into both sides; graphs built for a batch of b get b copies of
@@ -163,21 +185,43 @@ def run_check(
     }
     if opened.geometry.guidance_embeds:
         feeds["guidance"] = np.full((1,), guidance, np.float32)
-    ours_velocity = chosen.to_host(chosen.run("transformer", {k: rows(v) for k, v in feeds.items()})["velocity"])[:1]
-    text_ids = pipe._prepare_text_ids(ref_embeds)
     grid = torch.zeros(
         1, 1, shapes.height // opened.geometry.pixels_per_token, shapes.width // opened.geometry.pixels_per_token
     )
+    ref_hidden, img_ids = torch.from_numpy(noise).to(device), pipe._prepare_latent_ids(grid).to(device)
+    reference_components = {}
+    if prepared:
+        # The VAE encoder on the same prepared images; then the transformer gets diffusers' tokens.
+        ref_height, ref_width = shapes.reference_size
+        with torch.no_grad():
+            ref_tokens, ref_ids = pipe.prepare_image_latents(
+                images=[
+                    pipe.image_processor.preprocess(r.image, height=ref_height, width=ref_width, resize_mode="crop")
+                    for r in prepared
+                ],
+                batch_size=1,
+                generator=None,
+                device=device,
+                dtype=pipe.vae.dtype,
+            )
+        ours_tokens = chosen.run("vae_encoder", {"reference_images": chosen.from_host(reference_array)})
+        ours_tokens = chosen.to_host(ours_tokens["reference_tokens"]).reshape(1, -1, ref_tokens.shape[-1])
+        reference_components["vae_encoder"] = (ours_tokens, ref_tokens.float().cpu().numpy())
+        feeds["reference_latents"] = ref_tokens.float().cpu().numpy()
+        ref_hidden = torch.cat([ref_hidden, ref_tokens.to(ref_hidden.dtype)], dim=1)
+        img_ids = torch.cat([img_ids, ref_ids.to(device)], dim=1)
+    ours_velocity = chosen.to_host(chosen.run("transformer", {k: rows(v) for k, v in feeds.items()})["velocity"])[:1]
+    text_ids = pipe._prepare_text_ids(ref_embeds)
     with torch.no_grad():
         ref_velocity = pipe.transformer(
-            hidden_states=torch.from_numpy(noise).to(device),
+            hidden_states=ref_hidden,
             encoder_hidden_states=ref_embeds,
             timestep=torch.from_numpy(feeds["timestep"]).to(device),
             guidance=torch.from_numpy(feeds["guidance"]).to(device) if "guidance" in feeds else None,
             txt_ids=text_ids.to(device),
-            img_ids=pipe._prepare_latent_ids(grid).to(device),
+            img_ids=img_ids,
             return_dict=False,
-        )[0]
+        )[0][:, : noise.shape[1]]
     final_latents = final["latents"].float().cpu().numpy()
     ours_decoded = to_image(chosen.to_host(chosen.run("vae", {"packed_latents": rows(final_latents)})["image"]))[0]
     with torch.no_grad():
@@ -192,6 +236,7 @@ def run_check(
         "text_encoder": tolerance.judge(ours_embeds, ref_embeds.float().cpu().numpy()),
         "transformer": tolerance.judge(ours_velocity, ref_velocity.float().cpu().numpy()),
         "vae": tolerance.judge(ours_decoded, ref_decoded),
+        **{name: tolerance.judge(ours, theirs) for name, (ours, theirs) in reference_components.items()},
     }
     end_to_end = {
         "psnr_db": psnr(our_image, ref_image),
@@ -213,6 +258,11 @@ def run_check(
         "seed": seed,
         "steps": steps,
         "guidance": guidance,
+        **(
+            {"images": [{"path": str(r.path), "size": list(r.original_size), "fitted": r.fitted} for r in prepared]}
+            if prepared
+            else {}
+        ),
         "tolerance": {"max_rel_l2": tolerance.max_rel_l2, "min_cosine": tolerance.min_cosine},
         "components": components,
         "end_to_end": end_to_end,
@@ -262,6 +312,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument(
+        "--image", action="append", type=Path, default=None, help="reference image (editing artifacts); repeat for K"
+    )
     args = parser.parse_args(argv)
     report = run_check(
         artifacts=args.artifacts,
@@ -271,6 +324,7 @@ def main(argv=None) -> int:
         seed=args.seed,
         steps=args.steps,
         guidance=args.guidance,
+        images=args.image,
     )
     return 0 if report["passed"] else 1
 

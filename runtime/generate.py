@@ -79,9 +79,13 @@ def generate(
     low_vram: bool = False,
     progress: bool = True,
     negative_prompt: str = "",
+    images: list[Path] | None = None,
     log=None,
 ) -> list[Path]:
-    """Generate `num_images` per prompt; prompt i uses seed + i. Returns the PNG paths written."""
+    """Generate `num_images` per prompt; prompt i uses seed + i. Returns the PNG paths written.
+
+    `images`: reference images for editing, as many as the artifacts were exported with.
+    """
     log = log or (lambda message: print(message, file=sys.stderr))
     validate(steps=steps, guidance=guidance, num_images=num_images, seed=seed)
     out = prepare_out(out)
@@ -91,6 +95,17 @@ def generate(
     from runtime.pipeline import Flux2Runtime, to_uint8
 
     opened = open_artifacts(artifacts)
+    references = None
+    if images or opened.shapes.reference_images:
+        from runtime.reference_images import load_references
+
+        references, _ = load_references(
+            images or [],
+            count=opened.shapes.reference_images,
+            size=opened.shapes.reference_size,
+            multiple_of=opened.geometry.pixels_per_token,
+            log=log,
+        )
     chosen = select_backend(backend, opened.folder, opened.manifest, low_vram=low_vram, log=log)
     runtime = Flux2Runtime(opened, chosen)
     warning = runtime.guidance_warning(guidance)
@@ -109,6 +124,7 @@ def generate(
             num_images=num_images,
             progress=progress,
             negative_prompt=negative_prompt,
+            reference_images=references,
         ):
             stem = f"{prompt_index:03d}-{image_index:02d}-seed{prompt_seed}"
             sidecar = {
@@ -123,6 +139,7 @@ def generate(
                 "precision": opened.precision,
                 "height": opened.shapes.height,
                 "width": opened.shapes.width,
+                **({"images": [str(Path(p)) for p in images]} if images else {}),
                 "artifacts": str(opened.folder.resolve()),
                 "manifest_sha256": opened.manifest_sha256,
                 "timings": timings.as_dict(),
@@ -150,6 +167,13 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--negative-prompt", default="", help="klein base models (true CFG) only; diffusers uses the empty prompt"
     )
+    parser.add_argument(
+        "--image",
+        action="append",
+        type=Path,
+        default=None,
+        help="reference image for editing; repeat for several (artifacts exported with --reference-images K)",
+    )
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
     parser.add_argument("--backend", default="auto", help="auto | trt | ort | torch (default auto)")
     parser.add_argument("--low-vram", action="store_true", help="keep one component loaded at a time")
@@ -168,6 +192,7 @@ def main(argv=None) -> int:
         out=args.out,
         low_vram=args.low_vram,
         negative_prompt=args.negative_prompt,
+        images=args.image,
     )
     return 0
 

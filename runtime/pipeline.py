@@ -101,6 +101,20 @@ class Flux2Runtime:
         timings.stages["text_encoder"] += time.perf_counter() - started
         return embeds
 
+    def encode_references(self, images: np.ndarray, timings: Timings):
+        """Reference images [K, 3, H, W] in [-1, 1] -> the transformer's `reference_latents` [B, K*M, C], once.
+
+        The VAE encoder graph gives one row of M tokens per image; Flux2Pipeline concatenates the
+        K rows into one sequence and repeats it for every row of the batch.
+        """
+        started = time.perf_counter()
+        tokens = self._run("vae_encoder", {"reference_images": self.backend.from_host(images)}, timings)
+        tokens = tokens["reference_tokens"]
+        k, m, c = tokens.shape
+        joined = tokens.reshape(1, k * m, c)
+        timings.stages["vae_encoder"] += time.perf_counter() - started
+        return _concat([joined] * self.batch)
+
     def denoise(
         self,
         latents,
@@ -112,6 +126,7 @@ class Flux2Runtime:
         progress: bool = True,
         negative_embeds=None,
         paired_cfg: bool = False,
+        reference_latents=None,
     ):
         """Run the sampling loop on backend arrays; no host round trip inside the loop.
 
@@ -135,6 +150,8 @@ class Flux2Runtime:
                 "encoder_hidden_states": prompt_embeds,
                 "timestep": timestep_feeds[index],
             }
+            if reference_latents is not None:
+                feeds["reference_latents"] = reference_latents
             if self.artifacts.geometry.guidance_embeds:
                 feeds["guidance"] = guidance_feed
             velocity = self._run("transformer", feeds, timings)["velocity"]
@@ -169,12 +186,29 @@ class Flux2Runtime:
         num_images: int = 1,
         progress: bool = True,
         negative_prompt: str = "",
+        reference_images: np.ndarray | None = None,
     ):
-        """Yield (index, image float [H, W, 3] in [0, 1], timings) per image, as each is finished."""
+        """Yield (index, image float [H, W, 3] in [0, 1], timings) per image, as each is finished.
+
+        `reference_images` [K, 3, H, W] in [-1, 1] (`runtime.reference_images.load_references`) are
+        encoded once and condition every step, for artifacts exported with K reference images.
+        """
+        expected = self.artifacts.shapes.reference_images
+        given = 0 if reference_images is None else reference_images.shape[0]
+        if given != expected:
+            from common.errors import UsageError
+
+            raise UsageError(
+                f"{given} reference image(s) given, but the artifacts {self.artifacts.folder} take {expected} "
+                f"(shapes are fixed at export); pass {expected} --image, or re-export with --reference-images {given}"
+            )
         timings = Timings()
         noise = initial_noise(self.artifacts, seed, num_images)
+        references = None if reference_images is None else self.encode_references(reference_images, timings)
         if self.uses_cfg(guidance) and self.batch == 2:  # the CFG pair evaluated as one batch-2 call
-            yield from self._generate_paired(prompt, negative_prompt, noise, steps, guidance, timings, progress)
+            yield from self._generate_paired(
+                prompt, negative_prompt, noise, steps, guidance, timings, progress, references
+            )
             return
         prompt_embeds = self.encode_prompt(prompt, timings)
         negative_embeds = self.encode_prompt(negative_prompt, timings) if self.uses_cfg(guidance) else None
@@ -194,13 +228,14 @@ class Flux2Runtime:
                 timings=image_timings,
                 progress=progress,
                 negative_embeds=negative_embeds,
+                reference_latents=references,
             )
             images = self.decode(latents, image_timings)
             image_timings.stages["total"] = time.perf_counter() - began + sum(timings.stages.values()) * (start == 0)
             for offset in range(min(self.batch, num_images - start)):
                 yield start + offset, images[offset], image_timings
 
-    def _generate_paired(self, prompt, negative_prompt, noise, steps, guidance, timings, progress):
+    def _generate_paired(self, prompt, negative_prompt, noise, steps, guidance, timings, progress, references=None):
         """Batch-2 artifacts with CFG: rows are [prompt, negative] over the same latents."""
         prompt_embeds = self.encode_prompt([prompt, negative_prompt], timings)
         for index in range(noise.shape[0]):
@@ -215,8 +250,13 @@ class Flux2Runtime:
                 timings=image_timings,
                 progress=progress,
                 paired_cfg=True,
+                reference_latents=references,
             )
             image = self.decode(latents, image_timings)[0]
-            encode = timings.stages["tokenize"] + timings.stages["text_encoder"] if index == 0 else 0.0
+            encode = (
+                timings.stages["tokenize"] + timings.stages["text_encoder"] + timings.stages.get("vae_encoder", 0.0)
+                if index == 0
+                else 0.0
+            )
             image_timings.stages["total"] = time.perf_counter() - began + encode
             yield index, image, image_timings

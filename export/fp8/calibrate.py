@@ -67,7 +67,7 @@ def calibration_key(checkpoint, geometry: Geometry, shapes: Shapes, settings: Ca
         "config_sha256": checkpoint.config_hash(),
         "weights_fingerprint": checkpoint.weights_fingerprint(),
         "text_out_layers": list(geometry.text_out_layers),
-        "shapes": dataclasses.asdict(shapes),
+        "shapes": shapes.to_json(),
         "settings": dataclasses.asdict(settings),
         "prompts": list(prompts),
         "version": CALIBRATION_VERSION,
@@ -106,7 +106,7 @@ def calibrate(
     result = {
         "key": key,
         "settings": dataclasses.asdict(settings),
-        "shapes": dataclasses.asdict(shapes),
+        "shapes": shapes.to_json(),
         "checkpoint": str(checkpoint.root),
         "prompts": len(prompts),
         "transformer_calls": amax.pop("_transformer_calls"),
@@ -193,6 +193,10 @@ def pipeline_kwargs(pipe, geometry: Geometry, shapes: Shapes, *, steps: int, gui
     }
     if geometry.guidance_embeds:
         wanted["guidance_scale"] = guidance
+    if shapes.reference_images:  # editing artifacts: calibrate (and check) with K reference images
+        from export.verify.reference import check_reference_pil_images
+
+        wanted["image"] = check_reference_pil_images(shapes)
     accepted = inspect.signature(type(pipe).__call__).parameters
     return {name: value for name, value in wanted.items() if name in accepted}
 

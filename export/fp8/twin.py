@@ -107,7 +107,14 @@ class TwinTransformer(nn.Module):
         return self._device
 
     def forward(self, hidden_states, encoder_hidden_states, timestep, guidance=None, return_dict=False, **_):
+        reference_latents = None
+        if "reference_latents" in self.input_names:
+            # An editing graph: the pipeline concatenated the reference tokens after the latents.
+            reference_tokens = self.session.get_inputs()[self.input_names.index("reference_latents")].shape[1]
+            split = hidden_states.shape[1] - reference_tokens
+            hidden_states, reference_latents = hidden_states[:, :split], hidden_states[:, split:]
         values = {
+            "reference_latents": reference_latents,
             "hidden_states": hidden_states,
             "encoder_hidden_states": encoder_hidden_states,
             "timestep": timestep,

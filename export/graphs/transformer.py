@@ -84,3 +84,47 @@ class TransformerGraph(nn.Module):
         hidden_states = hidden_states[:, num_txt_tokens:, ...]
         hidden_states = model.norm_out(hidden_states, temb)
         return model.proj_out(hidden_states).float()  # velocity [B, N, out_channels]
+
+
+def reference_position_ids(geometry: Geometry, shapes: Shapes) -> torch.Tensor:
+    """Ids [K*h*w, 4] of the reference tokens, as Flux2Pipeline._prepare_image_ids builds them: (10 + 10k, h, w, 0)."""
+    step = geometry.pixels_per_token
+    height, width = shapes.reference_size
+    rows, cols = height // step, width // step
+    return torch.cat(
+        [
+            torch.cartesian_prod(torch.tensor([10 + 10 * k]), torch.arange(rows), torch.arange(cols), torch.arange(1))
+            for k in range(shapes.reference_images)
+        ]
+    )
+
+
+class EditingTransformerGraph(TransformerGraph):
+    """The transformer with K reference images (`Shapes.reference_images` > 0): one more input.
+
+    `reference_latents` [B, K*M, C] is concatenated after the noisy latents, as Flux2Pipeline
+    concatenates them every step, and the reference tokens' rotary tables (time coordinate
+    10 + 10 x index) are fixed here with the others. Only the noisy latents' rows of the velocity
+    are returned, as the pipeline keeps `noise_pred[:, :N]`. Text-to-image artifacts use
+    `TransformerGraph` itself, so their graphs are unchanged by this class (nothing above it in
+    this file changes for editing: the exporter records source lines in the graph's metadata).
+    """
+
+    def __init__(self, model: nn.Module, geometry: Geometry, shapes: Shapes):
+        super().__init__(model, geometry, shapes)
+        with torch.no_grad():
+            reference_cos, reference_sin = model.pos_embed(reference_position_ids(geometry, shapes))
+        # [L + N + K*M, head_dim]: text, noisy latents, references, the joint sequence's order.
+        self.rope_cos = torch.cat([self.rope_cos, reference_cos.float()])
+        self.rope_sin = torch.cat([self.rope_sin, reference_sin.float()])
+
+    def forward(self, hidden_states, reference_latents, encoder_hidden_states, timestep, guidance=None):
+        tokens = hidden_states.shape[1]
+        joint = torch.cat([hidden_states, reference_latents], dim=1)
+        return super().forward(joint, encoder_hidden_states, timestep, guidance)[:, :tokens]
+
+
+def transformer_graph(model: nn.Module, geometry: Geometry, shapes: Shapes) -> TransformerGraph:
+    """The exportable transformer for these shapes: with the reference input only when K > 0."""
+    cls = EditingTransformerGraph if shapes.reference_images else TransformerGraph
+    return cls(model, geometry, shapes)

@@ -3,7 +3,9 @@
 - text encoder: a real prompt through the checkpoint's own tokenizer and chat template;
 - transformer: that prompt's fp32 PyTorch embeddings, seeded noise latents, a mid timestep, and
   FLUX.2 [dev]'s default guidance where the transformer embeds it ([klein]'s does not);
-- VAE: seeded latents in the normalised space the sampler works in.
+- VAE: seeded latents in the normalised space the sampler works in;
+- VAE encoder (editing): smooth seeded images in [-1, 1], a photograph's statistics more than noise's;
+  the transformer's reference tokens are seeded normal, the normalised latents' distribution.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from common.specs import ComponentSpec, Geometry, Shapes
 from common.tokenizer import PromptTokenizer
 from export import checkpoint as ckpt
 from export.graphs.text_encoder import TextEncoderGraph
-from export.graphs.transformer import TransformerGraph
+from export.graphs.transformer import transformer_graph
 from export.graphs.vae import VaeDecoderGraph
+from export.graphs.vae_encoder import VaeEncoderGraph
 
 CHECK_PROMPT = "A photograph of a red fox sitting in fresh snow at dawn, soft light, shallow depth of field."
 # Rows of a batch get different prompts, so a graph that mixes rows fails the check. Row 1 is the
@@ -29,15 +32,44 @@ CHECK_SIGMA = 0.5
 CHECK_GUIDANCE = 4.0
 
 
+def check_reference_images(shape: tuple[int, ...], seed: int = CHECK_SEED) -> np.ndarray:
+    """Seeded smooth images [K, 3, H, W] in [-1, 1]: low-frequency colour fields plus a little grain."""
+    rng = np.random.default_rng(seed + 1)
+    k, channels, height, width = shape
+    y = np.linspace(0, 1, height, dtype=np.float32)[:, None]
+    x = np.linspace(0, 1, width, dtype=np.float32)[None, :]
+    images = np.empty(shape, np.float32)
+    for index in range(k):
+        for channel in range(channels):
+            fy, fx, phase = rng.uniform(0.5, 3.0), rng.uniform(0.5, 3.0), rng.uniform(0, 2 * np.pi)
+            images[index, channel] = 0.7 * np.sin(2 * np.pi * (fy * y + fx * x) + phase)
+    images += 0.1 * rng.standard_normal(shape).astype(np.float32)
+    return np.clip(images, -1, 1)
+
+
+def check_reference_pil_images(shapes: Shapes) -> list:
+    """The same images as PIL RGB at the reference size, for pipelines called with `image=`; [] when K = 0."""
+    from PIL import Image
+
+    if not shapes.reference_images:
+        return []
+    height, width = shapes.reference_size
+    pixels = check_reference_images((shapes.reference_images, 3, height, width))
+    as_uint8 = np.round((pixels.transpose(0, 2, 3, 1) + 1) * 127.5).astype(np.uint8)
+    return [Image.fromarray(image) for image in as_uint8]
+
+
 def build_graph_module(component: str, checkpoint: ckpt.Checkpoint, geometry: Geometry, shapes: Shapes, precision: str):
     """The exportable module for `component` with weights in `precision`."""
     dtype = torch_dtype(precision)
     if component == "text_encoder":
         return TextEncoderGraph(ckpt.load_language_model(checkpoint, geometry, dtype), geometry.text_out_layers).eval()
     if component == "transformer":
-        return TransformerGraph(ckpt.load_transformer(checkpoint, dtype), geometry, shapes).eval()
+        return transformer_graph(ckpt.load_transformer(checkpoint, dtype), geometry, shapes).eval()
     if component == "vae":
         return VaeDecoderGraph(ckpt.load_vae(checkpoint, dtype), geometry, shapes).eval()
+    if component == "vae_encoder":
+        return VaeEncoderGraph(ckpt.load_vae(checkpoint, dtype), geometry, shapes).eval()
     raise ValueError(component)
 
 
@@ -77,8 +109,10 @@ class ReferenceInputs:
             ids, mask = self.token_inputs()
             return {"input_ids": ids, "attention_mask": mask}
         if spec.name == "transformer":
-            feeds = {
-                "hidden_states": rng.standard_normal(spec.inputs[0].shape).astype(np.float32),
+            feeds = {"hidden_states": rng.standard_normal(spec.inputs[0].shape).astype(np.float32)}
+            if self.shapes.reference_images:
+                feeds["reference_latents"] = rng.standard_normal(spec.inputs[1].shape).astype(np.float32)
+            feeds |= {
                 "encoder_hidden_states": self.prompt_embeds(text_encoder_fp32),
                 "timestep": np.full((b,), CHECK_SIGMA, np.float32),
             }
@@ -87,4 +121,6 @@ class ReferenceInputs:
             return feeds
         if spec.name == "vae":
             return {"packed_latents": rng.standard_normal(spec.inputs[0].shape).astype(np.float32)}
+        if spec.name == "vae_encoder":
+            return {"reference_images": check_reference_images(spec.inputs[0].shape)}
         raise ValueError(spec.name)

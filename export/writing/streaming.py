@@ -49,7 +49,9 @@ from export.writing.trace import check_graph, data_file_name, example_inputs, tr
 CHUNK_BYTES = 32 * 2**20
 
 # Where each component's model sits inside its exportable wrapper (the initializer name prefix).
-WRAPPER_ATTRIBUTE = {"text_encoder": "language_model", "transformer": "model", "vae": "vae"}
+WRAPPER_ATTRIBUTE = {"text_encoder": "language_model", "transformer": "model", "vae": "vae", "vae_encoder": "vae"}
+# The checkpoint folder each component's weights come from: both VAE graphs read vae/.
+CHECKPOINT_FOLDER = {"vae_encoder": "vae"}
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,7 @@ def _empty_model(component: str, checkpoint: ckpt.Checkpoint, geometry: Geometry
     """The component's model with meta parameters and real buffers, constructed as `from_pretrained` does."""
     from accelerate import init_empty_weights
 
-    folder = checkpoint.component_dir(component)
+    folder = checkpoint.component_dir(CHECKPOINT_FOLDER.get(component, component))
     if component == "text_encoder":
         from transformers import AutoModel
 
@@ -151,10 +153,11 @@ def build_weightless_graph(
     import torch
 
     from export.graphs.text_encoder import TextEncoderGraph
-    from export.graphs.transformer import TransformerGraph
+    from export.graphs.transformer import transformer_graph
     from export.graphs.vae import VaeDecoderGraph
+    from export.graphs.vae_encoder import VaeEncoderGraph
 
-    folder = checkpoint.component_dir(component)
+    folder = checkpoint.component_dir(CHECKPOINT_FOLDER.get(component, component))
     model, rename = _empty_model(component, checkpoint, geometry, torch_dtype(precision))
     wanted = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
     refs = checkpoint_weights(folder, wanted, rename)
@@ -176,7 +179,9 @@ def build_weightless_graph(
     if component == "text_encoder":
         graph = TextEncoderGraph(model, geometry.text_out_layers)
     elif component == "transformer":
-        graph = TransformerGraph(model, geometry, shapes)
+        graph = transformer_graph(model, geometry, shapes)
+    elif component == "vae_encoder":
+        graph = VaeEncoderGraph(model, geometry, shapes)
     else:
         graph = VaeDecoderGraph(model, geometry, shapes)
     graph.eval()

@@ -46,6 +46,10 @@ class TorchBackend:
         self.rows = shapes["height"] // (geometry["vae_scale_factor"] * 2)
         self.cols = shapes["width"] // (geometry["vae_scale_factor"] * 2)
         self.pipeline_class = geometry["pipeline_class"]
+        self.reference_images = shapes.get("reference_images", 0)
+        if self.reference_images:
+            step = geometry["vae_scale_factor"] * 2
+            self.reference_grid = (shapes["reference_height"] // step, shapes["reference_width"] // step)
         self._pipe = None
 
     @property
@@ -75,10 +79,21 @@ class TorchBackend:
                 b, c, length, hidden = stacked.shape
                 embeds = stacked.permute(0, 2, 1, 3).reshape(b, length, c * hidden)
                 return {"prompt_embeds": embeds.float()}
+            if component == "vae_encoder":
+                # Flux2Pipeline._encode_vae_image (argmax, patchify, BatchNorm) + _pack_latents, per image
+                images = feeds["reference_images"].to(self.dtype)
+                tokens = [pipe._pack_latents(pipe._encode_vae_image(image[None], None)) for image in images]
+                return {"reference_tokens": torch.cat(tokens).float()}
             if component == "transformer":
                 hidden = feeds["hidden_states"]
+                tokens = hidden.shape[1]
                 latent_grid = torch.zeros(hidden.shape[0], 1, self.rows, self.cols)
                 img_ids = pipe._prepare_latent_ids(latent_grid).to(self.device)
+                if "reference_latents" in feeds:  # as the pipeline's loop: concatenated latents and ids
+                    grids = [torch.zeros(1, 1, *self.reference_grid)] * self.reference_images
+                    reference_ids = pipe._prepare_image_ids(grids).repeat(hidden.shape[0], 1, 1).to(self.device)
+                    img_ids = torch.cat([img_ids, reference_ids], dim=1)
+                    hidden = torch.cat([hidden, feeds["reference_latents"]], dim=1)
                 txt_ids = pipe._prepare_text_ids(feeds["encoder_hidden_states"]).to(self.device)
                 guidance = feeds.get("guidance")
                 velocity = pipe.transformer(
@@ -91,7 +106,7 @@ class TorchBackend:
                     img_ids=img_ids,
                     return_dict=False,
                 )[0]
-                return {"velocity": velocity.float()}
+                return {"velocity": velocity[:, :tokens].float()}
             if component == "vae":
                 packed = feeds["packed_latents"].to(self.dtype)
                 latent_grid = torch.zeros(packed.shape[0], 1, self.rows, self.cols)

@@ -1,0 +1,132 @@
+"""Reference images for editing: files -> [K, 3, H, W] float32 in [-1, 1], prepared as diffusers prepares them.
+
+diffusers 0.42's Flux2Pipeline / Flux2KleinPipeline take each reference image (a PIL image, as
+`diffusers.utils.load_image` gives it: EXIF orientation applied, RGB) and:
+1. above 1024 x 1024 pixels of area, resize it to that area (LANCZOS, sides truncated to ints);
+2. floor each side to a multiple of 16 and center-crop to it (Flux2ImageProcessor's
+   `resize_mode="crop"` crops without resizing);
+3. scale to [0, 1] (`/ 255` in float32), then to [-1, 1] (`2x - 1`).
+
+The artifacts are built for one reference size. An image whose steps 1-2 land on that size is
+prepared exactly as above. Any other image is first fitted to the exported size as diffusers'
+`VaeImageProcessor.resize(..., resize_mode="crop")` fits one (resize, LANCZOS, keeping the aspect
+ratio so that the image covers the size, then center-crop), and the caller is told so; diffusers
+given the fitted image computes the same as this runtime.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from common.errors import UsageError
+
+MAX_AREA = 1024 * 1024  # Flux2Pipeline's reference area limit
+MULTIPLE_OF = 16  # vae_scale_factor * 2 for FLUX.2's 8x VAE (`Geometry.pixels_per_token`)
+
+
+@dataclass(frozen=True)
+class PreparedReference:
+    path: Path
+    image: object  # PIL.Image.Image at the exported size, RGB: what diffusers is given in runtime.check
+    original_size: tuple[int, int]  # (height, width) of the file
+    fitted: bool  # True when resized/cropped to the exported size beyond what diffusers itself does
+
+
+def load_image(path: Path):
+    """The file as diffusers.utils.load_image reads it (EXIF orientation applied, RGB), or a one-line error."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UsageError(f"--image {path} does not exist; pass an image file (PNG, JPEG, WebP, ...)")
+    try:
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened)
+            image.load()
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        reason = "not an image PIL can read" if isinstance(exc, UnidentifiedImageError) else str(exc)
+        raise UsageError(f"--image {path} is {reason}; pass an image file (PNG, JPEG, WebP, ...)") from None
+
+
+def diffusers_size(width: int, height: int) -> tuple[int, int, bool]:
+    """(width, height) after step 1, and whether step 1 resized: Flux2Pipeline's area limit."""
+    if width * height <= MAX_AREA:
+        return width, height, False
+    scale = math.sqrt(MAX_AREA / (width * height))
+    return int(width * scale), int(height * scale), True
+
+
+def center_crop(image, width: int, height: int):
+    """Flux2ImageProcessor._resize_and_crop: a center crop, no resize."""
+    left = (image.width - width) // 2
+    top = (image.height - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
+def fit_to(image, width: int, height: int):
+    """VaeImageProcessor._resize_and_crop: resize (LANCZOS) to cover width x height keeping the aspect ratio, center it."""
+    from PIL import Image
+
+    ratio = width / height
+    source_ratio = image.width / image.height
+    resized_width = width if ratio > source_ratio else image.width * height // image.height
+    resized_height = height if ratio <= source_ratio else image.height * width // image.width
+    resized = image.resize((resized_width, resized_height), resample=Image.Resampling.LANCZOS)
+    canvas = Image.new("RGB", (width, height))
+    canvas.paste(resized, box=(width // 2 - resized_width // 2, height // 2 - resized_height // 2))
+    return canvas
+
+
+def prepare(image, size: tuple[int, int], multiple_of: int = MULTIPLE_OF):
+    """(PIL image at `size` = (height, width), fitted?) for one loaded image."""
+    from PIL import Image
+
+    height, width = size
+    target_width, target_height, scaled = diffusers_size(image.width, image.height)
+    if (target_height // multiple_of * multiple_of, target_width // multiple_of * multiple_of) == (height, width):
+        if scaled:
+            image = image.resize((target_width, target_height), Image.Resampling.LANCZOS)
+        return center_crop(image, width, height), False
+    return fit_to(image, width, height), True
+
+
+def to_array(images) -> np.ndarray:
+    """PIL RGB images -> [K, 3, H, W] float32 in [-1, 1], as VaeImageProcessor.preprocess (pil_to_numpy, normalize)."""
+    arrays = [np.array(image).astype(np.float32) / 255.0 for image in images]
+    return np.stack(arrays).transpose(0, 3, 1, 2) * 2.0 - 1.0
+
+
+def load_references(
+    paths, *, count: int, size: tuple[int, int], multiple_of: int = MULTIPLE_OF, log=None
+) -> tuple[np.ndarray, list]:
+    """Check the number against what the artifacts take, load, prepare; ([K, 3, H, W] array, PreparedReference list)."""
+    paths = [Path(p) for p in paths]
+    if len(paths) > count:
+        raise UsageError(
+            f"{len(paths)} --image files given, but these artifacts take {count} reference image(s); "
+            f"re-export with --reference-images {len(paths)}"
+        )
+    if len(paths) < count:
+        raise UsageError(
+            f"{len(paths)} --image files given, but these artifacts take exactly {count} reference image(s) "
+            f"(shapes are fixed at export); pass {count}, or re-export with --reference-images {len(paths)}"
+        )
+    prepared = []
+    for path in paths:
+        image = load_image(path)
+        fitted_image, fitted = prepare(image, size, multiple_of)
+        prepared.append(PreparedReference(path, fitted_image, (image.height, image.width), fitted))
+        if fitted and log is not None:
+            natural_width, natural_height, _ = diffusers_size(image.width, image.height)
+            natural = f"{natural_height // multiple_of * multiple_of}x{natural_width // multiple_of * multiple_of}"
+            log(
+                f"note: --image {path} is {image.height}x{image.width} (HxW); resized and center-cropped to the "
+                f"exported reference size {size[0]}x{size[1]} (diffusers would use {natural}: "
+                f"export with --reference-size {natural} for that)"
+            )
+    return to_array([p.image for p in prepared]), prepared
