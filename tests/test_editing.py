@@ -131,6 +131,7 @@ def test_images_are_prepared_as_diffusers_prepares_them(tmp_path, size, exported
     np.testing.assert_array_equal(ours, expected)
 
 
+@pytest.mark.slow
 def test_dev_one_and_two_references_match_diffusers(editing, images):
     from common.metrics import psnr
     from runtime.check import run_check
@@ -259,6 +260,7 @@ def test_every_precision_exports_references_within_its_bounds(editing, tmp_path,
     assert all(r.passed for r in check_artifacts(out))
 
 
+@pytest.mark.slow
 def test_same_token_count_other_references_is_a_new_transformer(editing, tmp_path):
     """K=2 references of 128x64 give as many tokens as K=1 of 128x128, but other position ids: no cache reuse."""
     from common.specs import Shapes
