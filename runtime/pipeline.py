@@ -44,6 +44,10 @@ def to_image(decoded: np.ndarray) -> np.ndarray:
     return np.clip(decoded / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
 
 
+class GenerationCancelled(Exception):
+    """The caller's `cancelled()` said stop; raised between denoising steps (a server's cancelled request)."""
+
+
 def to_uint8(image: np.ndarray) -> np.ndarray:
     return (image * 255).round().astype(np.uint8)
 
@@ -109,6 +113,7 @@ class Flux2Runtime:
         timings: Timings,
         progress: bool = True,
         negative_embeds=None,
+        cancelled=None,
     ):
         """Run the sampling loop on backend arrays; no host round trip inside the loop.
 
@@ -116,6 +121,7 @@ class Flux2Runtime:
         transformer evaluations per step, as diffusers' Flux2KleinPipeline does. Batch-2
         artifacts instead pass `prompt_embeds` holding [prompt, negative] and latents [x, x]:
         one evaluation, rows 0 and 1 combined the same way.
+        `cancelled`, a callable, is asked before each step; True raises GenerationCancelled.
         """
         from tqdm import tqdm
 
@@ -127,6 +133,8 @@ class Flux2Runtime:
         for index in tqdm(
             range(schedule.steps), desc="denoise", unit="step", disable=not progress, file=sys.stderr, leave=False
         ):
+            if cancelled is not None and cancelled():
+                raise GenerationCancelled(f"cancelled before denoising step {index + 1} of {schedule.steps}")
             feeds = {
                 "hidden_states": latents,
                 "encoder_hidden_states": prompt_embeds,
@@ -168,13 +176,20 @@ class Flux2Runtime:
         num_images: int = 1,
         progress: bool = True,
         negative_prompt: str = "",
+        cancelled=None,
     ):
-        """Yield (index, image float [H, W, 3] in [0, 1], timings) per image, as each is finished."""
+        """Yield (index, image float [H, W, 3] in [0, 1], timings) per image, as each is finished.
+
+        `cancelled()` (optional) is polled between denoising steps: a server stops work for a
+        request its client gave up on.
+        """
         timings = Timings()
         noise = initial_noise(self.artifacts, seed, num_images)
         self.paired_cfg = self.uses_cfg(guidance) and self.batch == 2
         if self.paired_cfg:
-            yield from self._generate_paired(prompt, negative_prompt, noise, steps, guidance, timings, progress)
+            yield from self._generate_paired(
+                prompt, negative_prompt, noise, steps, guidance, timings, progress, cancelled
+            )
             return
         prompt_embeds = self.encode_prompt(prompt, timings)
         negative_embeds = self.encode_prompt(negative_prompt, timings) if self.uses_cfg(guidance) else None
@@ -194,13 +209,14 @@ class Flux2Runtime:
                 timings=image_timings,
                 progress=progress,
                 negative_embeds=negative_embeds,
+                cancelled=cancelled,
             )
             images = self.decode(latents, image_timings)
             image_timings.stages["total"] = time.perf_counter() - began + sum(timings.stages.values()) * (start == 0)
             for offset in range(min(self.batch, num_images - start)):
                 yield start + offset, images[offset], image_timings
 
-    def _generate_paired(self, prompt, negative_prompt, noise, steps, guidance, timings, progress):
+    def _generate_paired(self, prompt, negative_prompt, noise, steps, guidance, timings, progress, cancelled=None):
         """Batch-2 artifacts with CFG: rows are [prompt, negative] over the same latents."""
         prompt_embeds = self.encode_prompt([prompt, negative_prompt], timings)
         for index in range(noise.shape[0]):
@@ -208,7 +224,13 @@ class Flux2Runtime:
             began = time.perf_counter()
             pair = self.backend.from_host(np.concatenate([noise[index : index + 1]] * 2))
             latents = self.denoise(
-                pair, prompt_embeds, steps=steps, guidance=guidance, timings=image_timings, progress=progress
+                pair,
+                prompt_embeds,
+                steps=steps,
+                guidance=guidance,
+                timings=image_timings,
+                progress=progress,
+                cancelled=cancelled,
             )
             image = self.decode(latents, image_timings)[0]
             encode = timings.stages["tokenize"] + timings.stages["text_encoder"] if index == 0 else 0.0
