@@ -51,7 +51,7 @@ engines: setup
 gpu-smoke: setup
 	$(PY) tools/gpu_smoke.py --precision $(PRECISION)
 
-test: setup
+test: setup triton-env
 	$(PY) -m pytest -q
 
 # Memory and time of exporting full-width FLUX.2 [dev] transformer slices (~15 GB of disk, ~15 min
@@ -65,3 +65,28 @@ lint: setup
 
 clean:
 	rm -rf artifacts out
+
+# Serving on Triton (docs/serving.md). Off NVIDIA's containers the server is the tritonserver of the
+# pinned nvidia-pytriton wheel, in its own env beside $(VENV): its Python-backend stub needs numpy < 2.
+TRITON_ENV ?= $(VENV)-triton
+REPOSITORY ?= out/triton-repository
+SERVE_BACKEND ?= ort
+SERVE_ARGS ?=
+
+.PHONY: triton-env serve bench-serve
+
+$(TRITON_ENV)/flux2-triton.json: $(VENV)/.installed deploy/triton-env.txt
+	$(PY) -m deploy.stub_env --out $(TRITON_ENV)
+	touch $@
+
+triton-env: $(TRITON_ENV)/flux2-triton.json
+
+# Export -> model repository -> tritonserver in the foreground (Ctrl-C stops it cleanly).
+serve: triton-env
+	$(PY) -m export --model $(MODEL) --out $(ARTIFACTS) --precision $(PRECISION)
+	$(PY) -m deploy.triton --artifacts $(ARTIFACTS) --repository $(REPOSITORY) --backend $(SERVE_BACKEND)
+	$(PY) -m deploy.serve --repository $(REPOSITORY) --triton-env $(TRITON_ENV) $(SERVE_ARGS)
+
+# N concurrent clients against the server vs runtime.generate in one process, same images.
+bench-serve: triton-env
+	PYTHONPATH=. $(PY) bench/serve.py --triton-env $(TRITON_ENV)

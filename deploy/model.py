@@ -138,7 +138,9 @@ class TritonPythonModel:
         # Batch dimension first: the model declares max_batch_size, one request is one row.
         image = np.stack(images)[None]  # [1, K, H, W, 3] uint8
         text = np.array([[json.dumps(s).encode() for s in sidecars]], dtype=np.object_)  # [1, K]
-        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("image", image), pb_utils.Tensor("sidecar", text)])
+        return pb_utils.InferenceResponse(
+            output_tensors=[pb_utils.Tensor("image", image), pb_utils.Tensor("sidecar", text)]
+        )
 
     def finalize(self):
         backend = getattr(self, "backend", None)

@@ -121,7 +121,10 @@ def main(argv=None) -> int:
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument(
-        "--triton-env", type=Path, default=None, help="env from `python -m deploy.stub_env` (default: tritonserver on PATH)"
+        "--triton-env",
+        type=Path,
+        default=None,
+        help="env from `python -m deploy.stub_env` (default: tritonserver on PATH)",
     )
     parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver's --log-verbose level")
     args = parser.parse_args(argv)
@@ -135,5 +138,9 @@ def main(argv=None) -> int:
     )
 
 
-if __name__ == "__main__":
+def cli() -> None:
     raise SystemExit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()

@@ -135,11 +135,17 @@ def main(argv=None) -> int:
     parser = OneLineParser(
         prog="python -m deploy.stub_env", description="Build the tritonserver environment from the pinned wheel."
     )
-    parser.add_argument("--out", type=Path, default=None, help="folder (default: $FLUX2_TRT_TRITON_ENV or <venv>-triton)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="folder (default: $FLUX2_TRT_TRITON_ENV or <venv>-triton)"
+    )
     args = parser.parse_args(argv)
     build_env(args.out or default_env())
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
     raise SystemExit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()

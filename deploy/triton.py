@@ -113,7 +113,11 @@ def write_repository(
         raise UsageError(f"--device {device!r} is not one of {', '.join(DEVICES)}")
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
         raise UsageError(f"--name {name!r} must be letters, digits, '_', '-', '.' (a Triton model name)")
-    for flag, value, low in (("--instances", instances, 1), ("--max-queue", max_queue, 1), ("--max-images", max_images, 1)):
+    for flag, value, low in (
+        ("--instances", instances, 1),
+        ("--max-queue", max_queue, 1),
+        ("--max-images", max_images, 1),
+    ):
         if value < low:
             raise UsageError(f"{flag} {value} must be >= {low}")
     if not timeout_s > 0:
@@ -190,5 +194,9 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
     raise SystemExit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()
