@@ -134,7 +134,9 @@ class TritonPythonModel:
         except Exception as exc:  # noqa: BLE001 -- one request fails, the server keeps serving
             reason = " ".join(f"{type(exc).__name__}: {exc}".split())
             self.logger.log_error(f"generation failed: {reason}")
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"generation failed: {reason}"))
+            return pb_utils.InferenceResponse(
+                error=pb_utils.TritonError(f"generation failed: {reason}", pb_utils.TritonError.INTERNAL)
+            )
         # Batch dimension first: the model declares max_batch_size, one request is one row.
         image = np.stack(images)[None]  # [1, K, H, W, 3] uint8
         text = np.array([[json.dumps(s).encode() for s in sidecars]], dtype=np.object_)  # [1, K]

@@ -7,6 +7,7 @@ which reads its settings from the config's parameters). `tritonserver --model-re
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -33,6 +34,20 @@ def _has_engines(artifacts: Path) -> bool:
     return (Path(artifacts) / "engines" / "manifest.json").is_file()
 
 
+def engines_platform(artifacts: Path) -> dict | None:
+    """{tensorrt, gpu, compute_capability} the engines were built for, from the engine manifest; None without engines."""
+    if not _has_engines(artifacts):
+        return None
+    from common.engine_manifest import read_engine_manifest
+
+    platforms = {json.dumps(e["platform"], sort_keys=True) for e in read_engine_manifest(artifacts)["engines"].values()}
+    if len(platforms) != 1:
+        raise UsageError(
+            f"engines in {artifacts}/engines were built on different platforms {sorted(platforms)}; rebuild them"
+        )
+    return json.loads(platforms.pop())
+
+
 def _quoted(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -50,9 +65,13 @@ def render_config(
     max_queue: int,
     timeout_s: float,
     max_images: int,
+    platform: dict | None = None,
 ) -> str:
     """config.pbtxt: inputs, outputs, instances, dynamic batching with a queue policy that refuses fast."""
     parameters = {"artifacts": str(artifacts), "backend": backend, "max_images": str(max_images)}
+    if platform:  # for the reader: which TensorRT the serving image must carry (docs/serving.md)
+        parameters["engines_tensorrt"] = str(platform["tensorrt"])
+        parameters["engines_gpu"] = str(platform["gpu"])
     parameter_text = ",\n".join(
         f"  {{ key: {_quoted(k)} value: {{ string_value: {_quoted(v)} }} }}" for k, v in parameters.items()
     )
@@ -129,6 +148,7 @@ def write_repository(
         )
     opened = open_artifacts(artifacts)  # one-line error for a missing or damaged folder
     folder = opened.folder.resolve()
+    platform = engines_platform(folder) if backend != "ort" else None
     config = render_config(
         name=name,
         artifacts=folder,
@@ -141,6 +161,7 @@ def write_repository(
         max_queue=max_queue,
         timeout_s=timeout_s,
         max_images=max_images,
+        platform=platform,
     )
     repository = Path(repository).expanduser()
     if repository.exists() and not repository.is_dir():
@@ -191,6 +212,12 @@ def main(argv=None) -> int:
         max_images=args.max_images,
     )
     print(f"wrote {target}/config.pbtxt and {target}/1/model.py")
+    platform = engines_platform(args.artifacts) if args.backend != "ort" else None
+    if platform:
+        print(
+            f"engines: TensorRT {platform['tensorrt']} on {platform['gpu']}: the serving image needs that TensorRT "
+            "and that GPU model (docs/serving.md)"
+        )
     return 0
 
 
