@@ -45,7 +45,8 @@ def infer(url: str, model: str, *, timeout_s: float = 600.0, **values):
 
     try:
         with httpclient.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s) as client:
-            result = client.infer(model, request_inputs(httpclient, **values))
+            outputs = [httpclient.InferRequestedOutput(name, binary_data=True) for name in ("image", "sidecar")]
+            result = client.infer(model, request_inputs(httpclient, **values), outputs=outputs)
     except InferenceServerException as exc:
         status = f"HTTP {exc.status()}: " if exc.status() else ""
         raise ServerError(f"server {url} model {model} answered {status}{exc.message()}") from None

@@ -28,6 +28,7 @@ def server_command(
     metrics_port: int = 8002,
     triton_env: Path | None = None,
     log_verbose: int = 0,
+    exit_timeout_s: int = 300,
 ) -> tuple[list[str], dict]:
     """The tritonserver command line and its environment."""
     repository = Path(repository).expanduser().resolve()
@@ -50,6 +51,8 @@ def server_command(
         "--strict-readiness=true",
         "--disable-auto-complete-config",
         f"--log-verbose={log_verbose}",
+        # On SIGTERM Triton waits this long for requests in flight (its default, 30 s, is shorter than an image).
+        f"--exit-timeout-secs={exit_timeout_s}",
         f"--backend-config=python,shm-region-prefix-name=flux2_{os.getpid()}_",
     ]
     on_path = shutil.which("tritonserver")
@@ -88,6 +91,7 @@ def serve(
     metrics_port: int = 8002,
     triton_env: Path | None = None,
     log_verbose: int = 0,
+    exit_timeout_s: int = 300,
 ) -> int:
     command, env = server_command(
         repository,
@@ -96,6 +100,7 @@ def serve(
         metrics_port=metrics_port,
         triton_env=triton_env,
         log_verbose=log_verbose,
+        exit_timeout_s=exit_timeout_s,
     )
     print(f"serving {repository}: http :{http_port}, grpc :{grpc_port}, metrics :{metrics_port}", file=sys.stderr)
     # Its own process group: a terminal's Ctrl-C reaches the server once, through `forward`.
@@ -127,6 +132,9 @@ def main(argv=None) -> int:
         help="env from `python -m deploy.stub_env` (default: tritonserver on PATH)",
     )
     parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver's --log-verbose level")
+    parser.add_argument(
+        "--exit-timeout-s", type=int, default=300, help="on SIGTERM, seconds for requests in flight (default 300)"
+    )
     args = parser.parse_args(argv)
     return serve(
         repository=args.repository,
@@ -135,6 +143,7 @@ def main(argv=None) -> int:
         metrics_port=args.metrics_port,
         triton_env=args.triton_env,
         log_verbose=args.log_verbose,
+        exit_timeout_s=args.exit_timeout_s,
     )
 
 

@@ -50,7 +50,8 @@ def _ask(url, model="flux2", **values):
         inputs.append(tensor)
     with httpclient.InferenceServerClient(url, network_timeout=300, connection_timeout=300) as client:
         try:
-            result = client.infer(model, inputs)
+            outputs = [httpclient.InferRequestedOutput(name, binary_data=True) for name in ("image", "sidecar")]
+            result = client.infer(model, inputs, outputs=outputs)
         except InferenceServerException as exc:
             return int(exc.status() or 0), None, exc.message()
     sidecars = [json.loads(text) for text in result.as_numpy("sidecar")[0]]
