@@ -279,6 +279,18 @@ def test_serve_command_sets_up_the_wheel_stub(tmp_path):
     assert env["PATH"].split(":")[0] == record["bin"]
 
 
+def test_stub_env_puts_numpy_1_first_and_the_project_behind_it(tmp_path):
+    """The .pth appends this interpreter's site-packages after the env's own (its numpy 1.x wins)."""
+    import sysconfig
+
+    from deploy.stub_env import PTH, _write_pth
+
+    _write_pth(tmp_path, {"purelib": str(tmp_path)})
+    lines = (tmp_path / PTH).read_text().splitlines()
+    assert lines[0] == f"import sys; sys.path.insert(0, {str(REPO)!r})"  # this checkout, not an editable elsewhere
+    assert f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})" in lines
+
+
 def test_client_without_a_server_is_one_line(tmp_path):
     from deploy.local_server import free_ports
 

@@ -149,6 +149,13 @@ def test_client_writes_the_png_and_sidecar_runtime_generate_writes(served, tmp_p
     assert sidecar["timings"].keys() == expected_sidecar["timings"].keys()
 
 
+def test_ready_only_after_every_model_drew_its_warm_up_image(served):
+    """The fixture returned on /v2/health/ready: by then each model had loaded and drawn its warm-up image."""
+    log = served.log()
+    for model in ("flux2", "flux2_q1", "variant", "klein"):
+        assert re.search(rf"flux2 model {model}: .* on ort-cpu \(fp32\), warm-up image", log), model
+
+
 def test_client_reports_a_server_error_in_one_line(served, tmp_path):
     result = run_cli("-m", "deploy.client", "--url", served.url, "--prompt", PROMPT, "--steps", "0",
                      "--out", str(tmp_path))  # fmt: skip
