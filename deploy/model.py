@@ -130,6 +130,7 @@ class TritonPythonModel:
                     self.stage_metrics[stage].increment(float(timings.stages.get(stage, 0.0)))
                 self.images_metric.increment(1)
         except GenerationCancelled as exc:
+            self.logger.log_info(f"request {request.request_id() or '(no id)'} {exc}")
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.CANCELLED))
         except Exception as exc:  # noqa: BLE001 -- one request fails, the server keeps serving
             reason = " ".join(f"{type(exc).__name__}: {exc}".split())

@@ -137,7 +137,9 @@ def model(monkeypatch):
 
 
 def _request(**values):
-    return types.SimpleNamespace(tensors={k: _Input(v) for k, v in values.items()}, is_cancelled=lambda: False)
+    return types.SimpleNamespace(
+        tensors={k: _Input(v) for k, v in values.items()}, is_cancelled=lambda: False, request_id=lambda: "7"
+    )
 
 
 def _runtime_raising(exc):
