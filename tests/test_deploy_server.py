@@ -283,6 +283,24 @@ def test_klein_base_serves_with_classifier_free_guidance(served, tmp_path):
     assert not np.array_equal(images[0], other[1][0])  # the negative prompt reaches the model
 
 
+def test_artifacts_broken_after_generation_keep_the_server_from_ready(export_tiny, tmp_path):
+    """The model refuses to load with the artifacts' one-line reason; the server exits instead of serving."""
+    import shutil
+
+    from deploy.local_server import LocalServer, processes_mentioning
+    from deploy.triton import write_repository
+
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(export_tiny("fp32"), artifacts)
+    repository = write_repository(artifacts=artifacts, repository=tmp_path / "repository", name="broken").parent
+    (artifacts / "transformer.onnx").unlink()
+    server = LocalServer(repository, triton_env=_triton_env())
+    with pytest.raises(RuntimeError, match="exited with 1 before ready"):
+        server.start(timeout_s=120)
+    assert "flux2 model broken: artifacts" in server.log() and "transformer.onnx is missing" in server.log()
+    assert processes_mentioning(str(repository.resolve())) == []
+
+
 def test_sigterm_lets_requests_in_flight_finish_then_exits_0(served):
     """Last in this module: it stops the shared server."""
     answers = []
