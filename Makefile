@@ -53,8 +53,8 @@ engines: setup
 gpu-smoke: setup
 	$(PY) tools/gpu_smoke.py --precision $(PRECISION)
 
-# The full suite: what CI runs.
-test: setup
+# The full suite: what CI runs (it needs the Triton env for the server tests).
+test: setup triton-env
 	$(PY) -m pytest -q
 
 # The inner loop: unit tests only (no end-to-end export or generation), under a minute.
@@ -92,3 +92,28 @@ bench-fp8-rewrite: setup
 # What K = 0, 1, 2 reference images cost on the tiny [dev] model (ort-cpu), as ratios to K = 0: see docs/editing.md.
 bench-editing: setup
 	PYTHONPATH=. $(PY) bench/editing.py
+
+# Serving on Triton (docs/serving.md). Off NVIDIA's containers the server is the tritonserver of the
+# pinned nvidia-pytriton wheel, in its own env beside $(VENV): its Python-backend stub needs numpy < 2.
+TRITON_ENV ?= $(VENV)-triton
+REPOSITORY ?= out/triton-repository
+SERVE_BACKEND ?= ort
+SERVE_ARGS ?=
+
+.PHONY: triton-env serve bench-serve
+
+$(TRITON_ENV)/flux2-triton.json: $(VENV)/.installed deploy/triton-env.txt
+	$(PY) -m deploy.stub_env --out $(TRITON_ENV)
+	touch $@
+
+triton-env: $(TRITON_ENV)/flux2-triton.json
+
+# Export -> model repository -> tritonserver in the foreground (Ctrl-C stops it cleanly).
+serve: triton-env
+	$(PY) -m export --model $(MODEL) --out $(ARTIFACTS) --precision $(PRECISION)
+	$(PY) -m deploy.triton --artifacts $(ARTIFACTS) --repository $(REPOSITORY) --backend $(SERVE_BACKEND)
+	$(PY) -m deploy.serve --repository $(REPOSITORY) --triton-env $(TRITON_ENV) $(SERVE_ARGS)
+
+# N concurrent clients against the server vs runtime.generate in one process, same images.
+bench-serve: triton-env
+	PYTHONPATH=. $(PY) bench/serve.py --triton-env $(TRITON_ENV)

@@ -126,6 +126,14 @@ class PromptTokenizer:
             token_ids = token_ids[:keep] if self.truncation_side == "right" else token_ids[-keep:]
         return token_ids
 
+    def untruncated_length(self, prompt: str) -> int:
+        """How many tokens the formatted prompt has before truncation (a server refuses what would be cut)."""
+        if self.pipeline_class == "Flux2KleinPipeline":
+            text = self.render(klein_messages(prompt), add_generation_prompt=True, enable_thinking=False)
+            extra = self._tokenizer.num_special_tokens_to_add(False)
+            return len(self._tokenizer.encode(text, add_special_tokens=False).ids) + extra
+        return len(self._tokenizer.encode(self.render(flux2_messages(prompt)), add_special_tokens=False).ids)
+
     def encode(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Token ids and attention mask, each int64 [len(prompts), max_length]."""
         ids = np.full((len(prompts), self.max_length), self.pad_id, dtype=np.int64)

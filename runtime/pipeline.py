@@ -46,6 +46,10 @@ def to_image(decoded: np.ndarray) -> np.ndarray:
     return np.clip(decoded / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
 
 
+class GenerationCancelled(Exception):
+    """The caller's `cancelled()` said stop; raised between denoising steps (a server's cancelled request)."""
+
+
 def to_uint8(image: np.ndarray) -> np.ndarray:
     return (image * 255).round().astype(np.uint8)
 
@@ -127,6 +131,7 @@ class Flux2Runtime:
         negative_embeds=None,
         paired_cfg: bool = False,
         reference_latents=None,
+        cancelled=None,
     ):
         """Run the sampling loop on backend arrays; no host round trip inside the loop.
 
@@ -134,6 +139,7 @@ class Flux2Runtime:
         transformer evaluations per step, as diffusers' Flux2KleinPipeline does. Batch-2
         artifacts instead pass `prompt_embeds` holding [prompt, negative] and latents [x, x]:
         one evaluation (`paired_cfg`), rows 0 and 1 combined the same way.
+        `cancelled`, a callable, is asked before each step; True raises GenerationCancelled.
         """
         from tqdm import tqdm
 
@@ -145,6 +151,8 @@ class Flux2Runtime:
         for index in tqdm(
             range(schedule.steps), desc="denoise", unit="step", disable=not progress, file=sys.stderr, leave=False
         ):
+            if cancelled is not None and cancelled():
+                raise GenerationCancelled(f"cancelled before denoising step {index + 1} of {schedule.steps}")
             feeds = {
                 "hidden_states": latents,
                 "encoder_hidden_states": prompt_embeds,
@@ -187,11 +195,14 @@ class Flux2Runtime:
         progress: bool = True,
         negative_prompt: str = "",
         reference_images: np.ndarray | None = None,
+        cancelled=None,
     ):
         """Yield (index, image float [H, W, 3] in [0, 1], timings) per image, as each is finished.
 
         `reference_images` [K, 3, H, W] in [-1, 1] (`runtime.reference_images.load_references`) are
         encoded once and condition every step, for artifacts exported with K reference images.
+        `cancelled()` (optional) is polled between denoising steps: a server stops work for a
+        request its client gave up on.
         """
         expected = self.artifacts.shapes.reference_images
         given = 0 if reference_images is None else reference_images.shape[0]
@@ -207,7 +218,7 @@ class Flux2Runtime:
         references = None if reference_images is None else self.encode_references(reference_images, timings)
         if self.uses_cfg(guidance) and self.batch == 2:  # the CFG pair evaluated as one batch-2 call
             yield from self._generate_paired(
-                prompt, negative_prompt, noise, steps, guidance, timings, progress, references
+                prompt, negative_prompt, noise, steps, guidance, timings, progress, references, cancelled
             )
             return
         prompt_embeds = self.encode_prompt(prompt, timings)
@@ -229,13 +240,16 @@ class Flux2Runtime:
                 progress=progress,
                 negative_embeds=negative_embeds,
                 reference_latents=references,
+                cancelled=cancelled,
             )
             images = self.decode(latents, image_timings)
             image_timings.stages["total"] = time.perf_counter() - began + sum(timings.stages.values()) * (start == 0)
             for offset in range(min(self.batch, num_images - start)):
                 yield start + offset, images[offset], image_timings
 
-    def _generate_paired(self, prompt, negative_prompt, noise, steps, guidance, timings, progress, references=None):
+    def _generate_paired(
+        self, prompt, negative_prompt, noise, steps, guidance, timings, progress, references=None, cancelled=None
+    ):
         """Batch-2 artifacts with CFG: rows are [prompt, negative] over the same latents."""
         prompt_embeds = self.encode_prompt([prompt, negative_prompt], timings)
         for index in range(noise.shape[0]):
@@ -251,6 +265,7 @@ class Flux2Runtime:
                 progress=progress,
                 paired_cfg=True,
                 reference_latents=references,
+                cancelled=cancelled,
             )
             image = self.decode(latents, image_timings)[0]
             encode = (

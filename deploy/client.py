@@ -1,0 +1,127 @@
+"""python -m deploy.client: ask a Triton server for an image; write the PNG and sidecar runtime.generate writes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from common.cli import OneLineParser, run_cli
+from common.errors import Flux2TrtError, UsageError
+from deploy.request import DEFAULT_GUIDANCE, DEFAULT_STEPS
+
+
+class ServerError(Flux2TrtError):
+    """The server answered an error (bad request, overload, failure) or could not be reached."""
+
+
+def request_inputs(module, *, prompt, seed, steps, guidance, num_images, negative_prompt):
+    """The model's inputs as tritonclient InferInput objects (`module`: tritonclient.http or .grpc)."""
+    import numpy as np
+
+    values = {
+        "prompt": np.array([[prompt.encode()]], dtype=np.object_),
+        "seed": np.array([[seed]], dtype=np.int64),
+        "steps": np.array([[steps]], dtype=np.int32),
+        "guidance": np.array([[guidance]], dtype=np.float64),
+        "num_images": np.array([[num_images]], dtype=np.int32),
+    }
+    if negative_prompt:
+        values["negative_prompt"] = np.array([[negative_prompt.encode()]], dtype=np.object_)
+    from tritonclient.utils import np_to_triton_dtype
+
+    inputs = []
+    for name, array in values.items():
+        tensor = module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def infer(url: str, model: str, *, timeout_s: float = 600.0, **values):
+    """One request over HTTP; returns (images uint8 [K, H, W, 3], sidecars as dicts)."""
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        with httpclient.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s) as client:
+            outputs = [httpclient.InferRequestedOutput(name, binary_data=True) for name in ("image", "sidecar")]
+            result = client.infer(model, request_inputs(httpclient, **values), outputs=outputs)
+    except InferenceServerException as exc:
+        status = f"HTTP {exc.status()}: " if exc.status() else ""
+        raise ServerError(f"server {url} model {model} answered {status}{exc.message()}") from None
+    except OSError as exc:
+        raise ServerError(f"cannot reach server {url} ({exc}); is `python -m deploy.serve` running?") from None
+    images = result.as_numpy("image")[0]  # [K, H, W, 3]
+    sidecars = [json.loads(text) for text in result.as_numpy("sidecar")[0]]
+    return images, sidecars
+
+
+def fetch(
+    *,
+    url: str,
+    model: str = "flux2",
+    prompt: str,
+    seed: int = 0,
+    steps: int = DEFAULT_STEPS,
+    guidance: float = DEFAULT_GUIDANCE,
+    num_images: int = 1,
+    negative_prompt: str = "",
+    out: Path = Path("out"),
+) -> list[Path]:
+    """Write `000-<image>-seed<seed>.png` + `.json` per image into `out`, as runtime.generate names them."""
+    from runtime.generate import prepare_out, save_image
+
+    if not 0 <= seed < 2**63:
+        raise UsageError(f"--seed {seed} must be in [0, 2**63)")
+    out = prepare_out(out)
+    images, sidecars = infer(
+        url,
+        model,
+        prompt=prompt,
+        seed=seed,
+        steps=steps,
+        guidance=guidance,
+        num_images=num_images,
+        negative_prompt=negative_prompt,
+    )
+    written = []
+    for image, sidecar in zip(images, sidecars, strict=True):
+        stem = f"000-{sidecar['image_index']:02d}-seed{sidecar['seed']}"
+        written.append(save_image(out, stem, image, sidecar))
+        print(f"wrote {written[-1]} ({sidecar['timings'].get('total_s', 0):.2f} s on the server)", file=sys.stderr)
+    return written
+
+
+def main(argv=None) -> int:
+    parser = OneLineParser(prog="python -m deploy.client", description="Draw images on a Triton server.")
+    parser.add_argument("--url", required=True, help="HOST:PORT of the server's HTTP endpoint")
+    parser.add_argument("--model", default="flux2", help="model name (default flux2)")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    parser.add_argument("--num-images", type=int, default=1)
+    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--out", type=Path, default=Path("out"), help="folder for PNGs and JSON sidecars")
+    args = parser.parse_args(argv)
+    fetch(
+        url=args.url,
+        model=args.model,
+        prompt=args.prompt,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        num_images=args.num_images,
+        negative_prompt=args.negative_prompt,
+        out=args.out,
+    )
+    return 0
+
+
+def cli() -> None:
+    raise SystemExit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()

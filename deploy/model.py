@@ -1,0 +1,150 @@
+"""Triton Python-backend model: one FLUX.2 pipeline per artifacts folder (copied to REPO/<name>/1/model.py).
+
+Settings come from config.pbtxt's `parameters` (written by `python -m deploy.triton`), so this
+file is the same for every repository. The denoising loop stays in flux2-trt's runtime (latents on
+the device, the trt backend's CUDA graphs); this class only turns Triton requests into runtime
+calls and answers:
+
+- a bad request: TritonError INVALID_ARG (HTTP 400, gRPC INVALID_ARGUMENT) with one line;
+- a failure inside generation: TritonError INTERNAL (HTTP 500) for that request only;
+- a request the client cancelled (gRPC): checked between denoising steps, answered CANCELLED.
+
+The model becomes ready (and so the server's /v2/health/ready) only after the engines are loaded
+and one warm-up image is drawn.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+STAGES = ("tokenize", "text_encoder", "denoise", "vae")
+INPUTS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "num_images")
+
+
+def _parameter(config: dict, key: str, default: str | None = None) -> str | None:
+    return config.get("parameters", {}).get(key, {}).get("string_value", default)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        from common.errors import Flux2TrtError
+        from runtime.artifacts import open_artifacts
+        from runtime.backends.select import select_backend
+        from runtime.pipeline import Flux2Runtime
+
+        self.config = json.loads(args["model_config"])
+        self.logger = pb_utils.Logger
+        artifacts_folder = _parameter(self.config, "artifacts")
+        backend_name = _parameter(self.config, "backend", "auto")
+        self.max_images = int(_parameter(self.config, "max_images", "4"))
+        if args.get("model_instance_kind") == "GPU":
+            import torch
+
+            torch.cuda.set_device(int(args["model_instance_device_id"]))
+        try:
+            self.artifacts = open_artifacts(artifacts_folder)
+            self.backend = select_backend(
+                backend_name,
+                self.artifacts.folder,
+                self.artifacts.manifest,
+                log=lambda message: self.logger.log_info(message),
+            )
+        except Flux2TrtError as exc:  # a one-line reason in the server log, and the model stays unloaded
+            raise pb_utils.TritonModelException(f"flux2 model {args['model_name']}: {exc}") from None
+        self.runtime = Flux2Runtime(self.artifacts, self.backend)
+        self._define_metrics(args["model_name"], args["model_version"])
+        started = time.perf_counter()
+        for _ in self.runtime.generate("warm-up", seed=0, steps=1, guidance=1.0, progress=False):
+            pass
+        self.logger.log_info(
+            f"flux2 model {args['model_name']}: {self.artifacts.folder} on {self.backend.name} "
+            f"({self.artifacts.precision}), warm-up image {time.perf_counter() - started:.2f} s"
+        )
+
+    def _define_metrics(self, model: str, version: str):
+        labels = {"model": model, "version": str(version)}
+        images = pb_utils.MetricFamily(
+            name="flux2_images_total", description="images drawn", kind=pb_utils.MetricFamily.COUNTER
+        )
+        seconds = pb_utils.MetricFamily(
+            name="flux2_stage_seconds_total",
+            description="seconds spent per pipeline stage (tokenize, text_encoder, denoise, vae)",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        self.images_metric = images.Metric(labels=labels)
+        self.stage_metrics = {stage: seconds.Metric(labels={**labels, "stage": stage}) for stage in STAGES}
+        self._families = (images, seconds)  # the families must outlive their metrics
+
+    def _values(self, request) -> dict:
+        values = {}
+        for name in INPUTS:
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            values[name] = None if tensor is None else tensor.as_numpy().reshape(-1)[0]
+        return values
+
+    def execute(self, requests):
+        return [self._answer(request) for request in requests]
+
+    def _answer(self, request):
+        from deploy.request import BadRequest, parse_request, sidecar
+        from runtime.pipeline import GenerationCancelled, to_uint8
+
+        try:
+            wanted = parse_request(
+                self._values(request),
+                max_images=self.max_images,
+                prompt_length=self.runtime.tokenizer.untruncated_length,
+                max_tokens=self.artifacts.shapes.max_sequence_length,
+            )
+        except BadRequest as exc:
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
+        images, sidecars = [], []
+        try:
+            for index, image, timings in self.runtime.generate(
+                wanted.prompt,
+                seed=wanted.seed,
+                steps=wanted.steps,
+                guidance=wanted.guidance,
+                num_images=wanted.num_images,
+                negative_prompt=wanted.negative_prompt,
+                progress=False,
+                cancelled=request.is_cancelled,
+            ):
+                images.append(to_uint8(image))
+                sidecars.append(
+                    sidecar(
+                        wanted,
+                        index,
+                        runtime=self.runtime,
+                        backend=self.backend.name,
+                        artifacts=self.artifacts,
+                        timings=timings,
+                    )
+                )
+                for stage in STAGES:
+                    self.stage_metrics[stage].increment(float(timings.stages.get(stage, 0.0)))
+                self.images_metric.increment(1)
+        except GenerationCancelled as exc:
+            self.logger.log_info(f"request {request.request_id() or '(no id)'} {exc}")
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.CANCELLED))
+        except Exception as exc:  # noqa: BLE001 -- one request fails, the server keeps serving
+            reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+            self.logger.log_error(f"generation failed: {reason}")
+            return pb_utils.InferenceResponse(
+                error=pb_utils.TritonError(f"generation failed: {reason}", pb_utils.TritonError.INTERNAL)
+            )
+        # Batch dimension first: the model declares max_batch_size, one request is one row.
+        image = np.stack(images)[None]  # [1, K, H, W, 3] uint8
+        text = np.array([[json.dumps(s).encode() for s in sidecars]], dtype=np.object_)  # [1, K]
+        return pb_utils.InferenceResponse(
+            output_tensors=[pb_utils.Tensor("image", image), pb_utils.Tensor("sidecar", text)]
+        )
+
+    def finalize(self):
+        backend = getattr(self, "backend", None)
+        if backend is not None:
+            backend.close()

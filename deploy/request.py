@@ -1,0 +1,96 @@
+"""One generation request as the server sees it: typed values, checked, with a reason a client can act on.
+
+Pure Python (no Triton, no numpy), so the rules are unit-tested without a server and the model
+(`deploy/model.py`) only moves values between Triton tensors and these functions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+# runtime.generate's defaults (Flux2Pipeline's), so a request without them draws what the CLI draws.
+DEFAULT_STEPS = 50
+DEFAULT_GUIDANCE = 4.0
+MAX_STEPS = 100
+DEFAULT_MAX_IMAGES = 4
+
+
+class BadRequest(ValueError):
+    """A request the client must change: answered with Triton's INVALID_ARG (HTTP 400), one line."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    steps: int = DEFAULT_STEPS
+    guidance: float = DEFAULT_GUIDANCE
+    num_images: int = 1
+
+
+def _text(name: str, value) -> str:
+    if isinstance(value, str):
+        return value
+    try:
+        return bytes(value).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"{name} is not valid UTF-8 ({exc.reason} at byte {exc.start}); send UTF-8 text") from None
+
+
+def parse_request(
+    values: dict, *, max_images: int = DEFAULT_MAX_IMAGES, prompt_length=None, max_tokens: int | None = None
+) -> GenerationRequest:
+    """Named scalars (None for an input the client left out) -> a checked GenerationRequest.
+
+    `prompt_length(text) -> int` counts the formatted prompt's tokens before truncation: the
+    exported graphs hold `max_tokens`, and a server refuses a prompt it would silently cut.
+    """
+    if values.get("prompt") is None:
+        raise BadRequest("missing input 'prompt'; send the prompt as a BYTES tensor of shape [1, 1]")
+    prompt = _text("prompt", values["prompt"])
+    negative = values.get("negative_prompt")
+    negative_prompt = "" if negative is None else _text("negative_prompt", negative)
+    seed = int(values["seed"]) if values.get("seed") is not None else 0
+    steps = int(values["steps"]) if values.get("steps") is not None else DEFAULT_STEPS
+    guidance = float(values["guidance"]) if values.get("guidance") is not None else DEFAULT_GUIDANCE
+    num_images = int(values["num_images"]) if values.get("num_images") is not None else 1
+    if not 1 <= steps <= MAX_STEPS:
+        raise BadRequest(f"steps {steps} is outside 1..{MAX_STEPS}; FLUX.2 [dev] uses 50, distilled models about 4")
+    if not math.isfinite(guidance) or guidance < 0:
+        raise BadRequest(f"guidance {guidance} must be a finite number >= 0 (FLUX.2 [dev] uses 4.0)")
+    if not 0 <= seed < 2**63:
+        raise BadRequest(f"seed {seed} must be in [0, 2**63)")
+    if not 1 <= num_images <= max_images:
+        raise BadRequest(f"num_images {num_images} is outside 1..{max_images} (this model's max_images parameter)")
+    if prompt_length is not None and max_tokens is not None:
+        for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            length = prompt_length(text)
+            if length > max_tokens:
+                raise BadRequest(
+                    f"{name} is {length} tokens once formatted, past the {max_tokens} the artifacts were exported "
+                    f"for; shorten it or export with a larger --max-sequence-length"
+                )
+    return GenerationRequest(prompt, negative_prompt, seed, steps, guidance, num_images)
+
+
+def sidecar(request: GenerationRequest, image_index: int, *, runtime, backend: str, artifacts, timings) -> dict:
+    """The JSON sidecar runtime.generate writes beside each PNG, for one image of this request."""
+    cfg = runtime.uses_cfg(request.guidance)
+    return {
+        "prompt": request.prompt,
+        "seed": request.seed,
+        "image_index": image_index,
+        "steps": request.steps,
+        "guidance": request.guidance,
+        "classifier_free_guidance": cfg,
+        "negative_prompt": request.negative_prompt if cfg else None,
+        "backend": backend,
+        "precision": artifacts.precision,
+        "height": artifacts.shapes.height,
+        "width": artifacts.shapes.width,
+        "artifacts": str(artifacts.folder.resolve()),
+        "manifest_sha256": artifacts.manifest_sha256,
+        "timings": timings.as_dict(),
+    }

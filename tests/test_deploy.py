@@ -1,0 +1,361 @@
+"""deploy/ without a server: request rules, the generated repository, the model's answers, the manifests."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from tests.support import REPO, assert_one_line_error, run_cli
+
+# --- request rules (deploy/request.py) --------------------------------------------------------
+
+
+def test_defaults_are_runtime_generate_defaults():
+    from deploy.request import parse_request
+    from runtime.generate import DEFAULT_GUIDANCE, DEFAULT_STEPS
+
+    request = parse_request({"prompt": b"a fox"})
+    assert (request.prompt, request.seed, request.steps, request.guidance, request.num_images) == (
+        "a fox", 0, DEFAULT_STEPS, DEFAULT_GUIDANCE, 1,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "values, reason",
+    [
+        ({}, "missing input 'prompt'"),
+        ({"prompt": b"\xff\xfe"}, "prompt is not valid UTF-8"),
+        ({"prompt": b"x", "steps": 0}, "steps 0 is outside 1..100"),
+        ({"prompt": b"x", "steps": 101}, "steps 101 is outside 1..100"),
+        ({"prompt": b"x", "guidance": math.nan}, "guidance nan must be a finite number >= 0"),
+        ({"prompt": b"x", "guidance": math.inf}, "guidance inf must be a finite number >= 0"),
+        ({"prompt": b"x", "guidance": -0.5}, "guidance -0.5 must be a finite number >= 0"),
+        ({"prompt": b"x", "seed": -1}, "seed -1 must be in [0, 2**63)"),
+        ({"prompt": b"x", "num_images": 5}, "num_images 5 is outside 1..4"),
+    ],
+)
+def test_bad_values_name_the_value_and_the_range(values, reason):
+    from deploy.request import BadRequest, parse_request
+
+    with pytest.raises(BadRequest, match=None) as caught:
+        parse_request(values)
+    assert reason in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_prompt_the_graphs_would_cut_is_refused_with_its_length():
+    from deploy.request import BadRequest, parse_request
+
+    count = lambda text: 100 + len(text.split())  # noqa: E731 -- a stand-in tokenizer: 100 template tokens
+    assert parse_request({"prompt": b"one two"}, prompt_length=count, max_tokens=102).prompt == "one two"
+    with pytest.raises(BadRequest, match="prompt is 103 tokens once formatted, past the 102"):
+        parse_request({"prompt": b"one two three"}, prompt_length=count, max_tokens=102)
+    with pytest.raises(BadRequest, match="negative_prompt is 104 tokens"):
+        parse_request({"prompt": b"a", "negative_prompt": b"a b c d"}, prompt_length=count, max_tokens=102)
+
+
+def test_untruncated_length_counts_what_token_ids_cuts(export_tiny):
+    from common.tokenizer import PromptTokenizer
+
+    tokenizer = PromptTokenizer(export_tiny("fp32") / "tokenizer", 128, pipeline_class="Flux2Pipeline")
+    short, long = "a fox", "a fox in the snow " * 20
+    assert tokenizer.untruncated_length(short) == len(tokenizer.token_ids(short)) < 128
+    assert tokenizer.untruncated_length(long) > 128 == len(tokenizer.token_ids(long))
+
+
+# --- the runtime's cancellation hook ------------------------------------------------------------
+
+
+def test_cancelled_callback_stops_between_denoising_steps(export_tiny):
+    from runtime.artifacts import open_artifacts
+    from runtime.backends.ort import OrtBackend
+    from runtime.pipeline import Flux2Runtime, GenerationCancelled
+
+    artifacts = open_artifacts(export_tiny("fp32"))
+    backend = OrtBackend(artifacts.folder, artifacts.manifest)
+    calls = []
+    run = backend.run
+    backend.run = lambda component, feeds: calls.append(component) or run(component, feeds)
+    asked = []
+    runtime = Flux2Runtime(artifacts, backend)
+    with pytest.raises(GenerationCancelled, match="before denoising step 3 of 5"):
+        list(runtime.generate("a fox", seed=0, steps=5, guidance=4.0, progress=False,
+                              cancelled=lambda: asked.append(1) or len(asked) > 2))  # fmt: skip
+    assert calls.count("transformer") == 2 and "vae" not in calls
+
+
+# --- the model's answers (deploy/model.py against a stand-in for Triton's pb_utils) -----------------
+
+
+class _TritonError:
+    UNKNOWN, INTERNAL, NOT_FOUND, INVALID_ARG, UNAVAILABLE, UNSUPPORTED, ALREADY_EXISTS, CANCELLED = range(8)
+
+    def __init__(self, message, code=1):
+        self.message, self.code = message, code
+
+
+def _fake_pb_utils():
+    module = types.ModuleType("triton_python_backend_utils")
+    module.TritonError = _TritonError
+    module.InferenceResponse = lambda output_tensors=None, error=None: types.SimpleNamespace(
+        outputs=output_tensors, error=error
+    )
+    module.Tensor = lambda name, array: (name, array)
+    module.get_input_tensor_by_name = lambda request, name: request.tensors.get(name)
+    module.Logger = types.SimpleNamespace(log_info=lambda m: None, log_error=lambda m: None)
+    return module
+
+
+class _Input:
+    def __init__(self, value):
+        import numpy as np
+
+        self.array = np.array([[value]], dtype=np.object_ if isinstance(value, bytes) else None)
+
+    def as_numpy(self):
+        return self.array
+
+
+@pytest.fixture
+def model(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
+    import importlib
+
+    import deploy.model
+
+    module = importlib.reload(deploy.model)
+    instance = module.TritonPythonModel()
+    instance.max_images = 4
+    instance.artifacts = types.SimpleNamespace(shapes=types.SimpleNamespace(max_sequence_length=128))
+    instance.logger = types.SimpleNamespace(log_info=lambda m: None, log_error=lambda m: None)
+    return instance
+
+
+def _request(**values):
+    return types.SimpleNamespace(
+        tensors={k: _Input(v) for k, v in values.items()}, is_cancelled=lambda: False, request_id=lambda: "7"
+    )
+
+
+def _runtime_raising(exc):
+    def generate(*args, **kwargs):
+        raise exc
+        yield
+
+    return types.SimpleNamespace(generate=generate, tokenizer=types.SimpleNamespace(untruncated_length=len))
+
+
+def test_model_answers_a_bad_request_with_invalid_arg(model):
+    model.runtime = _runtime_raising(AssertionError("not reached"))
+    answer = model._answer(_request(prompt=b"a fox", steps=0))
+    assert answer.error.code == _TritonError.INVALID_ARG and "steps 0" in answer.error.message
+
+
+def test_model_answers_a_generation_failure_with_internal_for_that_request(model):
+    model.runtime = _runtime_raising(RuntimeError("ORT: out of memory\nat node 7"))
+    answer = model._answer(_request(prompt=b"a fox"))
+    assert answer.error.code == _TritonError.INTERNAL  # HTTP 500
+    assert answer.error.message == "generation failed: RuntimeError: ORT: out of memory at node 7"
+
+
+def test_model_answers_a_cancelled_request_with_cancelled(model):
+    from runtime.pipeline import GenerationCancelled
+
+    model.runtime = _runtime_raising(GenerationCancelled("cancelled before denoising step 2 of 50"))
+    answer = model._answer(_request(prompt=b"a fox"))
+    assert answer.error.code == _TritonError.CANCELLED
+
+
+# --- the repository generator and the command lines' errors ------------------------------------------
+
+
+def test_repository_holds_config_and_model(export_tiny, tmp_path):
+    from deploy.triton import write_repository
+
+    artifacts = export_tiny("fp32")
+    target = write_repository(
+        artifacts=artifacts, repository=tmp_path / "repo", name="fox", instances=2, max_queue=3, timeout_s=1.5
+    )
+    config = (target / "config.pbtxt").read_text()
+    assert 'name: "fox"' in config and "max_batch_size: 1" in config
+    assert "dims: [ -1, 256, 256, 3 ]" in config  # the artifacts' image shape
+    assert "count: 2 kind: KIND_CPU" in config  # no engines: CPU instances
+    assert "max_queue_size: 3" in config and "default_timeout_microseconds: 1500000" in config
+    assert f'string_value: "{artifacts.resolve()}"' in config
+    assert (target / "1" / "model.py").read_bytes() == (REPO / "deploy" / "model.py").read_bytes()
+    again = write_repository(artifacts=artifacts, repository=tmp_path / "repo", name="fox")  # replaces it
+    assert "count: 1 kind: KIND_CPU" in (again / "config.pbtxt").read_text()
+    assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["fox"]  # nothing partial left behind
+
+
+def test_instances_go_on_the_gpu_where_engines_run(tmp_path):
+    from deploy.triton import instance_kind
+
+    (tmp_path / "engines").mkdir()
+    assert instance_kind("auto", "auto", tmp_path) == "KIND_CPU"
+    (tmp_path / "engines" / "manifest.json").write_text("{}")
+    assert instance_kind("auto", "auto", tmp_path) == "KIND_GPU"
+    assert instance_kind("auto", "trt", tmp_path) == "KIND_GPU"
+    assert instance_kind("auto", "ort", tmp_path) == "KIND_CPU"
+    assert instance_kind("gpu", "ort", tmp_path) == "KIND_GPU"
+
+
+def test_config_names_the_tensorrt_and_gpu_the_engines_need(export_tiny, tmp_path):
+    """A GPU repository says which TensorRT the serving image must carry (from the engine manifest)."""
+    import shutil
+
+    from common.engine_manifest import ENGINE_FORMAT, ENGINE_FORMAT_VERSION
+    from deploy.triton import engines_platform, render_config
+
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(export_tiny("fp32"), artifacts)
+    platform = {"tensorrt": "10.13.3", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+    (artifacts / "engines").mkdir()
+    manifest = {"format": ENGINE_FORMAT, "format_version": ENGINE_FORMAT_VERSION,
+                "engines": {c: {"platform": platform} for c in ("text_encoder", "transformer", "vae")}}  # fmt: skip
+    (artifacts / "engines" / "manifest.json").write_text(json.dumps(manifest))
+    assert engines_platform(artifacts) == platform
+    config = render_config(name="m", artifacts=artifacts, backend="trt", batch_size=1, height=16, width=16,
+                           kind="KIND_GPU", instances=1, max_queue=1, timeout_s=1, max_images=1, platform=platform)  # fmt: skip
+    assert '"engines_tensorrt" value: { string_value: "10.13.3" }' in config
+    assert "kind: KIND_GPU" in config
+
+
+@pytest.mark.parametrize(
+    "extra, needles",
+    [
+        (["--backend", "torch"], ["--backend 'torch' is not one of auto, trt, ort"]),
+        (["--backend", "trt"], ["--backend trt needs engines", "engines.build"]),
+        (["--instances", "0"], ["--instances 0 must be >= 1"]),
+        (["--timeout-s", "0"], ["--timeout-s 0.0 must be > 0"]),
+        (["--name", "a/b"], ["--name 'a/b' must be"]),
+    ],
+)
+def test_generator_errors_are_one_line(export_tiny, tmp_path, extra, needles):
+    artifacts = export_tiny("fp32")
+    result = run_cli("-m", "deploy.triton", "--artifacts", str(artifacts), "--repository", str(tmp_path / "r"), *extra)
+    assert_one_line_error(result, *needles)
+    assert not (tmp_path / "r").exists()
+
+
+def test_generator_on_a_missing_folder_is_one_line(tmp_path):
+    result = run_cli("-m", "deploy.triton", "--artifacts", str(tmp_path / "nope"), "--repository", str(tmp_path / "r"))
+    assert_one_line_error(result, str(tmp_path / "nope"))
+
+
+def test_serve_without_a_model_or_a_server_is_one_line(tmp_path, monkeypatch):
+    result = run_cli("-m", "deploy.serve", "--repository", str(tmp_path))
+    assert_one_line_error(result, "holds no model", "deploy.triton")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.pbtxt").write_text("")
+    env_dir = tmp_path / "no-env"
+    result = run_cli("-m", "deploy.serve", "--repository", str(tmp_path), "--triton-env", str(env_dir))
+    assert_one_line_error(result, "no Triton env in", str(env_dir), "make triton-env")
+
+
+def test_serve_command_sets_up_the_wheel_stub(tmp_path):
+    """LD_LIBRARY_PATH starts with the interpreter's LIBDIR, the env's python3 is first on PATH."""
+    from deploy.serve import server_command
+
+    env_dir = tmp_path / "env"
+    env_dir.mkdir()
+    record = {
+        "tritonserver": str(env_dir / "tritonserver"),
+        "backend_directory": "/b",
+        "library_path": ["/libdir", "/libs"],
+        "bin": str(env_dir / "bin"),
+    }
+    (env_dir / "tritonserver").write_text("")
+    (env_dir / "flux2-triton.json").write_text(json.dumps(record))
+    (tmp_path / "repo" / "m").mkdir(parents=True)
+    (tmp_path / "repo" / "m" / "config.pbtxt").write_text("")
+    command, env = server_command(tmp_path / "repo", http_port=1, grpc_port=2, metrics_port=3, triton_env=env_dir)
+    assert command[0] == record["tritonserver"] and "--backend-directory=/b" in command
+    assert "--http-port=1" in command and "--metrics-port=3" in command
+    assert env["LD_LIBRARY_PATH"].split(":")[:2] == ["/libdir", "/libs"]
+    assert env["PATH"].split(":")[0] == record["bin"]
+
+
+def test_stub_env_puts_numpy_1_first_and_the_project_behind_it(tmp_path):
+    """The .pth appends this interpreter's site-packages after the env's own (its numpy 1.x wins)."""
+    import sysconfig
+
+    from deploy.stub_env import PTH, _write_pth
+
+    _write_pth(tmp_path, {"purelib": str(tmp_path)})
+    lines = (tmp_path / PTH).read_text().splitlines()
+    assert lines[0] == f"import sys; sys.path.insert(0, {str(REPO)!r})"  # this checkout, not an editable elsewhere
+    assert f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})" in lines
+
+
+def test_client_without_a_server_is_one_line(tmp_path):
+    from deploy.local_server import free_ports
+
+    (port,) = free_ports(1)
+    result = run_cli("-m", "deploy.client", "--url", f"127.0.0.1:{port}", "--prompt", "x", "--out", str(tmp_path))
+    assert_one_line_error(result, f"127.0.0.1:{port}")
+
+
+def test_deploy_modules_import_in_the_project_env():
+    """The command lines' modules need neither pytriton nor numpy < 2 (the server's env has those)."""
+    code = "import deploy.triton, deploy.serve, deploy.client, deploy.stub_env, deploy.local_server, deploy.request"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+# --- production manifests (deploy/k8s) --------------------------------------------------------------
+
+
+def _documents(path: Path) -> list[dict]:
+    import yaml
+
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def test_kubernetes_manifests_parse_and_wire_probe_gpu_and_autoscaling():
+    folder = REPO / "deploy" / "k8s"
+    docs = {doc["kind"]: doc for path in sorted(folder.glob("*.yaml")) for doc in _documents(path)}
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "InferenceService"} <= docs.keys()
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"].rsplit(":", 1)[1] == _triton_release()  # the image built FROM that release
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    assert any(v.get("emptyDir", {}).get("medium") == "Memory" for v in pod["volumes"])  # /dev/shm for the stub
+    service_ports = {p["name"] for p in docs["Service"]["spec"]["ports"]}
+    assert service_ports == set(ports)
+    (metric,) = docs["HorizontalPodAutoscaler"]["spec"]["metrics"]
+    assert metric["pods"]["metric"]["name"] == "nv_inference_pending_request_count"
+    predictor = docs["InferenceService"]["spec"]["predictor"]
+    assert predictor["model"]["modelFormat"]["name"] == "triton"
+    assert predictor["model"]["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def _triton_release() -> str:
+    """The NGC Triton release deploy/Dockerfile builds FROM, e.g. 25.01."""
+    import re
+
+    (release,) = re.findall(
+        r"nvcr\.io/nvidia/tritonserver:(\d\d\.\d\d)-py3", (REPO / "deploy" / "Dockerfile").read_text()
+    )
+    return release
+
+
+def test_container_release_agrees_across_files():
+    """The Dockerfile, the manifests and docs/serving.md name the same NGC release (24.11+: numpy 2 strings)."""
+    release = _triton_release()
+    assert release >= "24.11"
+    k8s = REPO / "deploy" / "k8s"
+    files = [k8s / "deployment.yaml", k8s / "kserve.yaml", k8s / "engines-job.yaml", REPO / "docs" / "serving.md"]
+    for path in files:
+        text = path.read_text()
+        assert f"tritonserver:{release}-py3" in text or f"flux2-triton:{release}" in text, path.name
+    kserve = _documents(REPO / "deploy" / "k8s" / "kserve.yaml")[0]
+    assert kserve["spec"]["predictor"]["model"]["runtimeVersion"] == f"{release}-py3"

@@ -1,0 +1,323 @@
+"""The real tritonserver (2.51, from the pinned nvidia-pytriton wheel) serving generated repositories.
+
+One server per module holds four models: `flux2` on the tiny fp32 artifacts, `flux2_q1` on the same
+artifacts with a queue of one (for 503), and two artifacts folders this module exports for itself
+(a tiny variant at fp32, and FLUX.2 [klein] base with classifier-free guidance). The last test stops
+the server with SIGTERM while requests are in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from tests.support import SMALL, run_cli
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "a red fox in fresh snow"
+STEPS = 2
+
+
+def _triton_env():
+    from deploy.stub_env import default_env, read_record
+
+    env = default_env()
+    if read_record(env) is None:
+        pytest.skip(f"no Triton env in {env}: run `make triton-env` (make test builds it)")
+    return env
+
+
+def _ask(url, model="flux2", **values):
+    """(HTTP status, images, sidecars or error message) for one request; values None are left out."""
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+    inputs = []
+    for name, array in values.items():
+        if array is None:
+            continue
+        tensor = httpclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    with httpclient.InferenceServerClient(url, network_timeout=300, connection_timeout=300) as client:
+        try:
+            outputs = [httpclient.InferRequestedOutput(name, binary_data=True) for name in ("image", "sidecar")]
+            result = client.infer(model, inputs, outputs=outputs)
+        except InferenceServerException as exc:
+            return int(exc.status() or 0), None, exc.message()
+    sidecars = [json.loads(text) for text in result.as_numpy("sidecar")[0]]
+    return 200, result.as_numpy("image")[0], sidecars
+
+
+def _values(prompt=PROMPT, *, seed=0, steps=STEPS, guidance=None, num_images=None, negative_prompt=None):
+    as_array = {
+        "prompt": (prompt, np.object_),
+        "negative_prompt": (negative_prompt, np.object_),
+        "seed": (seed, np.int64),
+        "steps": (steps, np.int32),
+        "guidance": (guidance, np.float64),
+        "num_images": (num_images, np.int32),
+    }
+    return {
+        name: None if value is None else np.array([[value.encode() if dtype is np.object_ else value]], dtype=dtype)
+        for name, (value, dtype) in as_array.items()
+    }
+
+
+def _metric(text: str, name: str, **labels) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, export_tiny, variant_artifacts):
+    from common.specs import Shapes
+    from deploy.local_server import LocalServer, processes_mentioning
+    from deploy.triton import write_repository
+    from export.run import export_artifacts
+
+    env = _triton_env()
+    root = tmp_path_factory.mktemp("served")
+    tiny = export_tiny("fp32")
+    # The variant's 96 tokens are fewer than FLUX.2 [dev]'s system message takes, so every prompt would
+    # be refused as too long: its checkpoint is exported again here at 128 tokens (no numerics check,
+    # test_export_variant.py has it).
+    variant = root / "variant"
+    shapes = Shapes(height=128, width=192, max_sequence_length=SMALL["max_sequence_length"])
+    export_artifacts(model=str(variant_artifacts.parent / "checkpoint"), out=variant, shapes=shapes,
+                     skip_check=True, log=lambda m: None)  # fmt: skip
+    klein = root / "klein"
+    export_artifacts(model="tiny-klein", out=klein, shapes=Shapes(height=128, width=128, max_sequence_length=64),
+                     skip_check=True, log=lambda m: None)  # fmt: skip
+    repository = root / "repository"
+    write_repository(artifacts=tiny, repository=repository, name="flux2", backend="ort", max_queue=8)
+    write_repository(artifacts=tiny, repository=repository, name="flux2_q1", backend="ort", max_queue=1)
+    write_repository(artifacts=variant, repository=repository, name="variant", backend="ort")
+    write_repository(artifacts=klein, repository=repository, name="klein", backend="ort")
+    server = LocalServer(repository, triton_env=env)
+    server.start()
+    server.artifacts = {"flux2": tiny, "variant": variant, "klein": klein}
+    yield server
+    server.stop()
+    assert processes_mentioning(str(repository.resolve())) == [], "a server or stub process outlived the test"
+
+
+def _reference(artifacts, tmp_path, **kwargs):
+    """What runtime.generate writes for the same request: (PNG bytes, sidecar) of image 0."""
+    from runtime.generate import generate
+
+    out = tmp_path / f"reference-{artifacts.name}"
+    paths = generate(artifacts=artifacts, prompts=[kwargs.pop("prompt", PROMPT)], out=out, backend="ort",
+                     progress=False, log=lambda m: None, steps=STEPS, **kwargs)  # fmt: skip
+    return paths[0].read_bytes(), json.loads(paths[0].with_suffix(".json").read_text())
+
+
+def _png_pixels(data: bytes) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def test_client_writes_the_png_and_sidecar_runtime_generate_writes(served, tmp_path):
+    expected_png, expected_sidecar = _reference(served.artifacts["flux2"], tmp_path, seed=3)
+    out = tmp_path / "client"
+    result = run_cli("-m", "deploy.client", "--url", served.url, "--prompt", PROMPT, "--seed", "3",
+                     "--steps", str(STEPS), "--out", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    png = out / "000-00-seed3.png"
+    assert png.read_bytes() == expected_png  # byte for byte: the same pixels, encoded by the same writer
+    sidecar = json.loads(png.with_suffix(".json").read_text())
+    assert sidecar.keys() == expected_sidecar.keys()
+    drop = ("timings",)
+    assert {k: v for k, v in sidecar.items() if k not in drop} == {
+        k: v for k, v in expected_sidecar.items() if k not in drop
+    }
+    assert sidecar["timings"].keys() == expected_sidecar["timings"].keys()
+
+
+def test_ready_only_after_every_model_drew_its_warm_up_image(served):
+    """The fixture returned on /v2/health/ready: by then each model had loaded and drawn its warm-up image."""
+    log = served.log()
+    for model in ("flux2", "flux2_q1", "variant", "klein"):
+        assert re.search(rf"flux2 model {model}: .* on ort-cpu \(fp32\), warm-up image", log), model
+
+
+def test_client_reports_a_server_error_in_one_line(served, tmp_path):
+    result = run_cli("-m", "deploy.client", "--url", served.url, "--prompt", PROMPT, "--steps", "0",
+                     "--out", str(tmp_path))  # fmt: skip
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "HTTP 400" in lines[0] and "steps 0 is outside 1..100" in lines[0], lines[0]
+
+
+def test_eight_concurrent_requests_all_succeed(served, tmp_path):
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda seed: _ask(served.url, **_values(seed=seed)), range(8)))
+    assert [status for status, _, _ in answers] == [200] * 8, [a[2] for a in answers if a[0] != 200]
+    assert [sidecars[0]["seed"] for _, _, sidecars in answers] == list(range(8))
+    expected_png, _ = _reference(served.artifacts["flux2"], tmp_path, seed=5)
+    assert np.array_equal(answers[5][1][0], _png_pixels(expected_png))
+    assert not np.array_equal(answers[5][1][0], answers[6][1][0])  # each request drew its own seed
+
+
+BAD_REQUESTS = [
+    ("missing prompt", {"prompt": None}, "prompt"),
+    ("steps 0", {"steps": 0}, "steps 0 is outside 1..100"),
+    ("steps 101", {"steps": 101}, "steps 101 is outside 1..100"),
+    ("NaN guidance", {"guidance": math.nan}, "guidance nan must be a finite number >= 0"),
+    ("negative guidance", {"guidance": -1.0}, "guidance -1.0 must be a finite number >= 0"),
+    ("negative seed", {"seed": -1}, "seed -1 must be in [0, 2**63)"),
+    ("no images", {"num_images": 0}, "num_images 0 is outside 1..4"),
+    ("prompt too long", {"prompt": "fox " * 200}, "tokens once formatted, past the 128"),
+]
+
+
+@pytest.mark.parametrize("case, change, reason", BAD_REQUESTS, ids=[case[0] for case in BAD_REQUESTS])
+def test_bad_request_is_a_400_with_its_reason_and_serving_goes_on(served, case, change, reason):
+    values = _values(**{k: v for k, v in change.items() if k != "prompt"})
+    if "prompt" in change:
+        values["prompt"] = None if change["prompt"] is None else np.array([[change["prompt"].encode()]], np.object_)
+    status, _, message = _ask(served.url, **values)
+    assert status == 400, message
+    assert reason in message and "\n" not in message, message
+    assert _ask(served.url, **_values())[0] == 200
+
+
+def test_wrong_input_type_is_a_400(served):
+    values = _values()
+    values["steps"] = np.array([[2.0]], dtype=np.float32)
+    status, _, message = _ask(served.url, **values)
+    assert status == 400 and "steps" in message and "FP32" in message, message
+
+
+def test_full_queue_is_refused_with_503(served):
+    """flux2_q1: one request running, one waiting; the rest are refused at once."""
+    slow = _values(steps=100, num_images=4)
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda _: _ask(served.url, model="flux2_q1", **slow), range(6)))
+    statuses = sorted(status for status, _, _ in answers)
+    assert statuses.count(503) >= 1 and set(statuses) <= {200, 503}, [a[2] for a in answers if a[0] != 200]
+    assert statuses.count(200) >= 2, statuses
+    refused = [message for status, _, message in answers if status == 503]
+    assert all("Exceeds maximum queue size" in message for message in refused), refused
+
+
+def test_metrics_count_requests_images_and_stage_seconds(served):
+    before = served.metrics()
+    assert _ask(served.url, **_values(num_images=2))[0] == 200
+    after = served.metrics()
+
+    def delta(name, **labels):
+        return _metric(after, name, **labels) - _metric(before, name, **labels)
+
+    assert delta("nv_inference_request_success", model="flux2") == 1
+    assert delta("flux2_images_total", model="flux2") == 2
+    for stage in ("text_encoder", "denoise", "vae"):
+        assert delta("flux2_stage_seconds_total", model="flux2", stage=stage) > 0, stage
+
+
+def test_grpc_cancellation_stops_generation_between_steps(served):
+    """A gRPC client cancels a 4-image, 100-step request: the model stops between steps, the next request is served."""
+    script = f"""
+import queue, sys, time
+import numpy as np, tritonclient.grpc as grpcclient
+from tritonclient.utils import np_to_triton_dtype
+values = {{"prompt": np.array([[b"a fox"]], np.object_), "steps": np.array([[100]], np.int32),
+          "num_images": np.array([[4]], np.int32)}}
+inputs = []
+for name, array in values.items():
+    tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+    tensor.set_data_from_numpy(array)
+    inputs.append(tensor)
+answers = queue.Queue()
+client = grpcclient.InferenceServerClient({served.grpc_url!r})
+call = client.async_infer("flux2", inputs, callback=lambda result, error: answers.put(error))
+time.sleep(0.5)  # the request is on the server, mid-generation (4 x 100 steps take seconds)
+call.cancel()
+print(answers.get(timeout=60))
+"""
+    before = served.metrics()
+    from deploy.stub_env import read_record
+
+    python = f"{read_record(_triton_env())['bin']}/python"
+    result = subprocess.run([python, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "CANCELLED" in result.stdout, result.stdout + result.stderr
+    assert _ask(served.url, **_values())[0] == 200  # queued behind the cancelled one: it has stopped by now
+    after = served.metrics()
+    drawn = _metric(after, "flux2_images_total", model="flux2") - _metric(before, "flux2_images_total", model="flux2")
+    assert drawn - 1 < 4, f"the cancelled request drew all its 4 images ({drawn} counted)"
+    assert re.search(r"cancelled before denoising step \d+ of 100", served.log()), "the server saw no cancellation"
+
+
+def test_variant_artifacts_serve_their_own_shape(served, tmp_path):
+    status, images, sidecars = _ask(served.url, model="variant", **_values(seed=1))
+    assert status == 200, sidecars
+    expected_png, _ = _reference(served.artifacts["variant"], tmp_path, seed=1)
+    assert images.shape == (1, 128, 192, 3)
+    assert np.array_equal(images[0], _png_pixels(expected_png))
+
+
+def test_klein_base_serves_with_classifier_free_guidance(served, tmp_path):
+    request = {"seed": 2, "guidance": 3.5, "negative_prompt": "blurry"}
+    status, images, sidecars = _ask(served.url, model="klein", **_values(prompt="a cat", **request))
+    assert status == 200, sidecars
+    assert sidecars[0]["classifier_free_guidance"] is True and sidecars[0]["negative_prompt"] == "blurry"
+    expected_png, expected = _reference(served.artifacts["klein"], tmp_path, prompt="a cat", **request)
+    assert expected["classifier_free_guidance"] is True
+    assert np.array_equal(images[0], _png_pixels(expected_png))
+    other = _ask(served.url, model="klein", **_values(prompt="a cat", **{**request, "negative_prompt": "sharp"}))
+    assert not np.array_equal(images[0], other[1][0])  # the negative prompt reaches the model
+
+
+def test_artifacts_broken_after_generation_keep_the_server_from_ready(export_tiny, tmp_path):
+    """The model refuses to load with the artifacts' one-line reason; the server exits instead of serving."""
+    import shutil
+
+    from deploy.local_server import LocalServer, processes_mentioning
+    from deploy.triton import write_repository
+
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(export_tiny("fp32"), artifacts)
+    repository = write_repository(artifacts=artifacts, repository=tmp_path / "repository", name="broken").parent
+    (artifacts / "transformer.onnx").unlink()
+    server = LocalServer(repository, triton_env=_triton_env())
+    with pytest.raises(RuntimeError, match="exited with 1 before ready"):
+        server.start(timeout_s=120)
+    assert "flux2 model broken: artifacts" in server.log() and "transformer.onnx is missing" in server.log()
+    assert processes_mentioning(str(repository.resolve())) == []
+
+
+def test_sigterm_lets_requests_in_flight_finish_then_exits_0(served):
+    """Last in this module: it stops the shared server."""
+    answers = []
+
+    def ask():
+        answers.append(_ask(served.url, **_values(steps=100, num_images=2)))  # seconds each: in flight for sure
+
+    threads = [threading.Thread(target=ask) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    deadline, held = time.monotonic() + 30, False
+    while not held and time.monotonic() < deadline:  # until the server holds them: one running, two queued
+        held = _metric(served.metrics(), "nv_inference_pending_request_count", model="flux2") >= 2
+        time.sleep(0.01)
+    assert held, "the three requests never waited on the server together"
+    assert served.stop() == 0, "\n".join(served.log().splitlines()[-10:])
+    for thread in threads:
+        thread.join(timeout=60)
+    assert [status for status, _, _ in answers] == [200] * 3, [a[2] for a in answers]
+    assert re.search(r"successfully unloaded 'flux2'", served.log())
