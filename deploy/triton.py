@@ -30,8 +30,16 @@ def instance_kind(device: str, backend: str, artifacts: Path) -> str:
     return "KIND_CPU"
 
 
+def _engine_targets(artifacts: Path) -> list[str]:
+    """The targets (tensorrt, then rtx: the trt backend's order) with engines built in `artifacts`."""
+    from common.engine_manifest import ENGINE_MANIFEST_NAME, engines_dir
+    from common.tensorrt_env import TARGETS
+
+    return [t for t in TARGETS if (engines_dir(artifacts, t) / ENGINE_MANIFEST_NAME).is_file()]
+
+
 def _has_engines(artifacts: Path) -> bool:
-    return (Path(artifacts) / "engines" / "manifest.json").is_file()
+    return bool(_engine_targets(artifacts))
 
 
 def engines_platform(artifacts: Path) -> dict | None:
@@ -40,12 +48,21 @@ def engines_platform(artifacts: Path) -> dict | None:
         return None
     from common.engine_manifest import read_engine_manifest
 
-    platforms = {json.dumps(e["platform"], sort_keys=True) for e in read_engine_manifest(artifacts)["engines"].values()}
+    target = _engine_targets(artifacts)[0]
+    engines = read_engine_manifest(artifacts, target)["engines"].values()
+    platforms = {json.dumps(e["platform"], sort_keys=True) for e in engines}
     if len(platforms) != 1:
         raise UsageError(
-            f"engines in {artifacts}/engines were built on different platforms {sorted(platforms)}; rebuild them"
+            f"engines in {artifacts}/engines/{target} were built on different platforms {sorted(platforms)}; rebuild them"
         )
     return json.loads(platforms.pop())
+
+
+def engines_gpu(platform: dict) -> str:
+    """The GPU a TensorRT engine was built on, or the compute capabilities of TensorRT-RTX engines."""
+    if "gpu" in platform:
+        return str(platform["gpu"])
+    return "compute capabilities " + ",".join(platform.get("compute_capabilities", []))
 
 
 def _quoted(text: str) -> str:
@@ -70,8 +87,9 @@ def render_config(
     """config.pbtxt: inputs, outputs, instances, dynamic batching with a queue policy that refuses fast."""
     parameters = {"artifacts": str(artifacts), "backend": backend, "max_images": str(max_images)}
     if platform:  # for the reader: which TensorRT the serving image must carry (docs/serving.md)
+        parameters["engines_target"] = str(platform.get("target", "tensorrt"))
         parameters["engines_tensorrt"] = str(platform["tensorrt"])
-        parameters["engines_gpu"] = str(platform["gpu"])
+        parameters["engines_gpu"] = engines_gpu(platform)
     parameter_text = ",\n".join(
         f"  {{ key: {_quoted(k)} value: {{ string_value: {_quoted(v)} }} }}" for k, v in parameters.items()
     )
@@ -215,7 +233,7 @@ def main(argv=None) -> int:
     platform = engines_platform(args.artifacts) if args.backend != "ort" else None
     if platform:
         print(
-            f"engines: TensorRT {platform['tensorrt']} on {platform['gpu']}: the serving image needs that TensorRT "
+            f"engines: TensorRT {platform['tensorrt']} on {engines_gpu(platform)}: the serving image needs that TensorRT "
             "and that GPU model (docs/serving.md)"
         )
     return 0

@@ -196,9 +196,9 @@ def test_repository_holds_config_and_model(export_tiny, tmp_path):
 def test_instances_go_on_the_gpu_where_engines_run(tmp_path):
     from deploy.triton import instance_kind
 
-    (tmp_path / "engines").mkdir()
+    (tmp_path / "engines" / "rtx").mkdir(parents=True)
     assert instance_kind("auto", "auto", tmp_path) == "KIND_CPU"
-    (tmp_path / "engines" / "manifest.json").write_text("{}")
+    (tmp_path / "engines" / "rtx" / "manifest.json").write_text("{}")
     assert instance_kind("auto", "auto", tmp_path) == "KIND_GPU"
     assert instance_kind("auto", "trt", tmp_path) == "KIND_GPU"
     assert instance_kind("auto", "ort", tmp_path) == "KIND_CPU"
@@ -215,10 +215,10 @@ def test_config_names_the_tensorrt_and_gpu_the_engines_need(export_tiny, tmp_pat
     artifacts = tmp_path / "artifacts"
     shutil.copytree(export_tiny("fp32"), artifacts)
     platform = {"tensorrt": "10.13.3", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
-    (artifacts / "engines").mkdir()
+    (artifacts / "engines" / "tensorrt").mkdir(parents=True)
     manifest = {"format": ENGINE_FORMAT, "format_version": ENGINE_FORMAT_VERSION,
                 "engines": {c: {"platform": platform} for c in ("text_encoder", "transformer", "vae")}}  # fmt: skip
-    (artifacts / "engines" / "manifest.json").write_text(json.dumps(manifest))
+    (artifacts / "engines" / "tensorrt" / "manifest.json").write_text(json.dumps(manifest))
     assert engines_platform(artifacts) == platform
     config = render_config(name="m", artifacts=artifacts, backend="trt", batch_size=1, height=16, width=16,
                            kind="KIND_GPU", instances=1, max_queue=1, timeout_s=1, max_images=1, platform=platform)  # fmt: skip
