@@ -102,12 +102,18 @@ def folder_lock(target: Path, what: str):
     """Hold `.NAME.lock` beside `target` for the block: a second writer is refused, not silently overwriting.
 
     flock(2) is released by the kernel when the holder dies, even by `kill -9`; the file is removed
-    on release (after re-checking, on acquiring, that the path still names the inode locked).
+    on release (after re-checking, on acquiring, that the path still names the inode locked). Where no
+    lock file can be made (no such folder, read-only) the block runs unlocked: it cannot write there
+    either, and says so with its own error.
     """
     target = Path(target)
     path = target.parent / f".{target.name}.lock"
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            yield None
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

@@ -22,7 +22,9 @@ from common.engine_manifest import (
     write_engine_manifest,
 )
 from common.errors import Flux2TrtError, UsageError
+from common.integrity import verify_artifacts
 from common.manifest import key_of, read_manifest, sha256_file
+from common.staging import folder_lock, remove_stale_staging
 
 # Bump when the build code changes what a plan is for the same inputs: it invalidates cached plans.
 ENGINE_CODE_VERSION = 1
@@ -128,8 +130,10 @@ def build_engines(
 
     from engines.trt_build import build_plan
 
+    verify_artifacts(artifacts, manifest, log=log)  # a damaged weight file would build a plan that draws garbage
     folder = engines_dir(artifacts)
     folder.mkdir(exist_ok=True)
+    remove_stale_staging(folder, log=log)  # plans half-written by a killed build
     previous = _previous_engines(artifacts)
     engines = {name: entry for name, entry in previous.items() if name in manifest["components"]}
     engine_manifest = {
@@ -204,12 +208,13 @@ def main(argv=None) -> int:
     parser.add_argument("--timing-cache", type=Path, default=None, help="timing cache file to read and update")
     parser.add_argument("--workspace", type=float, default=None, help="workspace memory pool limit in GiB")
     args = parser.parse_args(argv)
-    build_engines(
-        artifacts=args.artifacts,
-        force=args.force,
-        build=BuildConfig(opt_level=args.opt_level, workspace_gib=args.workspace),
-        timing_cache=args.timing_cache,
-    )
+    with folder_lock(engines_dir(args.artifacts.expanduser().absolute()), "engine build"):
+        build_engines(
+            artifacts=args.artifacts,
+            force=args.force,
+            build=BuildConfig(opt_level=args.opt_level, workspace_gib=args.workspace),
+            timing_cache=args.timing_cache,
+        )
     return 0
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from common.atomic import atomic_dir, atomic_write_json
 from common.errors import Flux2TrtError, UsageError, VerificationError
+from common.integrity import manifest_files, record_verified
 from common.manifest import (
     FORMAT,
     FORMAT_VERSION,
@@ -231,6 +232,7 @@ def run_export(job: ExportJob, log=None) -> dict:
 
             fp8_export.write_reports(staging / "reports", reports)
         atomic_write_json(staging / MANIFEST_NAME, manifest)
+        record_verified(staging, manifest_files(manifest))  # hashed just now: the first use need not re-hash
     log(_summary_table(rows, precision, out))
     return manifest
 

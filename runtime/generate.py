@@ -80,6 +80,7 @@ def generate(
     progress: bool = True,
     negative_prompt: str = "",
     log=None,
+    verify: bool = False,
 ) -> list[Path]:
     """Generate `num_images` per prompt; prompt i uses seed + i. Returns the PNG paths written."""
     log = log or (lambda message: print(message, file=sys.stderr))
@@ -90,7 +91,7 @@ def generate(
     from runtime.backends.select import select_backend
     from runtime.pipeline import Flux2Runtime, to_uint8
 
-    opened = open_artifacts(artifacts)
+    opened = open_artifacts(artifacts, verify=verify, log=log)
     chosen = select_backend(backend, opened.folder, opened.manifest, low_vram=low_vram, log=log)
     runtime = Flux2Runtime(opened, chosen)
     warning = runtime.guidance_warning(guidance)
@@ -156,6 +157,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--out", type=Path, default=Path("out"), help="folder for PNGs and JSON sidecars (default out/)"
     )
+    parser.add_argument(
+        "--verify", action="store_true", help="re-hash every artifact file, even those already verified unchanged"
+    )
     args = parser.parse_args(argv)
     generate(
         artifacts=args.artifacts,
@@ -168,6 +172,7 @@ def main(argv=None) -> int:
         out=args.out,
         low_vram=args.low_vram,
         negative_prompt=args.negative_prompt,
+        verify=args.verify,
     )
     return 0
 

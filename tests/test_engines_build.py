@@ -167,7 +167,10 @@ def test_build_records_manifest_and_reuses_until_an_input_changes(tmp_path):
 def test_a_changed_onnx_file_rebuilds_only_that_engine(tmp_path):
     folder, manifest = _artifacts(tmp_path / "a")
     build_engines(artifacts=folder, trt=FakeTrt(), platform=PLATFORM, log=lambda m: None)
-    manifest["components"]["vae"]["sha256"]["vae.onnx"] = "0" * 64  # as a re-export would record
+    model = onnx.load(str(folder / "vae.onnx"))
+    model.doc_string = "re-exported"
+    onnx.save(model, str(folder / "vae.onnx"))
+    manifest["components"]["vae"]["sha256"]["vae.onnx"] = sha256_file(folder / "vae.onnx")  # as a re-export records
     (folder / "manifest.json").write_text(json.dumps(manifest))
     trt, logs = FakeTrt(), []
     build_engines(artifacts=folder, trt=trt, platform=PLATFORM, log=logs.append)
