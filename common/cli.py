@@ -1,11 +1,13 @@
-"""Command-line plumbing shared by every `__main__`: one-line errors and exit codes."""
+"""Command-line plumbing shared by every `__main__`: one-line errors, exit codes, signals, disk faults."""
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from common.errors import Flux2TrtError
+from common.storage import is_storage_error, storage_error
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -15,16 +17,45 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so every `finally` (staging folders, temporary files) runs."""
+
+    signum = signal.SIGTERM
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def run_cli(main, argv=None) -> int:
-    """Call `main(argv)`; turn a Flux2TrtError into `error: ...` on stderr and its exit code."""
+    """Call `main(argv)`; turn what can go wrong into one line on stderr and an exit code.
+
+    A Flux2TrtError exits with its own code; a disk that refuses a write (full, file-size limit,
+    I/O error, no permission) with 2; Ctrl-C with 130 and SIGTERM with 143 (128 + the signal), after
+    the atomic writers have removed what was partial. Anything else is a bug and keeps its traceback.
+    """
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return int(main(argv) or 0)
     except Flux2TrtError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing partial was kept", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(
+            f"error: interrupted ({signal.Signals(signum).name}); partial files and staging folders were removed, "
+            "finished outputs kept",
+            file=sys.stderr,
+        )
+        return 128 + signum
+    except OSError as exc:
+        if not is_storage_error(exc):
+            raise
+        error = storage_error(exc, "writing", exc.filename)
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def parse_csv(text: str) -> tuple[str, ...]:

@@ -98,4 +98,3 @@ def verify_artifacts(folder: Path, manifest: dict, *, force: bool = False, log=N
     """An artifacts folder's graphs, weights and tokenizer against its manifest (see the module doc)."""
     fix = f"restore the folder or re-export it (`python -m export --out {folder} --force`)"
     return verify_files(folder, manifest_files(manifest), force=force, fix=fix, log=log)
-

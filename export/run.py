@@ -26,8 +26,11 @@ from common.manifest import (
 )
 from common.named_checkpoints import resolve_model
 from common.specs import COMPONENTS, PRECISIONS, TOLERANCES, ComponentSpec, Geometry, Shapes, component_specs
+from common.staging import folder_lock, remove_stale_staging
+from common.storage import ensure_space, is_storage_error, storage_error
 from common.tokenizer import TOKENIZER_FILES
 from export import checkpoint as ckpt
+from export.space import expected_bytes
 from export.writing.trace import data_file_name, example_inputs, export_graph
 
 # Bump when the graphs this code writes change for the same inputs: it invalidates cached exports.
@@ -132,7 +135,20 @@ def export_artifacts(*, log=None, **request) -> dict:
 
 
 def run_export(job: ExportJob, log=None) -> dict:
-    """Write (or reuse) the ONNX graphs for `job.components` into `job.out`; return the manifest."""
+    """Write (or reuse) the ONNX graphs for `job.components` into `job.out`; return the manifest.
+
+    A disk that refuses a write (full, a file-size limit, I/O error, permission) ends it as a
+    StorageError; the staging folder is gone by then (`atomic_dir`).
+    """
+    try:
+        return _run_export(job, log)
+    except OSError as exc:
+        if not is_storage_error(exc):
+            raise
+        raise storage_error(exc, "export", Path(job.out).expanduser().absolute()) from None
+
+
+def _run_export(job: ExportJob, log=None) -> dict:
     log = log or (lambda message: print(message, file=sys.stderr))
     model, precision, components, shapes = job.model, job.precision, job.components, job.shapes
     force, skip_check, stream, fp8 = job.force, job.skip_check, job.stream, job.fp8
@@ -150,6 +166,7 @@ def run_export(job: ExportJob, log=None) -> dict:
         batch_size=shapes.batch_size,
     )
     _prepare_out(out)
+    remove_stale_staging(out.parent, name=out.name, log=log)  # what a killed export of `out` left
     checkpoint = ckpt.open_checkpoint(resolve_model(model))
     geometry = checkpoint.geometry(job.text_encoder_layers)
     if shapes.height % geometry.pixels_per_token or shapes.width % geometry.pixels_per_token:
@@ -171,7 +188,7 @@ def run_export(job: ExportJob, log=None) -> dict:
 
     reference = ReferenceInputs(checkpoint, geometry, shapes)
     entries, reports, rows = {}, {}, []
-    with atomic_dir(out) as staging:
+    with folder_lock(out, "export"), atomic_dir(out) as staging:
         (staging / "reports").mkdir()
         for component in components:
             spec = specs[component]
@@ -194,6 +211,8 @@ def run_export(job: ExportJob, log=None) -> dict:
                 component, spec, key, checkpoint, geometry, shapes, precision, reference, staging, skip_check, stream
             )
             reused = None if force else _reusable(previous, out, component, key)
+            if reused is None:  # refused before writing, not after streaming most of a file that cannot fit
+                ensure_space(staging, expected_bytes(checkpoint, component, precision), f"the {component} graph")
             if reused is not None:
                 entry, report = reused
                 for name in entry["files"]:
