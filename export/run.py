@@ -212,7 +212,7 @@ def _run_export(job: ExportJob, log=None) -> dict:
             )
             reused = None if force else _reusable(previous, out, component, key)
             if reused is None:  # refused before writing, not after streaming most of a file that cannot fit
-                ensure_space(staging, expected_bytes(checkpoint, component, precision), f"the {component} graph")
+                ensure_space(out, expected_bytes(checkpoint, component, precision), f"the {component} graph")
             if reused is not None:
                 entry, report = reused
                 for name in entry["files"]:
@@ -287,6 +287,7 @@ def _export_component(job: ComponentJob):
     component, spec, key, checkpoint, geometry = job.component, job.spec, job.key, job.checkpoint, job.geometry
     shapes, precision, reference, staging = job.shapes, job.precision, job.reference, job.staging
     skip_check, stream = job.skip_check, job.stream
+    import numpy as np
     import torch
     from tqdm import tqdm
 
@@ -341,6 +342,12 @@ def _export_component(job: ComponentJob):
                 with torch.no_grad():
                     expected = reference_module(*args)
                 expected = {spec.outputs[0].name: expected.numpy()}
+                for name, value in expected.items():
+                    if bad := int(value.size - np.count_nonzero(np.isfinite(value))):
+                        raise VerificationError(
+                            f"{component}: PyTorch fp32 on the checkpoint's own weights gives {bad} NaN/Inf values in "
+                            f"{name}; the weights in {checkpoint.component_dir(component)} are damaged: restore them"
+                        )
                 module = reference_module = None  # free the PyTorch weights before the graph runs
                 actual = run_graph(staging / onnx_name, feeds, method)
                 tolerance = TOLERANCES[precision]

@@ -21,7 +21,7 @@ from export.checkpoint import Checkpoint, weight_files
 # Bytes per stored element in the exported graph. fp8 writes the bf16 graph first, then its
 # rewrite beside it (export.fp8.run): 2 + 1 per element at the peak.
 BYTES_PER_ELEMENT = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 3}
-SLACK = 256 * 2**20
+SLACK = 64 * 2**20
 
 
 def _elements(path: Path) -> int:
