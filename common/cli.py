@@ -34,7 +34,10 @@ def run_cli(main, argv=None) -> int:
     I/O error, no permission) with 2; Ctrl-C with 130 and SIGTERM with 143 (128 + the signal), after
     the atomic writers have removed what was partial. Anything else is a bug and keeps its traceback.
     """
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread (an embedding host): its own SIGTERM handling stands
+        previous = None
     try:
         return int(main(argv) or 0)
     except Flux2TrtError as exc:
@@ -55,7 +58,8 @@ def run_cli(main, argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def parse_csv(text: str) -> tuple[str, ...]:
