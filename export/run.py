@@ -251,7 +251,9 @@ def _run_export(job: ExportJob, log=None) -> dict:
 
             fp8_export.write_reports(staging / "reports", reports)
         atomic_write_json(staging / MANIFEST_NAME, manifest)
-        record_verified(staging, manifest_files(manifest))  # hashed just now: the first use need not re-hash
+    # Every file was hashed just now (reused ones by _reusable): the first use need not re-hash. After
+    # the rename, as removing the previous folder changes the link count, hence the ctime, of reused files.
+    record_verified(out, manifest_files(manifest))
     log(_summary_table(rows, precision, out))
     return manifest
 
