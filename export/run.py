@@ -166,7 +166,6 @@ def _run_export(job: ExportJob, log=None) -> dict:
         batch_size=shapes.batch_size,
     )
     _prepare_out(out)
-    remove_stale_staging(out.parent, name=out.name, log=log)  # what a killed export of `out` left
     checkpoint = ckpt.open_checkpoint(resolve_model(model))
     geometry = checkpoint.geometry(job.text_encoder_layers)
     if shapes.height % geometry.pixels_per_token or shapes.width % geometry.pixels_per_token:
@@ -189,6 +188,7 @@ def _run_export(job: ExportJob, log=None) -> dict:
     reference = ReferenceInputs(checkpoint, geometry, shapes)
     entries, reports, rows = {}, {}, []
     with folder_lock(out, "export"), atomic_dir(out) as staging:
+        remove_stale_staging(out.parent, name=out.name, log=log)  # what a killed export of `out` left
         (staging / "reports").mkdir()
         for component in components:
             spec = specs[component]

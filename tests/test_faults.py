@@ -214,6 +214,7 @@ def test_nan_weights_name_the_stage_exit_1_and_write_no_image(artifacts, tmp_pat
     assert not list((tmp_path / "images").iterdir())
 
 
+@pytest.mark.slow
 def test_export_check_fails_on_nan_weights_in_the_checkpoint(nan_checkpoint, tmp_path):
     from export.run import export_artifacts
 
@@ -264,6 +265,7 @@ def test_count_non_finite_numpy_and_torch():
 # --- killed runs, two writers ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_killed_export_is_cleaned_by_the_next_and_a_second_export_is_refused(tiny_checkpoint, tmp_path):
     from export.run import export_artifacts
 
@@ -326,6 +328,7 @@ def _file_size_limit(limit: int):
     return apply
 
 
+@pytest.mark.slow
 def test_full_disk_during_export_is_one_line_exit_2_and_nothing_left(tiny_checkpoint, tmp_path):
     out = tmp_path / "out"
     result = _run(
