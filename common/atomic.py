@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from common.staging import owner_tag
+from common.staging import owner_tag, track, untrack
 
 
 def atomic_write_via(path: Path, write: Callable[[Path], None]) -> None:
@@ -23,6 +23,7 @@ def atomic_write_via(path: Path, write: Callable[[Path], None]) -> None:
     path = Path(path)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.tmp-{owner_tag()}-", dir=path.parent)
     os.close(handle)
+    track(temporary)
     try:
         write(Path(temporary))
         with open(temporary, "rb") as written:
@@ -31,6 +32,8 @@ def atomic_write_via(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+    finally:
+        untrack(temporary)
 
 
 def atomic_write_bytes(path: Path, data) -> None:
@@ -55,6 +58,7 @@ def atomic_dir(target: Path):
     """
     target = Path(target)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{owner_tag()}-", dir=target.parent))
+    track(staging)
     try:
         yield staging
         retired = None
@@ -65,5 +69,6 @@ def atomic_dir(target: Path):
         if retired is not None:
             shutil.rmtree(retired, ignore_errors=True)
     finally:
+        untrack(staging)
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

@@ -86,6 +86,29 @@ def remove_stale_staging(folder: Path, *, name: str | None = None, log=print) ->
     return removed
 
 
+# Paths being written right now, removed by `remove_in_progress` when a signal ends the process.
+_IN_PROGRESS: dict[Path, None] = {}
+
+
+def track(path: Path) -> None:
+    _IN_PROGRESS[Path(path)] = None
+
+
+def untrack(path: Path) -> None:
+    _IN_PROGRESS.pop(Path(path), None)
+
+
+def remove_in_progress() -> None:
+    """Remove every staging folder, temporary file and lock this process is writing (newest first)."""
+    for path in reversed(list(_IN_PROGRESS)):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                path.unlink()
+    _IN_PROGRESS.clear()
+
+
 def _size(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
@@ -131,6 +154,7 @@ def folder_lock(target: Path, what: str):
         if same:
             break
         os.close(fd)  # the previous holder removed this file as we opened it: take the new one
+    track(path)
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}".encode())
@@ -139,3 +163,4 @@ def folder_lock(target: Path, what: str):
         with contextlib.suppress(OSError):
             os.unlink(path)
         os.close(fd)
+        untrack(path)

@@ -30,7 +30,7 @@ TINY = Shapes(height=128, width=128, max_sequence_length=64)
 # One graph is enough where the fault is in the writing, not in what is written.
 EXPORT_FLAGS = (
     "--components",
-    "text_encoder",
+    "vae",
     "--height",
     "128",
     "--width",
@@ -41,7 +41,12 @@ EXPORT_FLAGS = (
 )
 
 
-def _popen(*args: str, preexec_fn=None) -> subprocess.Popen:
+def _default_sigint():
+    # A background job starts with SIGINT ignored, and Python keeps an inherited SIG_IGN: restore it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _popen(*args: str, preexec_fn=_default_sigint) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.Popen(
         [sys.executable, *args],
@@ -406,11 +411,12 @@ def test_read_only_artifacts_still_verify_and_generate_and_read_only_out_is_one_
 # --- interrupts --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_during_export_removes_staging(tiny_checkpoint, tmp_path, signum):
     out = tmp_path / "out"
     export = _popen("-m", "export", "--model", str(tiny_checkpoint), "--out", str(out), *EXPORT_FLAGS)
     _wait_for(lambda: _staging(tmp_path, "out"), export, "the export's staging folder")
+    time.sleep(1.0)  # into the tracing (3 s or more), where an exception raised from the handler once crashed it
     export.send_signal(signum)
     result = _finish(export)
     _error_line(result, 128 + signum, f"interrupted ({signal.Signals(signum).name})")
