@@ -1,7 +1,8 @@
 """Atomic writes, the one way this project writes files: build beside the target, then rename.
 
 A crash, an interrupt or a full disk never leaves a file or folder that a later step would accept:
-the partial copy has a hidden temporary name and is removed on any exception.
+the partial copy has a hidden temporary name and is removed on any exception. The name records the
+owner process (`common.staging`), so what a `kill -9` leaves is found and removed by the next run.
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from common.staging import owner_tag, track, untrack
+
 
 def atomic_write_via(path: Path, write: Callable[[Path], None]) -> None:
     """Let `write(temporary)` fill a hidden sibling of `path` (a library's own save()), then rename it over `path`."""
     path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.tmp-{owner_tag()}-", dir=path.parent)
     os.close(handle)
+    track(temporary)
     try:
         write(Path(temporary))
         with open(temporary, "rb") as written:
@@ -28,6 +32,8 @@ def atomic_write_via(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+    finally:
+        untrack(temporary)
 
 
 def atomic_write_bytes(path: Path, data) -> None:
@@ -51,16 +57,18 @@ def atomic_dir(target: Path):
     On any exception the temporary folder is removed and `target` is left as it was.
     """
     target = Path(target)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{owner_tag()}-", dir=target.parent))
+    track(staging)
     try:
         yield staging
         retired = None
         if target.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{owner_tag()}-", dir=target.parent))
             os.rename(target, retired / "old")
         os.rename(staging, target)
         if retired is not None:
             shutil.rmtree(retired, ignore_errors=True)
     finally:
+        untrack(staging)
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

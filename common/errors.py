@@ -31,3 +31,13 @@ class EngineCompatibilityError(Flux2TrtError):
     """A graph uses something TensorRT's ONNX parser does not accept (engines.check)."""
 
     exit_code = 1
+
+
+class StorageError(Flux2TrtError):
+    """The disk refused a write: full, a file-size limit, an I/O error, or no permission."""
+
+
+class NonFiniteError(Flux2TrtError):
+    """A stage produced NaN or Inf: the weights are damaged or the arithmetic overflowed."""
+
+    exit_code = 1

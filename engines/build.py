@@ -22,12 +22,15 @@ from common.cli import OneLineParser, run_cli
 from common.engine_manifest import (
     ENGINE_FORMAT,
     ENGINE_FORMAT_VERSION,
+    ENGINES_DIR,
     engines_dir,
     read_engine_manifest,
     write_engine_manifest,
 )
 from common.errors import Flux2TrtError, UsageError
+from common.integrity import verify_artifacts
 from common.manifest import key_of, read_manifest, sha256_file
+from common.staging import folder_lock, remove_stale_staging
 from common.tensorrt_env import (
     FP8_MIN_COMPUTE_CAPABILITY,
     RTX_COMPUTE_CAPABILITIES,
@@ -241,8 +244,10 @@ def build_engines(
         timing_cache = Path(timing_cache).expanduser().absolute()
     cache_bytes, cache_record = _timing_cache_input(timing_cache, api, log)
 
+    verify_artifacts(artifacts, manifest, log=log)  # a damaged weight file would build a plan that draws garbage
     folder = engines_dir(artifacts, target)
     folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(folder, log=log)  # plans half-written by a killed build
     previous = _previous_engines(artifacts, target)
     engines = {name: entry for name, entry in previous.items() if name in manifest["components"]}
     engine_manifest = {
@@ -355,18 +360,20 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
     capabilities = parse_compute_capabilities(args.compute_capability) if args.compute_capability else None
-    build_engines(
-        artifacts=args.artifacts,
-        target=args.target,
-        force=args.force,
-        build=BuildConfig(
-            opt_level=args.opt_level,
-            workspace_gib=args.workspace,
-            compute_capabilities=capabilities,
-            strip_weights=args.strip_weights,
-        ),
-        timing_cache=args.timing_cache,
-    )
+    # One build at a time per artifacts folder, whichever target it picks.
+    with folder_lock(Path(args.artifacts).expanduser().absolute() / ENGINES_DIR, "engine build"):
+        build_engines(
+            artifacts=args.artifacts,
+            target=args.target,
+            force=args.force,
+            build=BuildConfig(
+                opt_level=args.opt_level,
+                workspace_gib=args.workspace,
+                compute_capabilities=capabilities,
+                strip_weights=args.strip_weights,
+            ),
+            timing_cache=args.timing_cache,
+        )
     return 0
 
 

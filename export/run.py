@@ -15,6 +15,7 @@ from pathlib import Path
 
 from common.atomic import atomic_dir, atomic_write_json
 from common.errors import Flux2TrtError, UsageError, VerificationError
+from common.integrity import manifest_files, record_verified
 from common.manifest import (
     FORMAT,
     FORMAT_VERSION,
@@ -34,8 +35,11 @@ from common.specs import (
     Shapes,
     component_specs,
 )
+from common.staging import folder_lock, remove_stale_staging
+from common.storage import ensure_space, is_storage_error, storage_error
 from common.tokenizer import TOKENIZER_FILES
 from export import checkpoint as ckpt
+from export.space import expected_bytes
 from export.writing.trace import data_file_name, example_inputs, export_graph
 
 # Bump when the graphs this code writes change for the same inputs: it invalidates cached exports.
@@ -166,7 +170,20 @@ def export_artifacts(*, log=None, **request) -> dict:
 
 
 def run_export(job: ExportJob, log=None) -> dict:
-    """Write (or reuse) the ONNX graphs for `job.components` into `job.out`; return the manifest."""
+    """Write (or reuse) the ONNX graphs for `job.components` into `job.out`; return the manifest.
+
+    A disk that refuses a write (full, a file-size limit, I/O error, permission) ends it as a
+    StorageError; the staging folder is gone by then (`atomic_dir`).
+    """
+    try:
+        return _run_export(job, log)
+    except OSError as exc:
+        if not is_storage_error(exc):
+            raise
+        raise storage_error(exc, "export", Path(job.out).expanduser().absolute()) from None
+
+
+def _run_export(job: ExportJob, log=None) -> dict:
     log = log or (lambda message: print(message, file=sys.stderr))
     model, precision, components, shapes = job.model, job.precision, job.components, job.shapes
     force, skip_check, stream, fp8 = job.force, job.skip_check, job.stream, job.fp8
@@ -213,7 +230,8 @@ def run_export(job: ExportJob, log=None) -> dict:
 
     reference = ReferenceInputs(checkpoint, geometry, shapes)
     entries, reports, rows = {}, {}, []
-    with atomic_dir(out) as staging:
+    with folder_lock(out, "export"), atomic_dir(out) as staging:
+        remove_stale_staging(out.parent, name=out.name, log=log)  # what a killed export of `out` left
         (staging / "reports").mkdir()
         for component in components:
             spec = specs[component]
@@ -243,6 +261,8 @@ def run_export(job: ExportJob, log=None) -> dict:
                 component, spec, key, checkpoint, geometry, shapes, precision, reference, staging, skip_check, stream
             )
             reused = None if force else _reusable(previous, out, component, key)
+            if reused is None:  # refused before writing, not after streaming most of a file that cannot fit
+                ensure_space(out, expected_bytes(checkpoint, component, precision), f"the {component} graph")
             if reused is not None:
                 entry, report = reused
                 for name in entry["files"]:
@@ -281,6 +301,9 @@ def run_export(job: ExportJob, log=None) -> dict:
 
             fp8_export.write_reports(staging / "reports", reports)
         atomic_write_json(staging / MANIFEST_NAME, manifest)
+    # Every file was hashed just now (reused ones by _reusable): the first use need not re-hash. After
+    # the rename, as removing the previous folder changes the link count, hence the ctime, of reused files.
+    record_verified(out, manifest_files(manifest))
     log(_summary_table(rows, precision, out))
     return manifest
 
@@ -316,6 +339,7 @@ def _export_component(job: ComponentJob):
     component, spec, key, checkpoint, geometry = job.component, job.spec, job.key, job.checkpoint, job.geometry
     shapes, precision, reference, staging = job.shapes, job.precision, job.reference, job.staging
     skip_check, stream = job.skip_check, job.stream
+    import numpy as np
     import torch
     from tqdm import tqdm
 
@@ -370,6 +394,12 @@ def _export_component(job: ComponentJob):
                 with torch.no_grad():
                     expected = reference_module(*args)
                 expected = {spec.outputs[0].name: expected.numpy()}
+                for name, value in expected.items():
+                    if bad := int(value.size - np.count_nonzero(np.isfinite(value))):
+                        raise VerificationError(
+                            f"{component}: PyTorch fp32 on the checkpoint's own weights gives {bad} NaN/Inf values in "
+                            f"{name}; the weights in {checkpoint.component_dir(component)} are damaged: restore them"
+                        )
                 module = reference_module = None  # free the PyTorch weights before the graph runs
                 actual = run_graph(staging / onnx_name, feeds, method)
                 tolerance = TOLERANCES[precision]

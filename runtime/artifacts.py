@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import ArtifactsError
+from common.integrity import verify_artifacts
 from common.manifest import manifest_hash, read_manifest
 from common.specs import EDITING_COMPONENTS, ComponentSpec, Geometry, Shapes, component_specs
 
@@ -30,7 +31,11 @@ class Artifacts:
         return json.loads((self.folder / self.manifest["scheduler_config"]).read_text())
 
 
-def open_artifacts(folder: str | Path) -> Artifacts:
+def open_artifacts(folder: str | Path, *, verify: bool = False, log=None) -> Artifacts:
+    """The artifacts in `folder`, every file checked against the manifest's sha256 (`common.integrity`).
+
+    `verify=True` re-hashes every file even when its verified stamp still matches.
+    """
     folder = Path(folder).expanduser()
     manifest = read_manifest(folder)
     components = manifest.get("components", {})
@@ -64,6 +69,7 @@ def open_artifacts(folder: str | Path) -> Artifacts:
         raise ArtifactsError(
             f"artifacts {folder} are incomplete: scheduler_config.json is missing; re-run export with --force"
         )
+    verify_artifacts(folder, manifest, force=verify, log=log)
     geometry = Geometry.from_json(manifest["geometry"])
     specs = component_specs(geometry, shapes)
     for component in required:

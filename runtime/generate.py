@@ -11,6 +11,8 @@ from pathlib import Path
 from common.atomic import atomic_write_json, atomic_write_via
 from common.cli import OneLineParser, run_cli
 from common.errors import UsageError
+from common.staging import remove_stale_staging
+from common.storage import is_storage_error, storage_error
 
 DEFAULT_STEPS = 50  # Flux2Pipeline's default
 DEFAULT_GUIDANCE = 4.0  # Flux2Pipeline's default
@@ -61,8 +63,14 @@ def save_image(out: Path, stem: str, image_uint8, sidecar: dict) -> Path:
     from PIL import Image
 
     png = out / f"{stem}.png"
-    atomic_write_via(png, lambda p: Image.fromarray(image_uint8).save(p, format="PNG"))
-    atomic_write_json(out / f"{stem}.json", sidecar)
+    try:
+        atomic_write_via(png, lambda p: Image.fromarray(image_uint8).save(p, format="PNG"))
+        atomic_write_json(out / f"{stem}.json", sidecar)
+    except OSError as exc:
+        if not is_storage_error(exc):
+            raise
+        png.unlink(missing_ok=True)  # no image without its sidecar
+        raise storage_error(exc, f"saving image {png.name}", out) from None
     return png
 
 
@@ -81,6 +89,7 @@ def generate(
     negative_prompt: str = "",
     images: list[Path] | None = None,
     log=None,
+    verify: bool = False,
 ) -> list[Path]:
     """Generate `num_images` per prompt; prompt i uses seed + i. Returns the PNG paths written.
 
@@ -89,12 +98,13 @@ def generate(
     log = log or (lambda message: print(message, file=sys.stderr))
     validate(steps=steps, guidance=guidance, num_images=num_images, seed=seed)
     out = prepare_out(out)
+    remove_stale_staging(out, log=log)  # half-written images of a killed run
 
     from runtime.artifacts import open_artifacts
     from runtime.backends.select import select_backend
     from runtime.pipeline import Flux2Runtime, to_uint8
 
-    opened = open_artifacts(artifacts)
+    opened = open_artifacts(artifacts, verify=verify, log=log)
     references = None
     if images or opened.shapes.reference_images:
         from runtime.reference_images import load_references
@@ -180,6 +190,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--out", type=Path, default=Path("out"), help="folder for PNGs and JSON sidecars (default out/)"
     )
+    parser.add_argument(
+        "--verify", action="store_true", help="re-hash every artifact file, even those already verified unchanged"
+    )
     args = parser.parse_args(argv)
     generate(
         artifacts=args.artifacts,
@@ -193,6 +206,7 @@ def main(argv=None) -> int:
         low_vram=args.low_vram,
         negative_prompt=args.negative_prompt,
         images=args.image,
+        verify=args.verify,
     )
     return 0
 
