@@ -12,7 +12,6 @@ version, the GPU or compute capabilities, the ONNX files' sha256 and the build f
 from __future__ import annotations
 
 import hashlib
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -377,5 +376,10 @@ def main(argv=None) -> int:
     return 0
 
 
+def cli() -> None:
+    """The console script: user errors as one line and an exit code, as `python -m` gives them."""
+    raise SystemExit(run_cli(main))
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    cli()

@@ -174,5 +174,10 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script: user errors as one line and an exit code, as `python -m` gives them."""
     raise SystemExit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()

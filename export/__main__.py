@@ -91,5 +91,10 @@ def parse_size(parser: argparse.ArgumentParser, flag: str, text: str) -> tuple[i
     return int(parts[0]), int(parts[1])
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script: user errors as one line and an exit code, as `python -m` gives them."""
     raise SystemExit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()

@@ -105,3 +105,17 @@ def test_every_package_folder_is_in_the_wheel():
     include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
     roots = {pattern.rstrip("*") for pattern in include}
     assert set(PACKAGES) <= roots
+
+
+def test_console_scripts_go_through_run_cli():
+    """A console script that called main() directly would print tracebacks for user mistakes."""
+    import importlib
+    import inspect
+    import tomllib
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert len(scripts) >= 10
+    for name, target in scripts.items():
+        module, _, function = target.partition(":")
+        source = inspect.getsource(getattr(importlib.import_module(module), function))
+        assert "run_cli(main)" in source, f"{name} -> {target} bypasses common.cli.run_cli"

@@ -32,6 +32,13 @@ for module in export engines.check engines.build runtime.generate runtime.check 
     "$bin/python" -m "$module" --help > /dev/null
 done
 echo "wheel-smoke: --help of every command and module"
+if "$bin/flux2-generate" --artifacts "$work/no-such-folder" --prompt x 2> "$work/error.txt"; then
+    echo "wheel-smoke: flux2-generate accepted a missing artifacts folder" >&2; exit 1
+fi
+if [ "$(wc -l < "$work/error.txt")" -ne 1 ] || grep -q Traceback "$work/error.txt"; then
+    echo "wheel-smoke: a user error was not one line:" >&2; cat "$work/error.txt" >&2; exit 1
+fi
+echo "wheel-smoke: a user error from a console script is one line: $(cat "$work/error.txt")"
 "$bin/flux2-export" --model tiny --out "$work/artifacts" --height 128 --width 128 --max-sequence-length 64
 "$bin/python" -m engines.check "$work/artifacts"
 "$bin/flux2-generate" --artifacts "$work/artifacts" --prompt "a red fox in the snow" --steps 2 --out "$work/images"
