@@ -32,5 +32,5 @@ def _elements(path: Path) -> int:
 
 
 def expected_bytes(checkpoint: Checkpoint, component: str, precision: str) -> int:
-    files = weight_files(checkpoint.component_dir(component))
+    files = weight_files(checkpoint.weights_dir(component))
     return sum(_elements(path) for path in files) * BYTES_PER_ELEMENT[precision] + SLACK

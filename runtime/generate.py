@@ -6,6 +6,7 @@ import math
 import os
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from common.atomic import atomic_write_json, atomic_write_via
@@ -74,27 +75,38 @@ def save_image(out: Path, stem: str, image_uint8, sidecar: dict) -> Path:
     return png
 
 
-def generate(
-    *,
-    artifacts: Path,
-    prompts: list[str],
-    seed: int = 0,
-    steps: int = DEFAULT_STEPS,
-    guidance: float = DEFAULT_GUIDANCE,
-    num_images: int = 1,
-    backend: str = "auto",
-    out: Path = Path("out"),
-    low_vram: bool = False,
-    progress: bool = True,
-    negative_prompt: str = "",
-    images: list[Path] | None = None,
-    log=None,
-    verify: bool = False,
-) -> list[Path]:
-    """Generate `num_images` per prompt; prompt i uses seed + i. Returns the PNG paths written.
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One `python -m runtime.generate` run: which artifacts, which prompts, how many images, where to."""
 
-    `images`: reference images for editing, as many as the artifacts were exported with.
-    """
+    artifacts: Path
+    prompts: tuple[str, ...]
+    seed: int = 0
+    steps: int = DEFAULT_STEPS
+    guidance: float = DEFAULT_GUIDANCE
+    num_images: int = 1
+    backend: str = "auto"
+    out: Path = Path("out")
+    low_vram: bool = False
+    progress: bool = True
+    negative_prompt: str = ""
+    images: tuple[Path, ...] = ()  # reference images for editing, as many as the artifacts were exported with
+    verify: bool = False  # re-hash every artifact file, even those already verified unchanged
+
+
+def generate(*, log=None, **request) -> list[Path]:
+    """Keyword front door: `generate_images(GenerateRequest(**request))`."""
+    request["prompts"] = tuple(request.get("prompts", ()))
+    request["images"] = tuple(request.get("images") or ())
+    return generate_images(GenerateRequest(**request), log=log)
+
+
+def generate_images(request: GenerateRequest, log=None) -> list[Path]:
+    """Generate `num_images` per prompt; prompt i uses seed + i. Returns the PNG paths written."""
+    artifacts, prompts, seed, steps = request.artifacts, request.prompts, request.seed, request.steps
+    guidance, num_images, backend, out = request.guidance, request.num_images, request.backend, request.out
+    low_vram, progress, negative_prompt = request.low_vram, request.progress, request.negative_prompt
+    images, verify = request.images, request.verify
     log = log or (lambda message: print(message, file=sys.stderr))
     validate(steps=steps, guidance=guidance, num_images=num_images, seed=seed)
     out = prepare_out(out)
@@ -194,9 +206,9 @@ def main(argv=None) -> int:
         "--verify", action="store_true", help="re-hash every artifact file, even those already verified unchanged"
     )
     args = parser.parse_args(argv)
-    generate(
+    request = GenerateRequest(
         artifacts=args.artifacts,
-        prompts=read_prompts(args.prompt, args.prompt_file),
+        prompts=tuple(read_prompts(args.prompt, args.prompt_file)),
         seed=args.seed,
         steps=args.steps,
         guidance=args.guidance,
@@ -205,9 +217,10 @@ def main(argv=None) -> int:
         out=args.out,
         low_vram=args.low_vram,
         negative_prompt=args.negative_prompt,
-        images=args.image,
+        images=tuple(args.image or ()),
         verify=args.verify,
     )
+    generate_images(request)
     return 0
 
 

@@ -51,7 +51,6 @@ CHUNK_BYTES = 32 * 2**20
 # Where each component's model sits inside its exportable wrapper (the initializer name prefix).
 WRAPPER_ATTRIBUTE = {"text_encoder": "language_model", "transformer": "model", "vae": "vae", "vae_encoder": "vae"}
 # The checkpoint folder each component's weights come from: both VAE graphs read vae/.
-CHECKPOINT_FOLDER = {"vae_encoder": "vae"}
 
 
 @dataclass(frozen=True)
@@ -131,7 +130,7 @@ def _empty_model(component: str, checkpoint: ckpt.Checkpoint, geometry: Geometry
     """The component's model with meta parameters and real buffers, constructed as `from_pretrained` does."""
     from accelerate import init_empty_weights
 
-    folder = checkpoint.component_dir(CHECKPOINT_FOLDER.get(component, component))
+    folder = checkpoint.weights_dir(component)
     if component == "text_encoder":
         from transformers import AutoModel
 
@@ -157,7 +156,7 @@ def build_weightless_graph(
     from export.graphs.vae import VaeDecoderGraph
     from export.graphs.vae_encoder import VaeEncoderGraph
 
-    folder = checkpoint.component_dir(CHECKPOINT_FOLDER.get(component, component))
+    folder = checkpoint.weights_dir(component)
     model, rename = _empty_model(component, checkpoint, geometry, torch_dtype(precision))
     wanted = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
     refs = checkpoint_weights(folder, wanted, rename)
