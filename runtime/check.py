@@ -39,24 +39,16 @@ PIPELINE_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp8": "bfloat16"}
 
 
 def _reference_pipeline(checkpoint: Path, pipeline_class: str, dtype: str = "float32"):
-    import diffusers
     import torch
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as hf_logging
 
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    from runtime.reference import reference_pipeline
+
     # PyTorch lets cuDNN convolutions use TF32 by default: measured on an H200, that moved the
     # "float32" VAE reference 5.5e-4 (relative L2) away from the fp32 graphs, over the fp32 bound.
     # A reference is true float32.
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
-    pipe = getattr(diffusers, pipeline_class).from_pretrained(checkpoint, dtype=getattr(torch, dtype)).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return reference_pipeline(checkpoint, dtype=dtype)
 
 
 def run_check(

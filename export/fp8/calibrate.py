@@ -177,17 +177,11 @@ class AmaxRecorder:
 
 
 def load_pipeline(checkpoint, dtype, device: str = "cpu"):
-    from diffusers import DiffusionPipeline
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as hf_logging
+    """diffusers' pipeline for the checkpoint, built from its parts (the published [dev] folder names a
+    PixtralProcessor, which needs torchvision: see runtime/reference.py)."""
+    from runtime.reference import reference_pipeline
 
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    pipe = DiffusionPipeline.from_pretrained(checkpoint.root, dtype=dtype)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return reference_pipeline(checkpoint.root, dtype=str(dtype).removeprefix("torch."), device=device)
 
 
 def pipeline_kwargs(pipe, geometry: Geometry, shapes: Shapes, *, steps: int, guidance: float) -> dict:

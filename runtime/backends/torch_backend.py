@@ -51,15 +51,9 @@ class TorchBackend:
     @property
     def pipe(self):
         if self._pipe is None:
-            import diffusers
-            from diffusers.utils import logging as diffusers_logging
-            from transformers.utils import logging as hf_logging
+            from runtime.reference import reference_pipeline
 
-            diffusers_logging.set_verbosity_error()
-            hf_logging.set_verbosity_error()
-            cls = getattr(diffusers, self.pipeline_class)
-            self._pipe = cls.from_pretrained(self.checkpoint, dtype=self.dtype).to(self.device)
-            self._pipe.set_progress_bar_config(disable=True)
+            self._pipe = reference_pipeline(self.checkpoint, dtype=DTYPES[self.precision], device=str(self.device))
         return self._pipe
 
     def run(self, component: str, feeds: dict) -> dict:
