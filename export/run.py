@@ -26,7 +26,7 @@ from common.manifest import (
 )
 from common.named_checkpoints import resolve_model
 from common.specs import COMPONENTS, PRECISIONS, TOLERANCES, Shapes, component_specs
-from common.tokenizer import TOKENIZER_FILES
+from common.tokenizer import TOKENIZER_FILES, PromptTokenizer
 from export import checkpoint as ckpt
 from export.writing.trace import data_file_name, example_inputs, export_graph
 
@@ -210,7 +210,12 @@ def export_artifacts(
             "geometry": geometry.to_json(),
             "shapes": dataclasses.asdict(shapes),
             "versions": versions,
-            "tokenizer": {"folder": "tokenizer", "files": tokenizer_files},
+            "tokenizer": {
+                "folder": "tokenizer",
+                "files": tokenizer_files,
+                # How it pads and truncates: the runtime refuses a tokenizer that disagrees (issue 12).
+                **PromptTokenizer(staging / "tokenizer", shapes.max_sequence_length, geometry.pipeline_class).record(),
+            },
             "scheduler_config": "scheduler_config.json",
             "components": entries,
         }

@@ -55,6 +55,9 @@ class TinyConfig:
     # encoder and transformer shards with an index, float32 VAE). "plain": the older layout this
     # generator wrote before (a plain fast tokenizer, one float32 file per component).
     layout: str = "published"
+    # A Tekken vocabulary file (tekken.json, e.g. from mistral-common's wheel): [dev] then uses Mistral's
+    # real 131k-token tokenizer instead of the small trained one. Empty: the small one.
+    tekken_vocab: str = ""
     # Residual-stream outliers for the fp16 stress checkpoint (flux2_tiny.stress): 0 leaves the weights as drawn.
     outlier_scale: float = 0.0
 

@@ -91,7 +91,7 @@ def write_tiny_checkpoint(out: Path, config: TinyConfig = DEFAULT) -> None:
 
     diffusers_logging.disable_progress_bar()
     out = Path(out)
-    tokenizer = _build_tokenizer(config)
+    tokenizer = _tekken_tokenizer(config.tekken_vocab) if config.tekken_vocab else _build_tokenizer(config)
     vocab_size = len(tokenizer)
 
     torch.manual_seed(config.seed)
@@ -159,3 +159,33 @@ def write_tiny_checkpoint(out: Path, config: TinyConfig = DEFAULT) -> None:
         TEXT_LAYERS_KEY: list(config.text_out_layers),
     }
     (out / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
+
+
+# Mistral's Tekken tokenizer files written before `special_tokens` was stored in them (as the one in
+# mistral-common's wheel) take these, in rank order; the remaining of the first 1000 ids are fillers.
+TEKKEN_SPECIAL_TOKENS = (
+    "<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]", "[PREFIX]", "[MIDDLE]",
+    "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]",
+)  # fmt: skip
+
+
+def _tekken_tokenizer(path: str):
+    """Mistral's real Tekken vocabulary (a tekken.json), converted as transformers converts it."""
+    import tempfile
+
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.mistral.tokenizer import MistralConverter
+
+    raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    raw.setdefault(
+        "special_tokens", [{"rank": i, "token_str": t, "is_control": True} for i, t in enumerate(TEKKEN_SPECIAL_TOKENS)]
+    )
+    with tempfile.TemporaryDirectory() as scratch:
+        vocab = Path(scratch) / "tekken.json"
+        vocab.write_text(json.dumps(raw))
+        backend = MistralConverter(str(vocab)).converted()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        model_max_length=131072,
+    )  # fmt: skip
