@@ -329,7 +329,12 @@ def _export_component(
                 report["passed"] = passed
                 if not passed:
                     worst = ", ".join(
-                        f"{n}: rel_l2 {m['rel_l2']:.3g} (max {tolerance.max_rel_l2:g}), cosine {m['cosine']:.6f} "
+                        (
+                            f"{n}: NON-FINITE values (inf/nan: an activation left {precision}'s range), "
+                            if not m["finite"]
+                            else f"{n}: "
+                        )
+                        + f"rel_l2 {m['rel_l2']:.3g} (max {tolerance.max_rel_l2:g}), cosine {m['cosine']:.6f} "
                         f"(min {tolerance.min_cosine:g}), max_abs {m['max_abs']:.3g}"
                         for n, m in report["outputs"].items()
                     )
