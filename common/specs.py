@@ -46,12 +46,12 @@ class Tolerance:
     def describe(self, name: str, metrics: dict) -> str:
         """One failing (or passing) output, with the bounds it was held to."""
         text = (
-            f"{name}: rel_l2 {metrics['rel_l2']:.3g} (max {self.max_rel_l2:g}), cosine {metrics['cosine']:.6f} "
+            f"rel_l2 {metrics['rel_l2']:.3g} (max {self.max_rel_l2:g}), cosine {metrics['cosine']:.6f} "
             f"(min {self.min_cosine:g}), max_abs {metrics['max_abs']:.3g}"
         )
-        if not metrics["finite"]:
-            text += f", {metrics['non_finite']} non-finite values"
-        return text
+        if not metrics["finite"]:  # an activation left the precision's range, or the weights hold NaN/Inf
+            return f"{name}: NON-FINITE values ({metrics['non_finite']} inf/nan), {text}"
+        return f"{name}: {text}"
 
 
 # Against the fp32 PyTorch module on realistic inputs. bf16 keeps 8 mantissa bits (~4e-3 per

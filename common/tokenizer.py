@@ -40,6 +40,7 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
     "processor_config.json",
+    "preprocessor_config.json",
 )
 
 
@@ -84,30 +85,60 @@ class PromptTokenizer:
             key: _token_text(config.get(key) or special.get(key))
             for key in ("bos_token", "eos_token", "pad_token", "unk_token")
         }
-        self.padding_side = config.get("padding_side", "right")
+        # What transformers' `special_tokens_map` hands the template (apply_chat_template's kwargs).
+        self._template_tokens = {k: v for k, v in self.special_tokens.items() if v is not None}
+        self.padding_side = padding_side(folder, config, json.loads(tokenizer_json.read_text()))
         self.truncation_side = config.get("truncation_side", "right")
         pad = self.special_tokens.get("pad_token")
         pad_id = self._tokenizer.token_to_id(pad) if pad else None
         if pad_id is None:
             raise ArtifactsError(f"tokenizer in {folder} has no pad token; FLUX.2 pads prompts to a fixed length")
         self.pad_id = pad_id
-        self.chat_template = _find_chat_template(folder, config)
+        self.chat_template, self._template_source = _find_chat_template(folder, config)
+
+    def record(self) -> dict:
+        """What the manifest keeps of this tokenizer, so a runtime can refuse one that tokenises differently."""
+        return {
+            "padding_side": self.padding_side,
+            "truncation_side": self.truncation_side,
+            "pad_id": self.pad_id,
+            "pipeline_class": self.pipeline_class,
+        }
+
+    def check_record(self, recorded: dict, where: Path) -> None:
+        """Refuse to tokenise differently from what the artifacts were exported (and checked) with."""
+        import hashlib
+
+        for name, digest in (recorded.get("files") or {}).items():
+            path = Path(self.folder) / name
+            if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+                raise ArtifactsError(
+                    f"tokenizer file {path} is missing or differs from the one {where} records from export; "
+                    "restore the artifacts folder or re-export with --force"
+                )
+        ours = self.record()
+        for key, value in recorded.items():
+            if key in ours and ours[key] != value:
+                raise ArtifactsError(
+                    f"tokenizer in {self.folder} gives {key}={ours[key]!r} but {where} records {value!r} from export; "
+                    "the tokenizer files or the runtime changed since export: re-export with --force"
+                )
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False, **template_kwargs) -> str:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        """The chat as transformers' `apply_chat_template(..., tokenize=False)` renders it (see `chat_environment`)."""
+        import jinja2
 
-        def raise_exception(message):
-            raise ValueError(message)
-
-        env = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-        )
-        env.globals["raise_exception"] = raise_exception
-        template = env.from_string(self.chat_template)
-        tokens = {k: v for k, v in self.special_tokens.items() if v is not None}
-        return template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **tokens, **template_kwargs
-        )
+        try:
+            template = _compiled_template(self.chat_template)
+            chat = [{key: value for key, value in message.items() if value is not None} for message in messages]
+            # As apply_chat_template: special tokens, overridden by the caller's values; tools and documents None.
+            context = {**self._template_tokens, "tools": None, "documents": None, **template_kwargs}
+            return template.render(messages=chat, add_generation_prompt=add_generation_prompt, **context)
+        except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError) as exc:
+            raise ArtifactsError(
+                f"chat template {self._template_source} cannot render the prompt ({type(exc).__name__}: "
+                f"{_one_line(exc)}); use the tokenizer folder of the published checkpoint, or fix that template"
+            ) from None
 
     def token_ids(self, prompt: str) -> list[int]:
         """One prompt's ids, formatted and truncated as diffusers does for this pipeline class (no padding)."""
@@ -158,20 +189,141 @@ def _token_text(value) -> str | None:
     return value
 
 
-def _find_chat_template(folder: Path, config: dict) -> str:
+def _find_chat_template(folder: Path, config: dict) -> tuple[str, Path]:
+    """The template and the file it came from, in transformers' order (the .jinja file first)."""
     jinja = folder / "chat_template.jinja"
     if jinja.is_file():
-        return jinja.read_text()
-    for candidate in (
-        config,
-        _read_optional_json(folder / "chat_template.json"),
-        _read_optional_json(folder / "processor_config.json"),
-    ):
+        return jinja.read_text(encoding="utf-8"), jinja
+    for source in ("tokenizer_config.json", "chat_template.json", "processor_config.json"):
+        candidate = config if source == "tokenizer_config.json" else _read_optional_json(folder / source)
         template = candidate.get("chat_template")
         if isinstance(template, str):
-            return template
+            return template, folder / source
         if isinstance(template, list):  # named templates: FLUX.2 uses the default one
             named = {t.get("name"): t.get("template") for t in template}
             if "default" in named:
-                return named["default"]
+                return named["default"], folder / source
     raise ArtifactsError(f"tokenizer in {folder} has no chat template; FLUX.2 prompts are formatted as a chat")
+
+
+# tokenizer classes whose transformers implementation pads on the left by default (their class
+# attribute `padding_side = "left"`); every other class pads on the right.
+_LEFT_PADDING_CLASSES = ("LlamaTokenizer", "CodeLlamaTokenizer", "GemmaTokenizer", "CohereTokenizer", "XLNetTokenizer")
+
+
+def padding_side(folder: Path, config: dict, tokenizer_json: dict) -> str:
+    """The side transformers pads this tokenizer folder on, as diffusers' pipelines load it.
+
+    In transformers' order: `padding_side` in tokenizer_config.json; else the padding direction
+    stored in tokenizer.json; else the class default. For the class default, transformers 5 loads a
+    folder that names `LlamaTokenizer(Fast)` but ships a byte-level tokenizer.json (as Mistral's
+    Tekken does) as a plain `TokenizersBackend`, which pads right; transformers 4 padded such a
+    folder on the left. Tested against transformers for each case (tests/test_tokenizer.py).
+    """
+    side = config.get("padding_side")
+    if side is None:
+        side = (tokenizer_json.get("padding") or {}).get("direction")
+        side = {"Left": "left", "Right": "right"}.get(side, side)
+    if side is None:
+        declared = str(config.get("tokenizer_class") or "").removesuffix("Fast")
+        side = "left" if declared in _LEFT_PADDING_CLASSES and not _is_byte_level(tokenizer_json) else "right"
+    if side not in ("left", "right"):
+        raise ArtifactsError(f"tokenizer in {folder} has padding_side {side!r}; expected 'left' or 'right'")
+    return side
+
+
+def _is_byte_level(tokenizer_json: dict) -> bool:
+    def walk(node) -> bool:
+        if isinstance(node, dict):
+            return node.get("type") == "ByteLevel" or any(walk(v) for v in node.values())
+        if isinstance(node, list):
+            return any(walk(v) for v in node)
+        return False
+
+    return walk(tokenizer_json.get("pre_tokenizer")) or walk(tokenizer_json.get("decoder"))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+_TEMPLATES: dict[str, object] = {}
+
+
+def _compiled_template(source: str):
+    if source not in _TEMPLATES:
+        _TEMPLATES[source] = chat_environment().from_string(source)
+    return _TEMPLATES[source]
+
+
+def chat_environment():
+    """A jinja environment that renders chat templates as transformers' `apply_chat_template` does.
+
+    Same sandbox and options (`ImmutableSandboxedEnvironment`, trim_blocks, lstrip_blocks, loop
+    controls, the `{% generation %}` tag) and the same helpers a template may call: the `tojson`
+    filter without HTML escaping, `raise_exception`, `strftime_now` (the real Mistral Small 3.1
+    template starts with `strftime_now("%Y-%m-%d")`), `dict` and a `namespace` that refuses
+    underscore names. transformers' own helpers are not imported: the runtime does not need
+    transformers.
+    """
+    import json as _json
+    from datetime import datetime
+
+    import jinja2
+    from jinja2.ext import Extension
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationTag(Extension):
+        # `{% generation %}...{% endgeneration %}` marks assistant text for training masks; rendering keeps the text.
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+        def _render(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return _json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(format):
+        return datetime.now().strftime(format)
+
+    class TemplateDict:
+        def __call__(self, *args, **kwargs):
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args, **kwargs):
+            return dict.fromkeys(*args, **kwargs)
+
+    class TemplateNamespace(jinja2.utils.Namespace):
+        def __init__(*args, **kwargs):
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                TemplateNamespace._check_name(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            TemplateNamespace._check_name(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check_name(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"a chat template cannot set the namespace attribute {name!r}")
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, "jinja2.ext.loopcontrols"]
+    )
+    env.filters["tojson"] = tojson
+    env.globals.update(
+        raise_exception=raise_exception, strftime_now=strftime_now, dict=TemplateDict(), namespace=TemplateNamespace
+    )
+    return env

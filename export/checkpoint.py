@@ -18,6 +18,13 @@ from common.hf_quiet import quiet_hf_libraries
 from common.specs import Geometry, geometry_from_configs
 
 LAYOUT_HINT = "expected a FLUX.2 diffusers folder (model_index.json, transformer/, vae/, text_encoder/, tokenizer/)"
+# BFL's own single-file releases (flux2-dev.safetensors, flux-2-klein-4b.safetensors) hold the
+# transformer alone, under BFL's key names; diffusers can load only the transformer from one.
+SINGLE_FILE_HINT = (
+    "this is a single-file BFL checkpoint (the transformer alone); export needs the diffusers layout: "
+    "download the whole repository, e.g. `hf download black-forest-labs/FLUX.2-dev --local-dir DIR` "
+    "(or FLUX.2-klein-4B / -9B), and pass DIR as --model"
+)
 _CONFIG_FILES = {"transformer": "config.json", "vae": "config.json", "text_encoder": "config.json"}
 # Where the language model's weights live inside a text encoder checkpoint, newest layout first:
 # transformers 5 Mistral3 (`model.language_model.`), transformers 4 Mistral3 as published with
@@ -73,9 +80,14 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if not root.exists():
         raise CheckpointError(f"checkpoint {root} does not exist; pass a FLUX.2 diffusers folder or --model tiny")
     if not root.is_dir():
+        if root.suffix in (".safetensors", ".sft"):
+            raise CheckpointError(f"checkpoint {root}: {SINGLE_FILE_HINT}")
         raise CheckpointError(f"checkpoint {root} is not a folder; {LAYOUT_HINT}")
     index_path = root / "model_index.json"
     if not index_path.is_file():
+        single = sorted(p.name for p in root.glob("*.safetensors"))
+        if single:
+            raise CheckpointError(f"checkpoint {root} holds {single[0]} but no model_index.json; {SINGLE_FILE_HINT}")
         raise CheckpointError(f"checkpoint {root} has no model_index.json; {LAYOUT_HINT}")
     model_index = _read_json(index_path)
     pipeline_class = model_index.get("_class_name")

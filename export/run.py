@@ -37,7 +37,7 @@ from common.specs import (
 )
 from common.staging import folder_lock, remove_stale_staging
 from common.storage import ensure_space, is_storage_error, storage_error
-from common.tokenizer import TOKENIZER_FILES
+from common.tokenizer import TOKENIZER_FILES, PromptTokenizer
 from export import checkpoint as ckpt
 from export.space import expected_bytes
 from export.writing.trace import data_file_name, example_inputs, export_graph
@@ -291,7 +291,12 @@ def _run_export(job: ExportJob, log=None) -> dict:
             "geometry": geometry.to_json(),
             "shapes": shapes.to_json(),
             "versions": versions,
-            "tokenizer": {"folder": "tokenizer", "files": tokenizer_files},
+            "tokenizer": {
+                "folder": "tokenizer",
+                "files": tokenizer_files,
+                # How it pads and truncates: the runtime refuses a tokenizer that disagrees (issue 12).
+                **PromptTokenizer(staging / "tokenizer", shapes.max_sequence_length, geometry.pipeline_class).record(),
+            },
             "scheduler_config": "scheduler_config.json",
             "components": entries,
         }

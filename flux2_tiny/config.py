@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 # Bump when the generator changes what it writes for the same config.
-GENERATOR_VERSION = 2  # 2: modulation and q/k-norm gains, so the prompt reaches the image
+GENERATOR_VERSION = 3  # 2: modulation and q/k-norm gains; 3: the published layout (tokenizer folder, keys, bf16)
 
 # FLUX.2's text encoder reads hidden states at these indices of transformers' `hidden_states`
 # tuple. The real [dev] checkpoint has no config field for it (diffusers passes (10, 20, 30) at
@@ -50,6 +50,16 @@ class TinyConfig:
     modulation_gain: float = 10.0
     qk_norm_gain: float = 3.0
     seed: int = 0
+    # "published": the layout of the black-forest-labs folders (flux2_tiny.published: processor-style
+    # tokenizer folder with the real chat template, transformers-4 key names for [dev], bf16 text
+    # encoder and transformer shards with an index, float32 VAE). "plain": the older layout this
+    # generator wrote before (a plain fast tokenizer, one float32 file per component).
+    layout: str = "published"
+    # A Tekken vocabulary file (tekken.json, e.g. from mistral-common's wheel): [dev] then uses Mistral's
+    # real 131k-token tokenizer instead of the small trained one. Empty: the small one.
+    tekken_vocab: str = ""
+    # Residual-stream outliers for the fp16 stress checkpoint (flux2_tiny.stress): 0 leaves the weights as drawn.
+    outlier_scale: float = 0.0
 
     def key(self) -> str:
         blob = json.dumps({"v": GENERATOR_VERSION, **dataclasses.asdict(self)}, sort_keys=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from flux2_tiny.config import CORPUS, DEFAULT, TEXT_LAYERS_KEY, TinyConfig
 from flux2_tiny.image_models import library_version, write_image_models
+from flux2_tiny.published import MISTRAL_TEMPLATE, save_text_encoder, write_pixtral_tokenizer
 
 _SPECIAL_TOKENS = [
     "<unk>",
@@ -90,7 +91,7 @@ def write_tiny_checkpoint(out: Path, config: TinyConfig = DEFAULT) -> None:
 
     quiet_hf_libraries()
     out = Path(out)
-    tokenizer = _build_tokenizer(config)
+    tokenizer = _tekken_tokenizer(config.tekken_vocab) if config.tekken_vocab else _build_tokenizer(config)
     vocab_size = len(tokenizer)
 
     torch.manual_seed(config.seed)
@@ -123,19 +124,21 @@ def write_tiny_checkpoint(out: Path, config: TinyConfig = DEFAULT) -> None:
         vision_config=vision_config,
         image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
         spatial_merge_size=2,
+        tie_word_embeddings=False,  # as published: language_model.lm_head.weight is its own tensor
     )
     text_encoder = Mistral3ForConditionalGeneration(te_config).eval()
     # Random init gives near-zero embeddings; widen them so hidden states carry signal.
     with torch.no_grad():
         text_encoder.get_input_embeddings().weight.normal_(0.0, 1.0)
-    text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
-
-    # The real [dev] folder holds a PixtralProcessor, whose constructor needs torchvision (not
-    # installable beside the CPU torch used here). Its text side is this same fast tokenizer plus
-    # a chat template, which is all that FLUX.2 uses; diffusers calls `apply_chat_template` on
-    # either with identical arguments.
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(out / "tokenizer")
+    published = config.layout == "published"
+    if published:
+        save_text_encoder(text_encoder, out / "text_encoder", mistral3_keys=True)
+        write_pixtral_tokenizer(tokenizer, out / "tokenizer", MISTRAL_TEMPLATE.read_text(encoding="utf-8"))
+    else:
+        text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
+        # The older layout: a plain fast tokenizer with a Mistral-shaped template of our own.
+        tokenizer.chat_template = CHAT_TEMPLATE
+        tokenizer.save_pretrained(out / "tokenizer")
 
     write_image_models(
         out,
@@ -150,9 +153,39 @@ def write_tiny_checkpoint(out: Path, config: TinyConfig = DEFAULT) -> None:
         "_diffusers_version": library_version("diffusers"),
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
         "text_encoder": ["transformers", "Mistral3ForConditionalGeneration"],
-        "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+        "tokenizer": ["transformers", "PixtralProcessor" if published else "PreTrainedTokenizerFast"],
         "transformer": ["diffusers", "Flux2Transformer2DModel"],
         "vae": ["diffusers", "AutoencoderKLFlux2"],
         TEXT_LAYERS_KEY: list(config.text_out_layers),
     }
     (out / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
+
+
+# Mistral's Tekken tokenizer files written before `special_tokens` was stored in them (as the one in
+# mistral-common's wheel) take these, in rank order; the remaining of the first 1000 ids are fillers.
+TEKKEN_SPECIAL_TOKENS = (
+    "<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]", "[PREFIX]", "[MIDDLE]",
+    "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]",
+)  # fmt: skip
+
+
+def _tekken_tokenizer(path: str):
+    """Mistral's real Tekken vocabulary (a tekken.json), converted as transformers converts it."""
+    import tempfile
+
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.mistral.tokenizer import MistralConverter
+
+    raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    raw.setdefault(
+        "special_tokens", [{"rank": i, "token_str": t, "is_control": True} for i, t in enumerate(TEKKEN_SPECIAL_TOKENS)]
+    )
+    with tempfile.TemporaryDirectory() as scratch:
+        vocab = Path(scratch) / "tekken.json"
+        vocab.write_text(json.dumps(raw))
+        backend = MistralConverter(str(vocab)).converted()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        model_max_length=131072,
+    )  # fmt: skip

@@ -43,7 +43,16 @@ def write_image_models(
                 param.mul_(modulation_gain)
             if qk_norm_gain != 1.0 and owner in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
                 param.mul_(qk_norm_gain)
-    transformer.save_pretrained(out / "transformer", safe_serialization=True)
+    if config.outlier_scale:
+        from flux2_tiny.stress import inject_outliers
+
+        inject_outliers(transformer, config.outlier_scale)
+    if config.layout == "published":
+        from flux2_tiny.published import save_diffusers_bf16
+
+        save_diffusers_bf16(transformer, out / "transformer")
+    else:
+        transformer.save_pretrained(out / "transformer", safe_serialization=True)
 
     torch.manual_seed(config.seed + 2)
     n_blocks = len(config.vae_block_out_channels)

@@ -20,6 +20,7 @@ from typing import ClassVar
 
 from flux2_tiny.config import CORPUS, TEXT_LAYERS_KEY, TinyConfig
 from flux2_tiny.image_models import library_version, write_image_models
+from flux2_tiny.published import QWEN3_TEMPLATE, save_text_encoder
 
 # diffusers' Flux2KleinPipeline default `text_encoder_out_layers`; a checkpoint that reads other
 # layers records them under TEXT_LAYERS_KEY.
@@ -154,7 +155,11 @@ def write_tiny_klein_checkpoint(out: Path, config: TinyKleinConfig = KLEIN_BASE)
     # Random init gives near-zero embeddings; widen them so hidden states carry signal.
     with torch.no_grad():
         text_encoder.get_input_embeddings().weight.normal_(0.0, 1.0)
-    text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
+    if config.layout == "published":
+        save_text_encoder(text_encoder, out / "text_encoder", mistral3_keys=False)
+        tokenizer.chat_template = QWEN3_TEMPLATE.read_text(encoding="utf-8")
+    else:
+        text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
     tokenizer.save_pretrained(out / "tokenizer")
 
     write_image_models(

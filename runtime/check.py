@@ -21,7 +21,6 @@ from common.atomic import atomic_write_json
 from common.cli import OneLineParser, run_cli
 from common.dtypes import COMPUTE_DTYPE
 from common.errors import UsageError
-from common.hf_quiet import quiet_hf_libraries
 from common.metrics import psnr, ssim
 from common.specs import TOLERANCES
 
@@ -44,19 +43,16 @@ MIN_PSNR_REDUCED = 25.0
 
 
 def _reference_pipeline(checkpoint: Path, pipeline_class: str, dtype: str = "float32"):
-    import diffusers
     import torch
 
-    quiet_hf_libraries()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    from runtime.reference import reference_pipeline
+
     # PyTorch lets cuDNN convolutions use TF32 by default: measured on an H200, that moved the
     # "float32" VAE reference 5.5e-4 (relative L2) away from the fp32 graphs, over the fp32 bound.
     # A reference is true float32.
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
-    pipe = getattr(diffusers, pipeline_class).from_pretrained(checkpoint, dtype=getattr(torch, dtype)).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return reference_pipeline(checkpoint, dtype=dtype)
 
 
 def run_check(

@@ -82,6 +82,17 @@ def tiny_klein_distilled_checkpoint(_cache_dir) -> Path:
     return ensure_tiny_checkpoint(KLEIN_DISTILLED)
 
 
+@pytest.fixture(scope="session")
+def tiny_plain_checkpoint(_cache_dir) -> Path:
+    """The tiny [dev] checkpoint in the older layout (plain fast tokenizer, float32 single files)."""
+    import dataclasses
+
+    from flux2_tiny import ensure_tiny_checkpoint
+    from flux2_tiny.config import DEFAULT
+
+    return ensure_tiny_checkpoint(dataclasses.replace(DEFAULT, layout="plain"))
+
+
 # The fast lane (`make test-fast`, `-m "not slow"`) is unit tests: anything that needs an export
 # of a checkpoint, end to end, is `slow`, whether it asks for one through these fixtures or marks
 # itself.

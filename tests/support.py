@@ -32,3 +32,34 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) ->
     assert "Traceback" not in result.stderr
     for needle in needles:
         assert needle in lines[0], lines[0]
+
+
+# Mistral's real Tekken vocabulary ships inside mistral-common's wheel (mistral_common/data/). The
+# wheel is fetched with pip (no install: its numpy<2.4 pin conflicts with this environment) and the
+# one file taken out of it, once per cache folder.
+MISTRAL_COMMON_WHEEL = "mistral-common==1.13.1"
+TEKKEN_MEMBER = "mistral_common/data/tekken_240911.json"
+
+
+def tekken_vocab(cache: Path) -> Path | None:
+    """The real tekken_240911.json under `cache`, or None where pip cannot fetch the wheel."""
+    import zipfile
+
+    target = cache / "tekken" / Path(TEKKEN_MEMBER).name
+    if target.is_file():
+        return target
+    wheels = cache / "tekken" / "wheel"
+    fetched = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), MISTRAL_COMMON_WHEEL],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    found = sorted(wheels.glob("mistral_common-*.whl"))
+    if fetched.returncode != 0 or not found:
+        return None
+    with zipfile.ZipFile(found[0]) as wheel:
+        partial = target.with_suffix(".part")
+        partial.write_bytes(wheel.read(TEKKEN_MEMBER))
+        partial.rename(target)
+    return target

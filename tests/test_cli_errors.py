@@ -45,7 +45,7 @@ def test_folder_that_is_not_flux2(tmp_path):
 def test_truncated_safetensors(tmp_path, tiny_checkpoint):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_checkpoint, broken)
-    weights = broken / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights = broken / "transformer" / "diffusion_pytorch_model-00002-of-00002.safetensors"  # a published shard
     with open(weights, "r+b") as handle:
         handle.truncate(weights.stat().st_size // 2)
     result = _export(tmp_path / "out", model=broken)

@@ -7,9 +7,9 @@ import torch
 
 @pytest.fixture(scope="module")
 def pipe(tiny_checkpoint):
-    from diffusers import Flux2Pipeline
+    from runtime.reference import reference_pipeline
 
-    return Flux2Pipeline.from_pretrained(tiny_checkpoint)
+    return reference_pipeline(tiny_checkpoint, device="cpu")
 
 
 @pytest.fixture(scope="module")

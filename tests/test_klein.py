@@ -21,7 +21,9 @@ PROMPTS = [
 def base_pipe(tiny_klein_checkpoint):
     from diffusers import Flux2KleinPipeline
 
-    pipe = Flux2KleinPipeline.from_pretrained(tiny_klein_checkpoint)
+    pipe = Flux2KleinPipeline.from_pretrained(
+        tiny_klein_checkpoint, dtype=torch.float32
+    )  # the published files hold bf16 and fp32
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -75,7 +77,7 @@ def test_distilled_ignores_guidance_and_warns(tiny_klein_distilled_checkpoint, m
 
     geometry = open_checkpoint(tiny_klein_distilled_checkpoint).geometry()
     assert geometry.is_distilled
-    pipe = Flux2KleinPipeline.from_pretrained(tiny_klein_distilled_checkpoint)
+    pipe = Flux2KleinPipeline.from_pretrained(tiny_klein_distilled_checkpoint, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.config.is_distilled is True  # read from model_index.json
     warnings = []
@@ -140,9 +142,12 @@ def test_token_ids_and_mask_are_what_diffusers_feeds_qwen3(base_pipe, base_ckpt,
     np.testing.assert_array_equal(mask, captured["attention_mask"])
     assert mask[-1].sum() == max_length  # the long prompt was truncated, not dropped
     assert 0 < mask[1].sum() < max_length  # the empty prompt still carries the chat template
-    # the dev format is a different token sequence: the class really selects the format
-    dev_ids, _ = PromptTokenizer(base_ckpt.root / "tokenizer", max_length).encode(PROMPTS[:1])
-    assert not np.array_equal(dev_ids[0], ids[0])
+    # the class really selects the format: the [dev] one (a system message with list contents) is
+    # not even renderable by Qwen3's real template, in transformers as here
+    from common.errors import ArtifactsError
+
+    with pytest.raises(ArtifactsError, match="chat_template.jinja cannot render"):
+        PromptTokenizer(base_ckpt.root / "tokenizer", max_length).encode(PROMPTS[:1])
 
 
 def test_unknown_pipeline_class_is_a_one_line_error(tiny_klein_checkpoint):

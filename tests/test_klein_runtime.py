@@ -44,7 +44,7 @@ def _diffusers_image(checkpoint, prompt, *, guidance, seed=0, steps=3, negative=
 
     from export.checkpoint import open_checkpoint
 
-    pipe = Flux2KleinPipeline.from_pretrained(checkpoint)
+    pipe = Flux2KleinPipeline.from_pretrained(checkpoint, dtype=torch.float32)  # published files: bf16 and fp32
     pipe.set_progress_bar_config(disable=True)
     layers = open_checkpoint(checkpoint).geometry().text_out_layers
     extra = {}

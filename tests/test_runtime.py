@@ -64,12 +64,12 @@ def test_generate_cli_writes_png_and_sidecar_per_prompt(export_tiny, tmp_path):
 def test_second_image_of_a_seed_matches_diffusers_batch(export_tiny):
     """--num-images K draws one [K, ...] noise tensor from the seed, as diffusers does."""
     import torch
-    from diffusers import Flux2Pipeline
 
     from common.metrics import psnr
     from runtime.artifacts import open_artifacts
     from runtime.backends.ort import OrtBackend
     from runtime.pipeline import Flux2Runtime
+    from runtime.reference import reference_pipeline
 
     artifacts = open_artifacts(export_tiny("fp32"))
     runtime = Flux2Runtime(artifacts, OrtBackend(artifacts.folder, artifacts.manifest))
@@ -77,7 +77,7 @@ def test_second_image_of_a_seed_matches_diffusers_batch(export_tiny):
         image
         for _, image, _ in runtime.generate("a lighthouse", seed=3, steps=2, guidance=3.0, num_images=2, progress=False)
     ]
-    pipe = Flux2Pipeline.from_pretrained(artifacts.manifest["source"]["checkpoint"])
+    pipe = reference_pipeline(artifacts.manifest["source"]["checkpoint"], device="cpu")
     pipe.set_progress_bar_config(disable=True)
     reference = pipe(prompt="a lighthouse", height=256, width=256, num_inference_steps=2, guidance_scale=3.0, num_images_per_prompt=2,
                      generator=torch.Generator().manual_seed(3), max_sequence_length=128,

@@ -31,7 +31,6 @@ from pathlib import Path
 from common.atomic import atomic_write_json
 from common.cache import default_cache_dir
 from common.errors import UsageError
-from common.hf_quiet import quiet_hf_libraries
 from common.specs import Geometry, Shapes
 
 PROMPTS_FILE = Path(__file__).with_name("calibration_prompts.txt")
@@ -174,12 +173,11 @@ class AmaxRecorder:
 
 
 def load_pipeline(checkpoint, dtype, device: str = "cpu"):
-    from diffusers import DiffusionPipeline
+    """diffusers' pipeline for the checkpoint, built from its parts (the published [dev] folder names a
+    PixtralProcessor, which needs torchvision: see runtime/reference.py)."""
+    from runtime.reference import reference_pipeline
 
-    quiet_hf_libraries()
-    pipe = DiffusionPipeline.from_pretrained(checkpoint.root, dtype=dtype)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return reference_pipeline(checkpoint.root, dtype=str(dtype).removeprefix("torch."), device=device)
 
 
 def pipeline_kwargs(pipe, geometry: Geometry, shapes: Shapes, *, steps: int, guidance: float) -> dict:

@@ -14,6 +14,7 @@ steps; PSNR between the two images.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +107,10 @@ class TwinTransformer(nn.Module):
     def device(self):
         return self._device
 
+    def cache_context(self, name):
+        """Flux2KleinPipeline wraps each (CFG) pass in `transformer.cache_context(...)`; the graph caches nothing."""
+        return contextlib.nullcontext()
+
     def forward(self, hidden_states, encoder_hidden_states, timestep, guidance=None, return_dict=False, **_):
         reference_latents = None
         if "reference_latents" in self.input_names:
@@ -148,8 +153,12 @@ def end_to_end(checkpoint, geometry, shapes, twin_graph: Path, *, steps: int = E
     fp8_pipe = type(bf16_pipe)(**{**bf16_pipe.components, "transformer": twin})
     fp8_pipe.set_progress_bar_config(disable=True)
     fp8_image = draw(fp8_pipe)
-    if twin.calls != steps:
-        raise RuntimeError(f"the FP8 twin ran {twin.calls} times for {steps} steps: the shim was bypassed")
+    # [klein] base models run true CFG: a second transformer pass per step on the negative prompt.
+    passes = 2 if getattr(fp8_pipe, "do_classifier_free_guidance", False) else 1
+    if twin.calls != steps * passes:
+        raise RuntimeError(
+            f"the FP8 twin ran {twin.calls} times for {steps} steps x {passes} passes: the shim was bypassed"
+        )
     del bf16_pipe, fp8_pipe, twin
     fp32_image = draw(load_pipeline(checkpoint, torch.float32))
     return {

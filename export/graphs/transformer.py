@@ -10,7 +10,10 @@ diffusers' own modules, called with the same arguments as in diffusers' forward.
 
 from __future__ import annotations
 
+import types
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from common.specs import Geometry, Shapes
@@ -31,6 +34,16 @@ class TransformerGraph(nn.Module):
         super().__init__()
         self.model = model
         self.guidance_embeds = geometry.guidance_embeds
+        # fp16: weights and matrix multiplies in float16, everything between them in float32 (see
+        # `_fp16_linear`): FLUX-family residual streams and feed-forward activations pass 65504.
+        self.fp32_stream = FP32_STREAM and model.x_embedder.weight.dtype == torch.float16
+        if self.fp32_stream:
+            for module in model.modules():
+                # Bound on the instance, so parameter names (and ONNX initializer names) stay diffusers'.
+                if isinstance(module, nn.Linear):
+                    module.forward = types.MethodType(_fp16_linear, module)
+                elif isinstance(module, nn.RMSNorm):
+                    module.forward = types.MethodType(_float32_rms_norm, module)
         text_ids, image_ids = position_ids(geometry, shapes)
         with torch.no_grad():
             text_cos, text_sin = model.pos_embed(text_ids)
@@ -42,8 +55,9 @@ class TransformerGraph(nn.Module):
     def forward(self, hidden_states, encoder_hidden_states, timestep, guidance=None):
         model = self.model
         dtype = model.x_embedder.weight.dtype
-        hidden_states = hidden_states.to(dtype)
-        encoder_hidden_states = encoder_hidden_states.to(dtype)
+        stream = torch.float32 if self.fp32_stream else dtype
+        hidden_states = hidden_states.to(dtype).to(stream)
+        encoder_hidden_states = encoder_hidden_states.to(dtype).to(stream)
         num_txt_tokens = encoder_hidden_states.shape[1]
 
         # As Flux2Pipeline and the model together: the pipeline hands the model t / 1000 in the
@@ -51,9 +65,9 @@ class TransformerGraph(nn.Module):
         # it back, `timestep.to(dtype) * 1000`. At bf16 this rounding order matters: rounding
         # sigma instead of t put the torch backend's images 5.6 dB further from fp32 than
         # diffusers' own bf16 pipeline (29.1 vs 34.7 dB, tiny default, 1024 x 1024, 4 steps).
-        timestep = ((timestep * 1000).to(dtype) / 1000).to(dtype) * 1000
+        timestep = (((timestep * 1000).to(dtype) / 1000).to(dtype) * 1000).to(stream)
         if self.guidance_embeds:
-            guidance = guidance.to(dtype) * 1000
+            guidance = (guidance.to(dtype) * 1000).to(stream)
         temb = model.time_guidance_embed(timestep, guidance if self.guidance_embeds else None)
         double_mod_img = model.double_stream_modulation_img(temb)
         double_mod_txt = model.double_stream_modulation_txt(temb)
@@ -84,6 +98,35 @@ class TransformerGraph(nn.Module):
         hidden_states = hidden_states[:, num_txt_tokens:, ...]
         hidden_states = model.norm_out(hidden_states, temb)
         return model.proj_out(hidden_states).float()  # velocity [B, N, out_channels]
+
+
+# False gives the plain float16 graph of before (every tensor float16), kept for the comparison in
+# tests/test_fp16_overflow.py and docs/export.md.
+FP32_STREAM = True
+
+# Each matrix multiply of the fp16 graph sees an input row scaled into [-1, 1] and a weight whose
+# rows sum (in absolute value) to at most 2**14, both by powers of two, so its float16 result is
+# bounded by 2**14 and the scaling itself rounds nothing; the float32 result is scaled back.
+# Measured on the stress checkpoint (flux2_tiny.stress, docs/export.md): without it the fp16 graph
+# gives NaN, as does diffusers' own float16 pipeline (whose clip at block ends comes after the inf).
+_WEIGHT_ROW_BOUND = 2.0**14
+
+
+def _fp16_linear(self, x):
+    """nn.Linear with float16 weights on a float32 input: the product in float16, without overflow."""
+    x = x.float()
+    x_scale = torch.exp2(torch.ceil(torch.log2(x.abs().amax(dim=-1, keepdim=True).clamp_min(2.0**-24))))
+    weight = self.weight.float()
+    w_scale = torch.exp2(torch.ceil(torch.log2((weight.abs().sum(dim=-1) / _WEIGHT_ROW_BOUND).clamp_min(1.0))))
+    product = F.linear((x / x_scale).to(self.weight.dtype), (weight / w_scale[:, None]).to(self.weight.dtype))
+    out = product.float() * (x_scale * w_scale)
+    return out if self.bias is None else out + self.bias.float()
+
+
+def _float32_rms_norm(self, x):
+    """torch's RMSNorm computed in float32 (its float16 weight upcast), as the rest of the fp16 stream."""
+    weight = None if self.weight is None else self.weight.float()
+    return F.rms_norm(x.float(), self.normalized_shape, weight, self.eps)
 
 
 def reference_position_ids(geometry: Geometry, shapes: Shapes) -> torch.Tensor:

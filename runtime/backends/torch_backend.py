@@ -12,9 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.dtypes import torch_dtype
+from common.dtypes import COMPUTE_DTYPE, torch_dtype
 from common.errors import ArtifactsError
-from common.hf_quiet import quiet_hf_libraries
 
 
 class TorchBackend:
@@ -55,12 +54,11 @@ class TorchBackend:
     @property
     def pipe(self):
         if self._pipe is None:
-            import diffusers
+            from runtime.reference import reference_pipeline
 
-            quiet_hf_libraries()
-            cls = getattr(diffusers, self.pipeline_class)
-            self._pipe = cls.from_pretrained(self.checkpoint, dtype=self.dtype).to(self.device)
-            self._pipe.set_progress_bar_config(disable=True)
+            self._pipe = reference_pipeline(
+                self.checkpoint, dtype=COMPUTE_DTYPE[self.precision], device=str(self.device)
+            )
         return self._pipe
 
     def run(self, component: str, feeds: dict) -> dict:
