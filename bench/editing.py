@@ -95,7 +95,7 @@ def main() -> int:
     }
     out = args.out or REPO / "bench" / "results" / f"editing-{args.height}x{args.width}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(
         f"tiny dev, {args.height}x{args.width}, {args.max_sequence_length} text tokens, {args.steps} steps, "
         f"ort-cpu, median of {args.repeats}"

@@ -126,7 +126,8 @@ def bench_engines(*, model: str, cache: Path, results: Path, shapes, strip: bool
     print(table(rows))
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(
-        json.dumps({"model": model, "shapes": shapes, "machine": machine(), "builds": rows}, indent=2) + "\n"
+        json.dumps({"model": model, "shapes": shapes, "machine": machine(), "builds": rows}, indent=2) + "\n",
+        encoding="utf-8",
     )
     print(f"results in {results}")
     return 0

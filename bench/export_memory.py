@@ -146,7 +146,9 @@ def write_transformer(folder: Path, double: int, single: int) -> int:
         weight_map.update(dict.fromkeys((name for name, _ in entries), file))
         total += sum(math.prod(shape) * 2 for _, shape in entries)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps(index, indent=2) + "\n", encoding="utf-8"
+    )
     return total
 
 
@@ -190,7 +192,7 @@ def transformer_bytes(checkpoint: Path) -> int:
 def _status_kib(pid: int) -> tuple[int, int]:
     anon = rss = 0
     try:
-        with open(f"/proc/{pid}/status") as handle:
+        with open(f"/proc/{pid}/status", encoding="utf-8") as handle:
             for line in handle:
                 if line.startswith("RssAnon:"):
                     anon = int(line.split()[1])
@@ -207,7 +209,7 @@ def _tree(root: int) -> list[int]:
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/stat") as handle:
+            with open(f"/proc/{entry}/stat", encoding="utf-8") as handle:
                 fields = handle.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
@@ -360,11 +362,11 @@ def table(runs: list[dict]) -> str:
 
 
 def machine() -> dict:
-    meminfo = Path("/proc/meminfo").read_text().split()
+    meminfo = Path("/proc/meminfo").read_text(encoding="utf-8").split()
     cpu = next(
         (
             line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
             if "model name" in line
         ),
         platform.processor(),
@@ -417,7 +419,9 @@ def bench_export(
             run = run_export(
                 checkpoints[small], small, out, "fp16", stream=True, check=True, shapes=verify_shapes, log=log
             )
-            check = json.loads((out / "reports" / "export_check.json").read_text())["components"]["transformer"]
+            check = json.loads((out / "reports" / "export_check.json").read_text(encoding="utf-8"))["components"][
+                "transformer"
+            ]
             report["verify"] = {
                 "slice": small,
                 "precision": "fp16",
@@ -432,7 +436,7 @@ def bench_export(
         finally:
             shutil.rmtree(out.parent, ignore_errors=True)
     results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(json.dumps(report, indent=2) + "\n")
+    results.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
     print(table(runs))
     print(

@@ -46,7 +46,7 @@ class SyntheticAmax(dict):
 
 def _anon_kib(pid: int | str = "self") -> int:
     try:
-        with open(f"/proc/{pid}/status") as handle:
+        with open(f"/proc/{pid}/status", encoding="utf-8") as handle:
             for line in handle:
                 if line.startswith("RssAnon:"):
                     return int(line.split()[1])
@@ -241,7 +241,7 @@ def main(argv=None) -> int:
                 print(f"run{index} {step}: {json.dumps(report)}")
                 rows.append({"compare": str(theirs), "with": str(mine), **report})
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    args.json.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     return 0
 
 

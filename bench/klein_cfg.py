@@ -65,7 +65,7 @@ def main() -> int:
         "same_image_psnr_db": psnr(images[1], images[2]),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(
         f"tiny klein CFG, {args.height}x{args.width}, {args.max_sequence_length} tokens, {args.steps} steps, ort-cpu, median of {args.repeats}"
     )

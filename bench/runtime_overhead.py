@@ -71,7 +71,7 @@ def main() -> int:
         },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     shapes = artifacts.manifest["shapes"]
     print(
         f"runtime.generate, tiny fp32 {shapes['height']}x{shapes['width']}, {args.steps} steps, ort-cpu, median of {args.repeats}"

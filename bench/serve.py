@@ -142,7 +142,7 @@ def main() -> int:
         "server_exit_code": exit_code,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     one, many = result["c1_paired"], result[f"c{c}"]
     print(f"{result['shape']}, {steps} steps, {n} requests, ort-cpu, one model instance")
     print(

@@ -38,7 +38,7 @@ def _identity(path: Path) -> list[int]:
 
 def _read_stamp(folder: Path) -> dict:
     try:
-        stamp = json.loads((folder / STAMP_NAME).read_text())
+        stamp = json.loads((folder / STAMP_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return stamp if isinstance(stamp, dict) else {}

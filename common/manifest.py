@@ -45,7 +45,7 @@ def read_manifest(folder: Path) -> dict:
 def read_versioned_json(path: Path, expected_format: str, expected_version: int, *, fix: str) -> dict:
     """A manifest file's JSON, refused (with `fix`) when unreadable or of another format/version."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ArtifactsError(f"{path} is not readable JSON ({exc}); {fix}") from None
     if data.get("format") != expected_format or data.get("format_version") != expected_version:
@@ -61,4 +61,4 @@ def manifest_hash(folder: Path) -> str:
 
 
 def write_json(path: Path, data: dict) -> None:
-    Path(path).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")

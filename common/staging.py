@@ -31,7 +31,7 @@ def _host() -> str:
 def _start_time(pid: int) -> int:
     """Field 22 of /proc/PID/stat (starttime); 0 where /proc is absent (then only the pid is compared)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8")
     except OSError:
         return 0
     return int(stat.rsplit(")", 1)[1].split()[19])

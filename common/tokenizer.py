@@ -87,7 +87,7 @@ class PromptTokenizer:
         }
         # What transformers' `special_tokens_map` hands the template (apply_chat_template's kwargs).
         self._template_tokens = {k: v for k, v in self.special_tokens.items() if v is not None}
-        self.padding_side = padding_side(folder, config, json.loads(tokenizer_json.read_text()))
+        self.padding_side = padding_side(folder, config, json.loads(tokenizer_json.read_text(encoding="utf-8")))
         self.truncation_side = config.get("truncation_side", "right")
         pad = self.special_tokens.get("pad_token")
         pad_id = self._tokenizer.token_to_id(pad) if pad else None
@@ -180,7 +180,7 @@ class PromptTokenizer:
 
 
 def _read_optional_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def _token_text(value) -> str | None:

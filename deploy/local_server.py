@@ -70,7 +70,7 @@ class LocalServer:
         return self._get(self.metrics_port, "/metrics")[1]
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
 
     def start(self, timeout_s: float = 180.0) -> LocalServer:
         command = [sys.executable, "-m", "deploy.serve", "--repository", str(self.repository)]

@@ -51,7 +51,7 @@ def read_record(env: Path) -> dict | None:
     path = Path(env) / RECORD
     if not path.is_file():
         return None
-    return json.loads(path.read_text())
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _requirements_hash() -> str:
@@ -115,7 +115,7 @@ def build_env(out: Path, *, log=print) -> dict:
         "purelib": facts["purelib"],
     }
     _write_pth(out, record)
-    (out / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    (out / RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     log(f"triton env ready: {record['tritonserver']}")
     return record
 
@@ -128,7 +128,7 @@ def _write_pth(out: Path, record: dict) -> None:
         lines.append(f"import sys; sys.path.insert(0, {str(root)!r})")
     for site in dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]):
         lines.append(f"import site; site.addsitedir({site!r})")
-    (Path(record["purelib"]) / PTH).write_text("\n".join(lines) + "\n")
+    (Path(record["purelib"]) / PTH).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def main(argv=None) -> int:

@@ -189,7 +189,7 @@ def write_repository(
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=repository))
     try:
         (staging / "1").mkdir()
-        (staging / "config.pbtxt").write_text(config)
+        (staging / "config.pbtxt").write_text(config, encoding="utf-8")
         shutil.copyfile(MODEL_TEMPLATE, staging / "1" / "model.py")
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{name}-old-", dir=repository))

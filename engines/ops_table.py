@@ -75,7 +75,7 @@ def parse_operators_md(text: str) -> dict:
 
 @lru_cache(maxsize=1)
 def load_table() -> dict:
-    return json.loads(TABLE_PATH.read_text())
+    return json.loads(TABLE_PATH.read_text(encoding="utf-8"))
 
 
 def main(argv=None) -> int:
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not args.operators_md.is_file():
         raise UsageError(f"{args.operators_md} does not exist; pass onnx-tensorrt's docs/operators.md")
-    table = parse_operators_md(args.operators_md.read_text())
+    table = parse_operators_md(args.operators_md.read_text(encoding="utf-8"))
     table["source"] = {"repository": "onnx/onnx-tensorrt", "path": "docs/operators.md", "commit": args.commit}
     json.dump(table, sys.stdout, indent=1)
     sys.stdout.write("\n")

@@ -65,7 +65,7 @@ def parser_api():
 def read_fp8_layers(artifacts: Path) -> dict:
     """The export's FP8 report: {component: {"layers": [{"path", "precision"}, ...]}}; {} when absent."""
     path = Path(artifacts) / "reports" / "fp8_layers.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def parse_component(api, component: str, onnx_path: Path, precision: str, fp8_report: dict | None) -> ParseReport:

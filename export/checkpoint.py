@@ -112,7 +112,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path} is not readable JSON ({exc}); restore it from the original checkpoint") from None
 

@@ -334,7 +334,7 @@ def _reusable(previous: dict | None, out: Path, component: str, key: str):
             return None
     report_path = out / "reports" / "export_check.json"
     try:
-        report = json.loads(report_path.read_text())["components"][component]
+        report = json.loads(report_path.read_text(encoding="utf-8"))["components"][component]
     except (OSError, KeyError, ValueError):
         return None
     return entry, report

@@ -158,7 +158,7 @@ def write_tiny_checkpoint(out: Path, config: TinyConfig = DEFAULT) -> None:
         "vae": ["diffusers", "AutoencoderKLFlux2"],
         TEXT_LAYERS_KEY: list(config.text_out_layers),
     }
-    (out / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
+    (out / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n", encoding="utf-8")
 
 
 # Mistral's Tekken tokenizer files written before `special_tokens` was stored in them (as the one in
@@ -183,7 +183,7 @@ def _tekken_tokenizer(path: str):
     )
     with tempfile.TemporaryDirectory() as scratch:
         vocab = Path(scratch) / "tekken.json"
-        vocab.write_text(json.dumps(raw))
+        vocab.write_text(json.dumps(raw), encoding="utf-8")
         backend = MistralConverter(str(vocab)).converted()
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",

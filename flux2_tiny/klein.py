@@ -182,4 +182,4 @@ def write_tiny_klein_checkpoint(out: Path, config: TinyKleinConfig = KLEIN_BASE)
     }
     if tuple(config.text_out_layers) != KLEIN_TEXT_LAYERS:
         model_index[TEXT_LAYERS_KEY] = list(config.text_out_layers)
-    (out / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
+    (out / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n", encoding="utf-8")

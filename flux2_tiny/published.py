@@ -66,17 +66,17 @@ def write_pixtral_tokenizer(tokenizer, folder: Path, chat_template: str) -> None
     tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(folder)
     config_path = folder / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
+    config = json.loads(config_path.read_text(encoding="utf-8"))
     # As in the published file: the class transformers 4 saved, the processor that owns it, and no
     # padding_side (so the side is the one transformers derives; see common.tokenizer.padding_side).
     config.pop("padding_side", None)
     config.pop("backend", None)
     config.update(tokenizer_class="LlamaTokenizerFast", processor_class="PixtralProcessor")
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     special = {key: config[key] for key in ("bos_token", "eos_token", "pad_token", "unk_token") if key in config}
-    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
-    (folder / "processor_config.json").write_text(json.dumps(PROCESSOR_CONFIG, indent=2) + "\n")
-    (folder / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2) + "\n")
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
+    (folder / "processor_config.json").write_text(json.dumps(PROCESSOR_CONFIG, indent=2) + "\n", encoding="utf-8")
+    (folder / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2) + "\n", encoding="utf-8")
 
 
 def write_sharded(state_dict: dict, folder: Path, stem: str, shards: int = 2, metadata: dict | None = None) -> None:
@@ -95,7 +95,7 @@ def write_sharded(state_dict: dict, folder: Path, stem: str, shards: int = 2, me
             weight_map[name] = file
             total += tensor.numel() * tensor.element_size()
     index_json = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index_json, indent=2) + "\n")
+    (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index_json, indent=2) + "\n", encoding="utf-8")
 
 
 def save_text_encoder(model, folder: Path, *, mistral3_keys: bool) -> None:

@@ -28,7 +28,7 @@ class Artifacts:
         return self.manifest["precision"]
 
     def scheduler_json(self) -> dict:
-        return json.loads((self.folder / self.manifest["scheduler_config"]).read_text())
+        return json.loads((self.folder / self.manifest["scheduler_config"]).read_text(encoding="utf-8"))
 
 
 def open_artifacts(folder: str | Path, *, verify: bool = False, log=None) -> Artifacts:

@@ -40,7 +40,7 @@ def load_reference_tokenizer(folder: Path):
     if getattr(tokenizer, "chat_template", None) is None:
         for name in ("chat_template.json", "processor_config.json"):
             path = Path(folder) / name
-            template = json.loads(path.read_text()).get("chat_template") if path.is_file() else None
+            template = json.loads(path.read_text(encoding="utf-8")).get("chat_template") if path.is_file() else None
             if isinstance(template, str):
                 tokenizer.chat_template = template
                 break
@@ -58,7 +58,7 @@ def reference_pipeline(checkpoint: Path, *, dtype: str = "float32", device: str 
     index_path = root / "model_index.json"
     if not index_path.is_file():
         raise CheckpointError(f"checkpoint {root} has no model_index.json; pass the FLUX.2 diffusers folder")
-    model_index = json.loads(index_path.read_text())
+    model_index = json.loads(index_path.read_text(encoding="utf-8"))
     pipeline_class = model_index.get("_class_name")
     if pipeline_class not in PIPELINE_CLASSES:
         raise CheckpointError(f"checkpoint {root} is a {pipeline_class!r} pipeline; expected one of {PIPELINE_CLASSES}")

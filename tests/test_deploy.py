@@ -314,7 +314,7 @@ def test_deploy_modules_import_in_the_project_env():
 def _documents(path: Path) -> list[dict]:
     import yaml
 
-    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return [doc for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")) if doc]
 
 
 def test_kubernetes_manifests_parse_and_wire_probe_gpu_and_autoscaling():

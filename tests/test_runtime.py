@@ -210,3 +210,26 @@ def test_prompt_and_guidance_reach_the_tiny_image(export_tiny):
     fox = image("a red fox in the snow", 4.0)
     assert psnr(fox, image("a bowl of ramen, studio light", 4.0)) < 40
     assert psnr(fox, image("a red fox in the snow", 1.0)) < 35
+
+
+def test_generate_under_an_ascii_locale(export_tiny, tmp_path):
+    """Triton's Python stub (and many containers) run with an ASCII locale; tokenizer files are UTF-8."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.support import REPO
+
+    vocabulary = (export_tiny("fp32") / "tokenizer" / "tokenizer.json").read_bytes()
+    assert max(vocabulary) > 127  # byte-level BPE tokens as UTF-8, as in every real tokenizer.json
+    env = dict(os.environ, PYTHONPATH=str(REPO), LC_ALL="C", LANG="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0")
+    probe = subprocess.run([sys.executable, "-c", "import locale; print(locale.getpreferredencoding(False))"],
+                           env=env, capture_output=True, text=True)  # fmt: skip
+    assert probe.stdout.strip().upper() in ("ANSI_X3.4-1968", "ASCII", "US-ASCII"), probe.stdout
+    result = subprocess.run(
+        [sys.executable, "-m", "runtime.generate", "--artifacts", str(export_tiny("fp32")), "--prompt", "ein Fuchs im Schnee",
+         "--steps", "1", "--backend", "ort", "--out", str(tmp_path / "images")],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "images").glob("*.png"))) == 1

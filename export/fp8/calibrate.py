@@ -121,7 +121,7 @@ def calibrate(
 
 def _read_cache(path: Path, key: str) -> dict | None:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if data.get("key") != key or not isinstance(data.get("transformer"), dict):

@@ -328,7 +328,7 @@ class TrtBackend:
     def _read_memory_sidecar(self) -> dict:
         path = self._folder / MEMORY_SIDECAR
         try:
-            return json.loads(path.read_text()) if path.is_file() else {}
+            return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
         except (OSError, ValueError):
             return {}
 
