@@ -59,8 +59,8 @@ def _read_image(source, label: str):
             image = ImageOps.exif_transpose(opened)
             image.load()
             return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        reason = "not an image PIL can read" if isinstance(exc, UnidentifiedImageError) else str(exc)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        reason = "not an image PIL can read" if isinstance(exc, UnidentifiedImageError) else f"unreadable ({exc})"
         raise UsageError(f"{label} is {reason}; pass an image file (PNG, JPEG, WebP, ...)") from None
 
 

@@ -78,6 +78,7 @@ def test_reference_bytes_are_prepared_as_runtime_generate_prepares_the_file(tmp_
         (None, "missing input 'reference_images'; this model was exported with --reference-images 1"),
         ([b"a", b"b"], "2 reference image(s) sent, but this model takes exactly 1"),
         ([b"not an image"], "reference_images[0] is not an image PIL can read; send an encoded image file"),
+        ([path.read_bytes()[:200]], "reference_images[0] is unreadable ("),  # a truncated file
     ):
         with pytest.raises(BadRequest) as caught:
             decode_references(blobs, count=1, size=(32, 32), multiple_of=16)
