@@ -15,8 +15,11 @@ class ServerError(Flux2TrtError):
     """The server answered an error (bad request, overload, failure) or could not be reached."""
 
 
-def request_inputs(module, *, prompt, seed, steps, guidance, num_images, negative_prompt):
-    """The model's inputs as tritonclient InferInput objects (`module`: tritonclient.http or .grpc)."""
+def request_inputs(module, *, prompt, seed, steps, guidance, num_images, negative_prompt, reference_images=()):
+    """The model's inputs as tritonclient InferInput objects (`module`: tritonclient.http or .grpc).
+
+    `reference_images`: the files' bytes as they are on disk; the server decodes and fits them.
+    """
     import numpy as np
 
     values = {
@@ -28,6 +31,8 @@ def request_inputs(module, *, prompt, seed, steps, guidance, num_images, negativ
     }
     if negative_prompt:
         values["negative_prompt"] = np.array([[negative_prompt.encode()]], dtype=np.object_)
+    if reference_images:
+        values["reference_images"] = np.array([list(reference_images)], dtype=np.object_)
     from tritonclient.utils import np_to_triton_dtype
 
     inputs = []
@@ -68,14 +73,23 @@ def fetch(
     num_images: int = 1,
     negative_prompt: str = "",
     out: Path = Path("out"),
+    images: list[Path] | None = None,
 ) -> list[Path]:
-    """Write `000-<image>-seed<seed>.png` + `.json` per image into `out`, as runtime.generate names them."""
+    """Write `000-<image>-seed<seed>.png` + `.json` per image into `out`, as runtime.generate names them.
+
+    `images`: reference image files for a model served from editing artifacts, sent as their bytes.
+    """
     from runtime.generate import prepare_out, save_image
 
     if not 0 <= seed < 2**63:
         raise UsageError(f"--seed {seed} must be in [0, 2**63)")
+    images = [Path(p) for p in images or []]
+    for path in images:
+        if not path.expanduser().is_file():
+            raise UsageError(f"--image {path} does not exist; pass an image file (PNG, JPEG, WebP, ...)")
+    reference_images = [path.expanduser().read_bytes() for path in images]
     out = prepare_out(out)
-    images, sidecars = infer(
+    drawn, sidecars = infer(
         url,
         model,
         prompt=prompt,
@@ -84,9 +98,12 @@ def fetch(
         guidance=guidance,
         num_images=num_images,
         negative_prompt=negative_prompt,
+        reference_images=reference_images,
     )
     written = []
-    for image, sidecar in zip(images, sidecars, strict=True):
+    for image, sidecar in zip(drawn, sidecars, strict=True):
+        if images:  # the sidecar runtime.generate writes names the --image files
+            sidecar = {**sidecar, "images": [str(p) for p in images]}
         stem = f"000-{sidecar['image_index']:02d}-seed{sidecar['seed']}"
         written.append(save_image(out, stem, image, sidecar))
         print(f"wrote {written[-1]} ({sidecar['timings'].get('total_s', 0):.2f} s on the server)", file=sys.stderr)
@@ -104,6 +121,13 @@ def main(argv=None) -> int:
     parser.add_argument("--num-images", type=int, default=1)
     parser.add_argument("--negative-prompt", default="")
     parser.add_argument("--out", type=Path, default=Path("out"), help="folder for PNGs and JSON sidecars")
+    parser.add_argument(
+        "--image",
+        type=Path,
+        action="append",
+        default=[],
+        help="reference image for a model served from editing artifacts; repeat for several",
+    )
     args = parser.parse_args(argv)
     fetch(
         url=args.url,
@@ -115,6 +139,7 @@ def main(argv=None) -> int:
         num_images=args.num_images,
         negative_prompt=args.negative_prompt,
         out=args.out,
+        images=args.image,
     )
     return 0
 

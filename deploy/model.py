@@ -57,8 +57,13 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(f"flux2 model {args['model_name']}: {exc}") from None
         self.runtime = Flux2Runtime(self.artifacts, self.backend)
         self._define_metrics(args["model_name"], args["model_version"])
+        count = self.artifacts.shapes.reference_images
+        # Editing artifacts warm up on mid-grey references (the runtime takes exactly K).
+        warm_references = np.zeros((count, 3, *self.artifacts.shapes.reference_size), np.float32) if count else None
         started = time.perf_counter()
-        for _ in self.runtime.generate("warm-up", seed=0, steps=1, guidance=1.0, progress=False):
+        for _ in self.runtime.generate(
+            "warm-up", seed=0, steps=1, guidance=1.0, progress=False, reference_images=warm_references
+        ):
             pass
         self.logger.log_info(
             f"flux2 model {args['model_name']}: {self.artifacts.folder} on {self.backend.name} "
@@ -86,6 +91,22 @@ class TritonPythonModel:
             values[name] = None if tensor is None else tensor.as_numpy().reshape(-1)[0]
         return values
 
+    def _references(self, request):
+        """The request's `reference_images` (encoded files) prepared as runtime.generate prepares --image; None at K=0."""
+        from deploy.request import decode_references
+
+        shapes = self.artifacts.shapes
+        if not shapes.reference_images:
+            return None
+        tensor = pb_utils.get_input_tensor_by_name(request, "reference_images")
+        return decode_references(
+            None if tensor is None else list(tensor.as_numpy().reshape(-1)),
+            count=shapes.reference_images,
+            size=shapes.reference_size,
+            multiple_of=self.artifacts.geometry.pixels_per_token,
+            log=lambda message: self.logger.log_info(message),
+        )
+
     def execute(self, requests):
         return [self._answer(request) for request in requests]
 
@@ -100,6 +121,7 @@ class TritonPythonModel:
                 prompt_length=self.runtime.tokenizer.untruncated_length,
                 max_tokens=self.artifacts.shapes.max_sequence_length,
             )
+            references = self._references(request)
         except BadRequest as exc:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
         images, sidecars = [], []
@@ -113,6 +135,7 @@ class TritonPythonModel:
                 negative_prompt=wanted.negative_prompt,
                 progress=False,
                 cancelled=request.is_cancelled,
+                reference_images=references,
             ):
                 images.append(to_uint8(image))
                 sidecars.append(

@@ -1,6 +1,6 @@
 """One generation request as the server sees it: typed values, checked, with a reason a client can act on.
 
-Pure Python (no Triton, no numpy), so the rules are unit-tested without a server and the model
+Pure Python (no Triton; numpy and PIL only where reference images are decoded), so the rules are unit-tested without a server and the model
 (`deploy/model.py`) only moves values between Triton tensors and these functions.
 """
 
@@ -94,3 +94,30 @@ def sidecar(request: GenerationRequest, image_index: int, *, runtime, backend: s
         "manifest_sha256": artifacts.manifest_sha256,
         "timings": timings.as_dict(),
     }
+
+
+def decode_references(blobs, *, count: int, size: tuple[int, int], multiple_of: int, log=None):
+    """The `reference_images` input (encoded files, one per reference) -> [K, 3, H, W] as runtime.generate's --image.
+
+    The bytes are read and fitted by runtime.reference_images, the code runtime.generate runs on the files.
+    """
+    from common.errors import UsageError
+    from runtime.reference_images import decode_image, prepare_references
+
+    if blobs is None:
+        raise BadRequest(
+            f"missing input 'reference_images'; this model was exported with --reference-images {count}: "
+            f"send {count} encoded image file(s) (PNG, JPEG, ...) as a BYTES tensor of shape [1, {count}]"
+        )
+    if len(blobs) != count:
+        raise BadRequest(
+            f"{len(blobs)} reference image(s) sent, but this model takes exactly {count} (shapes are fixed at "
+            f"export); send {count}, or serve artifacts exported with --reference-images {len(blobs)}"
+        )
+    names = [f"reference_images[{index}]" for index in range(count)]
+    try:
+        images = [decode_image(bytes(blob), name) for name, blob in zip(names, blobs, strict=True)]
+    except UsageError as exc:
+        raise BadRequest(str(exc).replace("pass an image file", "send an encoded image file")) from None
+    array, _ = prepare_references(images, names, size=size, multiple_of=multiple_of, log=log)
+    return array

@@ -83,8 +83,13 @@ def render_config(
     timeout_s: float,
     max_images: int,
     platform: dict | None = None,
+    reference_images: int = 0,
 ) -> str:
-    """config.pbtxt: inputs, outputs, instances, dynamic batching with a queue policy that refuses fast."""
+    """config.pbtxt: inputs, outputs, instances, dynamic batching with a queue policy that refuses fast.
+
+    Artifacts exported with K reference images also take `reference_images`: the K image files' bytes
+    (PNG, JPEG, ...), decoded and fitted on the server as runtime.generate reads --image files.
+    """
     parameters = {"artifacts": str(artifacts), "backend": backend, "max_images": str(max_images)}
     if platform:  # for the reader: which TensorRT the serving image must carry (docs/serving.md)
         parameters["engines_target"] = str(platform.get("target", "tensorrt"))
@@ -94,6 +99,12 @@ def render_config(
         f"  {{ key: {_quoted(k)} value: {{ string_value: {_quoted(v)} }} }}" for k, v in parameters.items()
     )
     timeout_us = int(round(timeout_s * 1e6))
+    references = ""
+    if reference_images:  # any length here, so that a wrong count gets the model's one-line 400, naming both
+        references = (
+            f",\n  # {reference_images} encoded image file(s) (PNG, JPEG, ...), as runtime.generate's --image reads them"
+            '\n  { name: "reference_images" data_type: TYPE_STRING dims: [ -1 ] }'
+        )
     return f"""# Written by `python -m deploy.triton`; see docs/serving.md.
 name: {_quoted(name)}
 backend: "python"
@@ -106,7 +117,7 @@ input [
   {{ name: "seed" data_type: TYPE_INT64 dims: [ 1 ] optional: true }},
   {{ name: "steps" data_type: TYPE_INT32 dims: [ 1 ] optional: true }},
   {{ name: "guidance" data_type: TYPE_FP64 dims: [ 1 ] optional: true }},
-  {{ name: "num_images" data_type: TYPE_INT32 dims: [ 1 ] optional: true }}
+  {{ name: "num_images" data_type: TYPE_INT32 dims: [ 1 ] optional: true }}{references}
 ]
 output [
   {{ name: "image" data_type: TYPE_UINT8 dims: [ -1, {height}, {width}, 3 ] }},
@@ -180,6 +191,7 @@ def write_repository(
         timeout_s=timeout_s,
         max_images=max_images,
         platform=platform,
+        reference_images=opened.shapes.reference_images,
     )
     repository = Path(repository).expanduser()
     if repository.exists() and not repository.is_dir():

@@ -30,7 +30,7 @@ MULTIPLE_OF = 16  # vae_scale_factor * 2 for FLUX.2's 8x VAE (`Geometry.pixels_p
 
 @dataclass(frozen=True)
 class PreparedReference:
-    path: Path
+    path: Path | str  # the file, or the name a server gave the bytes
     image: object  # PIL.Image.Image at the exported size, RGB: what diffusers is given in runtime.check
     original_size: tuple[int, int]  # (height, width) of the file
     fitted: bool  # True when resized/cropped to the exported size beyond what diffusers itself does
@@ -38,19 +38,30 @@ class PreparedReference:
 
 def load_image(path: Path):
     """The file as diffusers.utils.load_image reads it (EXIF orientation applied, RGB), or a one-line error."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     path = Path(path).expanduser()
     if not path.is_file():
         raise UsageError(f"--image {path} does not exist; pass an image file (PNG, JPEG, WebP, ...)")
+    return _read_image(path, f"--image {path}")
+
+
+def decode_image(data: bytes, label: str):
+    """Encoded image bytes (a file's content, as a server receives it) read exactly as load_image reads the file."""
+    import io
+
+    return _read_image(io.BytesIO(data), label)
+
+
+def _read_image(source, label: str):
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
     try:
-        with Image.open(path) as opened:
+        with Image.open(source) as opened:
             image = ImageOps.exif_transpose(opened)
             image.load()
             return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        reason = "not an image PIL can read" if isinstance(exc, UnidentifiedImageError) else str(exc)
-        raise UsageError(f"--image {path} is {reason}; pass an image file (PNG, JPEG, WebP, ...)") from None
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        reason = "not an image PIL can read" if isinstance(exc, UnidentifiedImageError) else f"unreadable ({exc})"
+        raise UsageError(f"{label} is {reason}; pass an image file (PNG, JPEG, WebP, ...)") from None
 
 
 def diffusers_size(width: int, height: int) -> tuple[int, int, bool]:
@@ -116,16 +127,24 @@ def load_references(
             f"{len(paths)} --image files given, but these artifacts take exactly {count} reference image(s) "
             f"(shapes are fixed at export); pass {count}, or re-export with --reference-images {len(paths)}"
         )
+    return prepare_references(
+        [load_image(path) for path in paths], paths, size=size, multiple_of=multiple_of, log=log, label="--image {}"
+    )
+
+
+def prepare_references(
+    images, names, *, size: tuple[int, int], multiple_of: int = MULTIPLE_OF, log=None, label: str = "{}"
+) -> tuple[np.ndarray, list]:
+    """Loaded images (load_image, decode_image) -> ([K, 3, H, W] array, PreparedReference list); `label` names one."""
     prepared = []
-    for path in paths:
-        image = load_image(path)
+    for name, image in zip(names, images, strict=True):
         fitted_image, fitted = prepare(image, size, multiple_of)
-        prepared.append(PreparedReference(path, fitted_image, (image.height, image.width), fitted))
+        prepared.append(PreparedReference(name, fitted_image, (image.height, image.width), fitted))
         if fitted and log is not None:
             natural_width, natural_height, _ = diffusers_size(image.width, image.height)
             natural = f"{natural_height // multiple_of * multiple_of}x{natural_width // multiple_of * multiple_of}"
             log(
-                f"note: --image {path} is {image.height}x{image.width} (HxW); resized and center-cropped to the "
+                f"note: {label.format(name)} is {image.height}x{image.width} (HxW); resized and center-cropped to the "
                 f"exported reference size {size[0]}x{size[1]} (diffusers would use {natural}: "
                 f"export with --reference-size {natural} for that)"
             )

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 # Small shapes keep the suite fast; the 1024x1024 / 512-token defaults are exercised by `make demo`.
@@ -63,3 +66,35 @@ def tekken_vocab(cache: Path) -> Path | None:
         partial.write_bytes(wheel.read(TEKKEN_MEMBER))
         partial.rename(target)
     return target
+
+
+def triton_env():
+    """The Triton env deploy.serve uses (`$FLUX2_TRT_TRITON_ENV`, else .venv-triton); the test skips without one."""
+    from deploy.stub_env import default_env, read_record
+
+    env = default_env()
+    if read_record(env) is None:
+        pytest.skip(f"no Triton env in {env}: run `make triton-env` (make test builds it)")
+    return env
+
+
+def ask_triton(url, model="flux2", **values):
+    """(HTTP status, images, sidecars or error message) for one request; values None are left out."""
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+    inputs = []
+    for name, array in values.items():
+        if array is None:
+            continue
+        tensor = httpclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    with httpclient.InferenceServerClient(url, network_timeout=300, connection_timeout=300) as client:
+        try:
+            outputs = [httpclient.InferRequestedOutput(name, binary_data=True) for name in ("image", "sidecar")]
+            result = client.infer(model, inputs, outputs=outputs)
+        except InferenceServerException as exc:
+            return int(exc.status() or 0), None, exc.message()
+    sidecars = [json.loads(text) for text in result.as_numpy("sidecar")[0]]
+    return 200, result.as_numpy("image")[0], sidecars

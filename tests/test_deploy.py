@@ -59,6 +59,32 @@ def test_a_prompt_the_graphs_would_cut_is_refused_with_its_length():
         parse_request({"prompt": b"a", "negative_prompt": b"a b c d"}, prompt_length=count, max_tokens=102)
 
 
+def test_reference_bytes_are_prepared_as_runtime_generate_prepares_the_file(tmp_path):
+    """The server's decode of a file's bytes equals runtime.generate's load of the file, fitting included."""
+    import numpy as np
+    from PIL import Image
+
+    from deploy.request import BadRequest, decode_references
+    from runtime.reference_images import load_references
+
+    path = tmp_path / "ref.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 24, 3), dtype=np.uint8)).save(path)
+    notes = []
+    served = decode_references([path.read_bytes()], count=1, size=(32, 32), multiple_of=16, log=notes.append)
+    expected, _ = load_references([path], count=1, size=(32, 32), multiple_of=16)
+    assert served.shape == (1, 3, 32, 32) and np.array_equal(served, expected)
+    assert notes and "reference_images[0] is 40x24 (HxW); resized and center-cropped" in notes[0]
+    for blobs, reason in (
+        (None, "missing input 'reference_images'; this model was exported with --reference-images 1"),
+        ([b"a", b"b"], "2 reference image(s) sent, but this model takes exactly 1"),
+        ([b"not an image"], "reference_images[0] is not an image PIL can read; send an encoded image file"),
+        ([path.read_bytes()[:200]], "reference_images[0] is unreadable ("),  # a truncated file
+    ):
+        with pytest.raises(BadRequest) as caught:
+            decode_references(blobs, count=1, size=(32, 32), multiple_of=16)
+        assert reason in str(caught.value) and "\n" not in str(caught.value)
+
+
 def test_untruncated_length_counts_what_token_ids_cuts(export_tiny):
     from common.tokenizer import PromptTokenizer
 
@@ -131,7 +157,9 @@ def model(monkeypatch):
     module = importlib.reload(deploy.model)
     instance = module.TritonPythonModel()
     instance.max_images = 4
-    instance.artifacts = types.SimpleNamespace(shapes=types.SimpleNamespace(max_sequence_length=128))
+    instance.artifacts = types.SimpleNamespace(
+        shapes=types.SimpleNamespace(max_sequence_length=128, reference_images=0)
+    )
     instance.logger = types.SimpleNamespace(log_info=lambda m: None, log_error=lambda m: None)
     return instance
 
@@ -224,6 +252,22 @@ def test_config_names_the_tensorrt_and_gpu_the_engines_need(export_tiny, tmp_pat
                            kind="KIND_GPU", instances=1, max_queue=1, timeout_s=1, max_images=1, platform=platform)  # fmt: skip
     assert '"engines_tensorrt" value: { string_value: "10.13.3" }' in config
     assert "kind: KIND_GPU" in config
+
+
+def test_only_editing_artifacts_declare_reference_images(tmp_path):
+    from deploy.triton import render_config
+
+    common = dict(name="m", artifacts=tmp_path, backend="ort", batch_size=1, height=16, width=16, kind="KIND_CPU",
+                  instances=1, max_queue=1, timeout_s=1, max_images=1)  # fmt: skip
+    plain = render_config(**common)
+    editing = render_config(**common, reference_images=2)
+    assert "reference_images" not in plain
+    added = [line for line in editing.splitlines() if line not in plain.splitlines()]
+    assert added == [
+        '  { name: "num_images" data_type: TYPE_INT32 dims: [ 1 ] optional: true },',
+        "  # 2 encoded image file(s) (PNG, JPEG, ...), as runtime.generate's --image reads them",
+        '  { name: "reference_images" data_type: TYPE_STRING dims: [ -1 ] }',
+    ]
 
 
 @pytest.mark.parametrize(

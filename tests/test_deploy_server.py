@@ -20,42 +20,13 @@ import numpy as np
 import pytest
 
 from tests.support import SMALL, run_cli
+from tests.support import ask_triton as _ask
+from tests.support import triton_env as _triton_env
 
 pytestmark = pytest.mark.slow
 
 PROMPT = "a red fox in fresh snow"
 STEPS = 2
-
-
-def _triton_env():
-    from deploy.stub_env import default_env, read_record
-
-    env = default_env()
-    if read_record(env) is None:
-        pytest.skip(f"no Triton env in {env}: run `make triton-env` (make test builds it)")
-    return env
-
-
-def _ask(url, model="flux2", **values):
-    """(HTTP status, images, sidecars or error message) for one request; values None are left out."""
-    import tritonclient.http as httpclient
-    from tritonclient.utils import InferenceServerException, np_to_triton_dtype
-
-    inputs = []
-    for name, array in values.items():
-        if array is None:
-            continue
-        tensor = httpclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    with httpclient.InferenceServerClient(url, network_timeout=300, connection_timeout=300) as client:
-        try:
-            outputs = [httpclient.InferRequestedOutput(name, binary_data=True) for name in ("image", "sidecar")]
-            result = client.infer(model, inputs, outputs=outputs)
-        except InferenceServerException as exc:
-            return int(exc.status() or 0), None, exc.message()
-    sidecars = [json.loads(text) for text in result.as_numpy("sidecar")[0]]
-    return 200, result.as_numpy("image")[0], sidecars
 
 
 def _values(prompt=PROMPT, *, seed=0, steps=STEPS, guidance=None, num_images=None, negative_prompt=None):
