@@ -45,7 +45,7 @@ MIN_PSNR_REDUCED = 25.0
 def _reference_pipeline(checkpoint: Path, pipeline_class: str, dtype: str = "float32"):
     import torch
 
-    from runtime.reference import reference_pipeline
+    from common.reference_pipeline import reference_pipeline
 
     # PyTorch lets cuDNN convolutions use TF32 by default: measured on an H200, that moved the
     # "float32" VAE reference 5.5e-4 (relative L2) away from the fp32 graphs, over the fp32 bound.

@@ -40,8 +40,8 @@ def _transformer_inputs(checkpoint):
 
 
 def test_stress_activations_leave_float16_range_and_diffusers_fp16_fails(stress_checkpoint):
+    from common.reference_pipeline import reference_pipeline
     from export.checkpoint import open_checkpoint
-    from runtime.reference import reference_pipeline
 
     layers = open_checkpoint(stress_checkpoint).geometry().text_out_layers
     call = dict(prompt="a red fox", height=128, width=128, num_inference_steps=2, max_sequence_length=64,

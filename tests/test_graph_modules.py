@@ -7,7 +7,7 @@ import torch
 
 @pytest.fixture(scope="module")
 def pipe(tiny_checkpoint):
-    from runtime.reference import reference_pipeline
+    from common.reference_pipeline import reference_pipeline
 
     return reference_pipeline(tiny_checkpoint, device="cpu")
 

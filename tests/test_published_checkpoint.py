@@ -55,8 +55,8 @@ def test_real_vocabulary_ids_and_mask_equal_diffusers(tekken_tokenizer_folder, m
     from diffusers.pipelines.flux2.pipeline_flux2 import format_input
     from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
 
+    from common.reference_pipeline import load_reference_tokenizer
     from common.tokenizer import PromptTokenizer
-    from runtime.reference import load_reference_tokenizer
 
     reference = load_reference_tokenizer(tekken_tokenizer_folder)
     assert len(reference) == 131072

@@ -66,10 +66,10 @@ def test_second_image_of_a_seed_matches_diffusers_batch(export_tiny):
     import torch
 
     from common.metrics import psnr
+    from common.reference_pipeline import reference_pipeline
     from runtime.artifacts import open_artifacts
     from runtime.backends.ort import OrtBackend
     from runtime.pipeline import Flux2Runtime
-    from runtime.reference import reference_pipeline
 
     artifacts = open_artifacts(export_tiny("fp32"))
     runtime = Flux2Runtime(artifacts, OrtBackend(artifacts.folder, artifacts.manifest))

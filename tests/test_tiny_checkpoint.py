@@ -81,8 +81,8 @@ def test_published_dev_needs_the_processor_class_that_needs_torchvision(tiny_che
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["published", "plain"])
 def test_diffusers_loads_and_generates(tiny_checkpoint, tiny_plain_checkpoint, layout):
+    from common.reference_pipeline import reference_pipeline
     from export.checkpoint import open_checkpoint
-    from runtime.reference import reference_pipeline
 
     root = tiny_checkpoint if layout == "published" else tiny_plain_checkpoint
     pipe = reference_pipeline(root, device="cpu")

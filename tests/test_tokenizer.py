@@ -23,7 +23,7 @@ def _diffusers_ids(tokenizer_folder, max_length):
     from diffusers.pipelines.flux2.pipeline_flux2 import format_input
     from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
 
-    from runtime.reference import load_reference_tokenizer
+    from common.reference_pipeline import load_reference_tokenizer
 
     reference = load_reference_tokenizer(tokenizer_folder)
     return reference.apply_chat_template(
@@ -93,8 +93,8 @@ TOOLS = [
 @pytest.mark.parametrize("index", range(len(CONVERSATIONS)))
 @pytest.mark.parametrize("generation_prompt", [False, True])
 def test_real_templates_render_as_transformers(tiny_checkpoint, tiny_klein_checkpoint, which, index, generation_prompt):
+    from common.reference_pipeline import load_reference_tokenizer
     from common.tokenizer import PromptTokenizer
-    from runtime.reference import load_reference_tokenizer
 
     folder = (tiny_checkpoint if which == "mistral" else tiny_klein_checkpoint) / "tokenizer"
     template = (MISTRAL_TEMPLATE if which == "mistral" else QWEN3_TEMPLATE).read_text()
@@ -117,8 +117,8 @@ def test_real_templates_render_as_transformers(tiny_checkpoint, tiny_klein_check
 
 def test_every_helper_renders_as_transformers(tiny_checkpoint, tmp_path):
     """A template calling each helper transformers gives templates, rendered by both."""
+    from common.reference_pipeline import load_reference_tokenizer
     from common.tokenizer import PromptTokenizer
-    from runtime.reference import load_reference_tokenizer
 
     folder = tmp_path / "tokenizer"
     shutil.copytree(tiny_checkpoint / "tokenizer", folder)
@@ -162,8 +162,8 @@ def test_template_error_is_one_line_naming_the_folder(tiny_checkpoint, tmp_path)
 )
 def test_padding_side_is_what_diffusers_pads(tiny_checkpoint, tmp_path, edit, side):
     """Decided as transformers decides for the folder, then ids and mask equal diffusers' on that side."""
+    from common.reference_pipeline import load_reference_tokenizer
     from common.tokenizer import PromptTokenizer
-    from runtime.reference import load_reference_tokenizer
 
     folder = tmp_path / "tokenizer"
     shutil.copytree(tiny_checkpoint / "tokenizer", folder)
@@ -179,8 +179,8 @@ def test_padding_side_is_what_diffusers_pads(tiny_checkpoint, tmp_path, edit, si
 
 
 def test_klein_padding_side_matches_transformers(tiny_klein_checkpoint):
+    from common.reference_pipeline import load_reference_tokenizer
     from common.tokenizer import PromptTokenizer
-    from runtime.reference import load_reference_tokenizer
 
     folder = tiny_klein_checkpoint / "tokenizer"
     ours = PromptTokenizer(folder, 64, pipeline_class="Flux2KleinPipeline")

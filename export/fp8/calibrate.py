@@ -174,8 +174,8 @@ class AmaxRecorder:
 
 def load_pipeline(checkpoint, dtype, device: str = "cpu"):
     """diffusers' pipeline for the checkpoint, built from its parts (the published [dev] folder names a
-    PixtralProcessor, which needs torchvision: see runtime/reference.py)."""
-    from runtime.reference import reference_pipeline
+    PixtralProcessor, which needs torchvision: see common/reference_pipeline.py)."""
+    from common.reference_pipeline import reference_pipeline
 
     return reference_pipeline(checkpoint.root, dtype=str(dtype).removeprefix("torch."), device=device)
 

@@ -54,7 +54,7 @@ class TorchBackend:
     @property
     def pipe(self):
         if self._pipe is None:
-            from runtime.reference import reference_pipeline
+            from common.reference_pipeline import reference_pipeline
 
             self._pipe = reference_pipeline(
                 self.checkpoint, dtype=COMPUTE_DTYPE[self.precision], device=str(self.device)

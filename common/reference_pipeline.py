@@ -1,5 +1,5 @@
 """diffusers' FLUX.2 pipeline built from its parts: the numerics reference of runtime.check, the torch
-backend and FP8 calibration.
+backend and FP8 calibration (in common/ because both export and runtime use it).
 
 `Flux2Pipeline.from_pretrained` instantiates every class model_index.json names. The published
 FLUX.2 [dev] folder names `PixtralProcessor` as its tokenizer, and in transformers 5 that class
@@ -20,9 +20,10 @@ import json
 from pathlib import Path
 
 from common.errors import CheckpointError
+from common.family import Family
 from common.hf_quiet import quiet_hf_libraries
 
-PIPELINE_CLASSES = ("Flux2Pipeline", "Flux2KleinPipeline")
+PIPELINE_CLASSES = tuple(Family)
 # The text encoder classes model_index.json may name, and where transformers keeps them.
 TEXT_ENCODER_CLASSES = ("Mistral3ForConditionalGeneration", "Qwen3ForCausalLM")
 
