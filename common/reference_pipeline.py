@@ -62,7 +62,7 @@ def reference_pipeline(checkpoint: Path, *, dtype: str = "float32", device: str 
     model_index = json.loads(index_path.read_text(encoding="utf-8"))
     pipeline_class = model_index.get("_class_name")
     if pipeline_class not in PIPELINE_CLASSES:
-        raise CheckpointError(f"checkpoint {root} is a {pipeline_class!r} pipeline; expected one of {PIPELINE_CLASSES}")
+        raise CheckpointError(f"checkpoint {root} is a {pipeline_class!r} pipeline; expected one of {Family.names()}")
     text_encoder_class = (model_index.get("text_encoder") or [None, None])[1]
     if text_encoder_class not in TEXT_ENCODER_CLASSES:
         raise CheckpointError(

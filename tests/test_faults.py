@@ -189,16 +189,18 @@ def test_engine_build_refuses_damaged_onnx(tmp_path):
 
 @pytest.fixture(scope="module")
 def nan_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
-    """The tiny checkpoint with one transformer weight set to NaN."""
-    from safetensors.numpy import load_file, save_file
+    """The tiny checkpoint with one transformer weight set to NaN (in its bf16 shard, as published)."""
+    from safetensors.torch import load_file, save_file
 
     folder = shutil.copytree(tiny_checkpoint, tmp_path_factory.mktemp("nan") / "checkpoint")
-    path = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    index = next((folder / "transformer").glob("*.safetensors.index.json"))
+    weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    name = next(n for n in sorted(weight_map) if n.endswith("attn.to_out.0.weight"))
+    path = folder / "transformer" / weight_map[name]
     tensors = load_file(path)
-    name = next(n for n in sorted(tensors) if n.endswith("attn.to_out.0.weight"))
-    tensors[name] = tensors[name].copy()
-    tensors[name].flat[0] = np.nan
-    save_file(tensors, path)
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, path, metadata={"format": "pt"})
     return folder
 
 
@@ -236,7 +238,7 @@ def test_numerics_judgement_counts_non_finite_outputs():
     actual[[3, 500, 999]] = [np.nan, np.inf, -np.inf]
     metrics = TOLERANCES["fp32"].judge(actual, expected)
     assert metrics["passed"] is False and metrics["non_finite"] == 3
-    assert "3 non-finite values" in TOLERANCES["fp32"].describe("velocity", metrics)
+    assert "NON-FINITE values (3 inf/nan)" in TOLERANCES["fp32"].describe("velocity", metrics)
     assert compare(expected, expected)["non_finite"] == 0
 
 

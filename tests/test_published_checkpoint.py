@@ -107,13 +107,14 @@ def test_runtime_refuses_a_tokenizer_that_differs_from_export(export_tiny, tmp_p
 
     def runtime():
         opened = open_artifacts(artifacts)
-        return Flux2Runtime(opened, select_backend("ort", opened.folder, opened.specs, opened.manifest))
+        return Flux2Runtime(opened, select_backend("ort", opened.folder, opened.manifest))
 
     runtime()  # as exported: accepted
     config_path = artifacts / "tokenizer" / "tokenizer_config.json"
     original = config_path.read_text()
     config_path.write_text(json.dumps({**json.loads(original), "padding_side": "left"}))
-    with pytest.raises(ArtifactsError, match="tokenizer_config.json is missing or differs"):
+    # The artifacts' integrity check (every file against the manifest's sha256) refuses it first.
+    with pytest.raises(ArtifactsError, match="tokenizer/tokenizer_config.json has sha256 .* the manifest says"):
         runtime()
     config_path.write_text(original)
     # A runtime that would pad on the other side than export recorded (and checked) is refused too.
