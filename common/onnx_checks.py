@@ -61,3 +61,29 @@ def external_data_files(model) -> set[str]:
             if entry.key == "location":
                 files.add(entry.value)
     return files
+
+
+# Where a reduced-precision graph computes a matrix multiply in float32 on purpose: the fp16
+# transformer keeps attention (Q K^T and P V) in float32, because FLUX-scale activations leave
+# float16's range there (export/graphs/transformer.py, docs/export.md "fp16 past 65504").
+FLOAT32_MATMUL_SCOPES = ("scaled_dot_product_attention",)
+FLOAT = 1  # onnx.TensorProto.FLOAT
+
+
+def float32_matmuls(model) -> list[tuple[str, str]]:
+    """(node name, module scope) of every MatMul/Gemm whose output is float32, by ONNX shape inference.
+
+    `model` is loaded without external data; inference reads no weight bytes.
+    """
+    from onnx import shape_inference
+
+    inferred = shape_inference.infer_shapes(model)
+    graph = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    found = []
+    for node in graph.node:
+        if node.op_type in ("MatMul", "Gemm") and types.get(node.output[0]) == FLOAT:
+            meta = {p.key: p.value for p in node.metadata_props}
+            found.append((node.name, meta.get("pkg.torch.onnx.name_scopes", "")))
+    return found

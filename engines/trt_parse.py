@@ -68,7 +68,9 @@ def read_fp8_layers(artifacts: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def parse_component(api, component: str, onnx_path: Path, precision: str, fp8_report: dict | None) -> ParseReport:
+def parse_component(
+    api, component: str, onnx_path: Path, precision: str, fp8_report: dict | None, kept_float32=()
+) -> ParseReport:
     from engines.trt_build import EngineBuildError, parse_onnx
 
     trt = api.trt
@@ -83,26 +85,33 @@ def parse_component(api, component: str, onnx_path: Path, precision: str, fp8_re
     for layer in layers:
         dtype = layer.get_output_type(0).name if layer.num_outputs else "-"
         report.census[(layer.type.name, dtype)] += 1
-    report.findings += matmul_findings(layers, precision)
+    report.findings += matmul_findings(layers, precision, kept_float32)
     if fp8_report:
         report.findings += fp8_findings(layers, fp8_report, report)
     return report
 
 
-def matmul_findings(layers, precision: str) -> list[Finding]:
+def matmul_findings(layers, precision: str, kept_float32=()) -> list[Finding]:
+    """Matrix multiplies not in the graph's precision, except those the export lists as float32 on purpose."""
     want = MATMUL_TYPES.get(precision)
     if want is None:
         return []  # fp32: nothing narrower was promised
+    allowed = set(kept_float32)
     found = []
     for layer in layers:
-        if layer.type.name == "MATRIX_MULTIPLY" and layer.get_output_type(0).name != want:
-            found.append(
-                Finding(
-                    "precision",
-                    f"layer {layer.name} (MATRIX_MULTIPLY)",
-                    f"computes in {layer.get_output_type(0).name}; a {precision} graph promises {want}",
-                )
+        if layer.type.name != "MATRIX_MULTIPLY":
+            continue
+        computes = layer.get_output_type(0).name
+        if computes == want or (computes == "FLOAT" and layer.name in allowed):
+            continue
+        found.append(
+            Finding(
+                "precision",
+                f"layer {layer.name} (MATRIX_MULTIPLY)",
+                f"computes in {computes}; a {precision} graph promises {want} "
+                "(the manifest's float32_matmuls lists the exceptions)",
             )
+        )
     return found
 
 
@@ -166,7 +175,8 @@ def parse_artifacts(api, folder: Path, manifest: dict) -> list[ParseReport]:
     reports = []
     for name, entry in manifest["components"].items():
         precision = entry.get("precision", manifest.get("precision", "fp32"))
-        reports.append(parse_component(api, name, folder / entry["file"], precision, fp8_layers.get(name)))
+        kept = entry.get("float32_matmuls", ())
+        reports.append(parse_component(api, name, folder / entry["file"], precision, fp8_layers.get(name), kept))
     return reports
 
 

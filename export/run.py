@@ -43,9 +43,9 @@ from export.space import expected_bytes
 from export.writing.trace import data_file_name, example_inputs, export_graph
 
 # Bump when the graphs this code writes change for the same inputs: it invalidates cached exports.
-EXPORT_CODE_VERSION = (
-    3  # 2: the VAE upsamples in float32 (no bf16 Resize for TensorRT); 3: timestep rounding as the pipeline
-)
+# 2: the VAE upsamples in float32 (no bf16 Resize for TensorRT); 3: timestep rounding as the pipeline;
+# 4: fp16 transformer stream in float32, and the manifest lists the float32 matrix multiplies.
+EXPORT_CODE_VERSION = 4
 LIBRARIES = ("flux2-trt", "torch", "diffusers", "transformers", "onnx", "onnxscript", "onnxruntime")
 
 
@@ -369,6 +369,7 @@ def _export_component(job: ComponentJob):
             facts = export_graph(module, example_inputs(spec), spec, staging / onnx_name)
         bar.update()
 
+        kept_float32 = _float32_matmuls(staging / onnx_name, component, precision)
         bar.set_postfix_str("sha256")
         files = [onnx_name] + ([data_file_name(onnx_name)] if (staging / data_file_name(onnx_name)).exists() else [])
         digests = {name: sha256_file(staging / name) for name in files}
@@ -428,10 +429,35 @@ def _export_component(job: ComponentJob):
         "precision": precision,
         "opset": facts["opset"],
         "nodes": facts["nodes"],
+        **({"float32_matmuls": kept_float32} if precision in ("fp16", "bf16") else {}),
         "inputs": [dataclasses.asdict(t) for t in spec.inputs],
         "outputs": [dataclasses.asdict(t) for t in spec.outputs],
     }
     return json.loads(json.dumps(entry)), report  # as it reads back from the manifest
+
+
+def _float32_matmuls(path: Path, component: str, precision: str) -> list[str]:
+    """The matrix multiplies an fp16/bf16 graph keeps in float32, all of them on purpose, or the export fails.
+
+    Recorded in the manifest, so that `engines.check` can hold TensorRT's network to "every other
+    matrix multiply in the graph's precision".
+    """
+    if precision not in ("fp16", "bf16"):
+        return []
+    import onnx
+
+    from common.onnx_checks import FLOAT32_MATMUL_SCOPES, float32_matmuls
+
+    found = float32_matmuls(onnx.load(str(path), load_external_data=False))
+    stray = [
+        f"{name} ({scope or 'no scope'})" for name, scope in found if not any(s in scope for s in FLOAT32_MATMUL_SCOPES)
+    ]
+    if stray:
+        raise Flux2TrtError(
+            f"the {precision} {component} graph {path.name} computes matrix multiplies in float32 outside attention: "
+            f"{', '.join(stray[:5])}; this is an exporter bug, please report it with the checkpoint's configs"
+        )
+    return [name for name, _ in found]
 
 
 def _copy_tokenizer(checkpoint: ckpt.Checkpoint, staging: Path) -> dict[str, str]:

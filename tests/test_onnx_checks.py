@@ -41,3 +41,21 @@ def test_external_data_location():
     onnx.external_data_helper.set_external_data(tensor, location="w.onnx.data")
     model.graph.initializer.append(tensor)
     assert external_data_files(model) == {"w.onnx.data"}
+
+
+def test_float32_matmuls_of_the_fp16_transformer_are_its_attention(export_tiny):
+    """The fp16 graph keeps Q K^T and P V in float32 (activations past 65504) and says so in the manifest."""
+    import json
+
+    import onnx
+
+    from common.onnx_checks import float32_matmuls
+
+    folder = export_tiny("fp16")
+    found = float32_matmuls(onnx.load(str(folder / "transformer.onnx"), load_external_data=False))
+    listed = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))["components"]["transformer"]
+    assert [name for name, _ in found] == listed["float32_matmuls"]
+    assert len(found) == 2 * 4  # two products per attention, 2 double + 2 single blocks in the tiny default
+    assert all("scaled_dot_product_attention" in scope for _, scope in found)
+    text_encoder = onnx.load(str(folder / "text_encoder.onnx"), load_external_data=False)
+    assert float32_matmuls(text_encoder) == []
