@@ -190,7 +190,15 @@ def test_full_queue_is_refused_with_503(served):
 def test_metrics_count_requests_images_and_stage_seconds(served):
     before = served.metrics()
     assert _ask(served.url, **_values(num_images=2))[0] == 200
-    after = served.metrics()
+    # Triton updates its request statistics after the response is on its way: measured once in a
+    # full-suite run, the scrape right after the answer still had the old count. Wait for it (bounded).
+    deadline = time.monotonic() + 10
+    while True:
+        after = served.metrics()
+        counted = _metric(after, "nv_inference_request_success", model="flux2")
+        if counted > _metric(before, "nv_inference_request_success", model="flux2") or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
 
     def delta(name, **labels):
         return _metric(after, name, **labels) - _metric(before, name, **labels)
