@@ -71,6 +71,7 @@ def run_check(
 
     from runtime.artifacts import open_artifacts
     from runtime.backends.select import select_backend
+    from runtime.backends.torch_backend import TorchBackend
     from runtime.pipeline import Flux2Runtime, Timings, initial_noise, to_image
 
     log = log or (lambda message: print(message, file=sys.stderr))
@@ -181,16 +182,12 @@ def run_check(
     }
     if opened.geometry.guidance_embeds:
         feeds["guidance"] = np.full((1,), guidance, np.float32)
-    grid = torch.zeros(
-        1, 1, shapes.height // opened.geometry.pixels_per_token, shapes.width // opened.geometry.pixels_per_token
-    )
-    ref_hidden, img_ids = torch.from_numpy(noise).to(device), pipe._prepare_latent_ids(grid).to(device)
     reference_components = {}
     if prepared:
         # The VAE encoder on the same prepared images; then the transformer gets diffusers' tokens.
         ref_height, ref_width = shapes.reference_size
         with torch.no_grad():
-            ref_tokens, ref_ids = pipe.prepare_image_latents(
+            ref_tokens, _ = pipe.prepare_image_latents(
                 images=[
                     pipe.image_processor.preprocess(r.image, height=ref_height, width=ref_width, resize_mode="crop")
                     for r in prepared
@@ -204,27 +201,14 @@ def run_check(
         ours_tokens = chosen.to_host(ours_tokens["reference_tokens"]).reshape(1, -1, ref_tokens.shape[-1])
         reference_components["vae_encoder"] = (ours_tokens, ref_tokens.float().cpu().numpy())
         feeds["reference_latents"] = ref_tokens.float().cpu().numpy()
-        ref_hidden = torch.cat([ref_hidden, ref_tokens.to(ref_hidden.dtype)], dim=1)
-        img_ids = torch.cat([img_ids, ref_ids.to(device)], dim=1)
     ours_velocity = chosen.to_host(chosen.run("transformer", {k: rows(v) for k, v in feeds.items()})["velocity"])[:1]
-    text_ids = pipe._prepare_text_ids(ref_embeds)
-    with torch.no_grad():
-        ref_velocity = pipe.transformer(
-            hidden_states=ref_hidden,
-            encoder_hidden_states=ref_embeds,
-            timestep=torch.from_numpy(feeds["timestep"]).to(device),
-            guidance=torch.from_numpy(feeds["guidance"]).to(device) if "guidance" in feeds else None,
-            txt_ids=text_ids.to(device),
-            img_ids=img_ids,
-            return_dict=False,
-        )[0][:, : noise.shape[1]]
+    # The reference side: the torch backend's stages (diffusers' modules, as Flux2Pipeline calls them)
+    # over the float32 pipeline that drew the reference image.
+    reference = TorchBackend.around(pipe, opened.folder, opened.manifest, checkpoint)
+    ref_velocity = reference.run("transformer", {k: reference.from_host(v) for k, v in feeds.items()})["velocity"]
     final_latents = final["latents"].float().cpu().numpy()
     ours_decoded = to_image(chosen.to_host(chosen.run("vae", {"packed_latents": rows(final_latents)})["image"]))[0]
-    with torch.no_grad():
-        latents = pipe._unpack_latents_with_ids(final["latents"], pipe._prepare_latent_ids(grid).to(device))
-        mean = pipe.vae.bn.running_mean.view(1, -1, 1, 1)
-        std = torch.sqrt(pipe.vae.bn.running_var.view(1, -1, 1, 1) + pipe.vae.config.batch_norm_eps)
-        decoded = pipe.vae.decode(pipe._unpatchify_latents(latents * std + mean), return_dict=False)[0]
+    decoded = reference.run("vae", {"packed_latents": final["latents"]})["image"]
     ref_decoded = to_image(decoded.float().cpu().numpy())[0]
 
     tolerance = TOLERANCES.get(precision, TOLERANCES["bf16"])

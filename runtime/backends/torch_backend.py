@@ -51,6 +51,15 @@ class TorchBackend:
             self.reference_grid = (shapes["reference_height"] // step, shapes["reference_width"] // step)
         self._pipe = None
 
+    @classmethod
+    def around(cls, pipe, artifacts: Path, manifest: dict, checkpoint: Path, precision: str = "fp32") -> TorchBackend:
+        """This backend's stages over an already built pipeline (runtime.check's float32 reference, which
+        also draws the reference image), so both sides of a comparison feed the modules the same way."""
+        manifest = {**manifest, "precision": precision}
+        backend = cls(artifacts, manifest, device=str(pipe._execution_device), checkpoint=checkpoint)
+        backend._pipe = pipe
+        return backend
+
     @property
     def pipe(self):
         if self._pipe is None:
