@@ -413,6 +413,7 @@ def test_read_only_artifacts_still_verify_and_generate_and_read_only_out_is_one_
 # --- interrupts --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_during_export_removes_staging(tiny_checkpoint, tmp_path, signum):
     out = tmp_path / "out"
