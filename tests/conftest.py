@@ -96,7 +96,15 @@ def tiny_plain_checkpoint(_cache_dir) -> Path:
 # The fast lane (`make test-fast`, `-m "not slow"`) is unit tests: anything that needs an export
 # of a checkpoint, end to end, is `slow`, whether it asks for one through these fixtures or marks
 # itself.
-EXPORTING_FIXTURES = {"export_tiny", "variant_artifacts", "klein_artifacts", "exported", "editing", "fp8_tiny", "served"}
+EXPORTING_FIXTURES = {
+    "export_tiny",
+    "variant_artifacts",
+    "klein_artifacts",
+    "exported",
+    "editing",
+    "fp8_tiny",
+    "served",
+}
 
 
 def pytest_collection_modifyitems(config, items):
