@@ -98,3 +98,23 @@ def ask_triton(url, model="flux2", **values):
             return int(exc.status() or 0), None, exc.message()
     sidecars = [json.loads(text) for text in result.as_numpy("sidecar")[0]]
     return 200, result.as_numpy("image")[0], sidecars
+
+
+def diffusers_dev_ids(tokenizer_folder, prompts, max_length):
+    """What Flux2Pipeline._get_mistral_3_small_prompt_embeds hands the text encoder (its exact call)."""
+    from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+
+    from common.reference_pipeline import load_reference_tokenizer
+
+    reference = load_reference_tokenizer(tokenizer_folder)
+    return reference.apply_chat_template(
+        format_input(prompts, SYSTEM_MESSAGE),
+        add_generation_prompt=False,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="np",
+        padding="max_length",
+        truncation=True,
+        max_length=max_length,
+    )

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from flux2_tiny.published import MISTRAL_TEMPLATE, QWEN3_TEMPLATE
+from tests.support import diffusers_dev_ids
 
 PROMPTS = [
     "A cat holding a sign that says hello world",
@@ -16,26 +17,6 @@ PROMPTS = [
     "remove [IMG] markers [IMG]",
     "a very long prompt " * 200,
 ]
-
-
-def _diffusers_ids(tokenizer_folder, max_length):
-    """What Flux2Pipeline._get_mistral_3_small_prompt_embeds hands the text encoder (its exact call)."""
-    from diffusers.pipelines.flux2.pipeline_flux2 import format_input
-    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
-
-    from common.reference_pipeline import load_reference_tokenizer
-
-    reference = load_reference_tokenizer(tokenizer_folder)
-    return reference.apply_chat_template(
-        format_input(PROMPTS, SYSTEM_MESSAGE),
-        add_generation_prompt=False,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="np",
-        padding="max_length",
-        truncation=True,
-        max_length=max_length,
-    )
 
 
 @pytest.mark.parametrize("layout", ["published", "plain"])
@@ -48,7 +29,7 @@ def test_ids_and_mask_match_diffusers(tiny_checkpoint, tiny_plain_checkpoint, la
 
     assert OURS == SYSTEM_MESSAGE
     folder = (tiny_checkpoint if layout == "published" else tiny_plain_checkpoint) / "tokenizer"
-    expected = _diffusers_ids(folder, max_length)
+    expected = diffusers_dev_ids(folder, PROMPTS, max_length)
     ids, mask = PromptTokenizer(folder, max_length).encode(PROMPTS)
     np.testing.assert_array_equal(ids, expected["input_ids"])
     np.testing.assert_array_equal(mask, expected["attention_mask"])
@@ -171,7 +152,7 @@ def test_padding_side_is_what_diffusers_pads(tiny_checkpoint, tmp_path, edit, si
     (folder / "tokenizer_config.json").write_text(json.dumps({**config, **edit}))
     ours = PromptTokenizer(folder, 512)
     assert ours.padding_side == load_reference_tokenizer(folder).padding_side == side
-    expected = _diffusers_ids(folder, 512)
+    expected = diffusers_dev_ids(folder, PROMPTS, 512)
     ids, mask = ours.encode(PROMPTS)
     np.testing.assert_array_equal(ids, expected["input_ids"])
     np.testing.assert_array_equal(mask, expected["attention_mask"])
@@ -196,7 +177,7 @@ def test_older_processor_save_keeps_the_template_in_chat_template_json(tiny_chec
     template = (folder / "chat_template.jinja").read_text()
     (folder / "chat_template.jinja").unlink()
     (folder / "chat_template.json").write_text(json.dumps({"chat_template": template}))
-    expected = _diffusers_ids(folder, 128)
+    expected = diffusers_dev_ids(folder, PROMPTS, 128)
     ids, mask = PromptTokenizer(folder, 128).encode(PROMPTS)
     np.testing.assert_array_equal(ids, expected["input_ids"])
     np.testing.assert_array_equal(mask, expected["attention_mask"])
