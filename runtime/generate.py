@@ -109,8 +109,6 @@ def generate_images(request: GenerateRequest, log=None) -> list[Path]:
     images, verify = request.images, request.verify
     log = log or (lambda message: print(message, file=sys.stderr))
     validate(steps=steps, guidance=guidance, num_images=num_images, seed=seed)
-    out = prepare_out(out)
-    remove_stale_staging(out, log=log)  # half-written images of a killed run
 
     from runtime.artifacts import open_artifacts
     from runtime.backends.select import select_backend
@@ -128,6 +126,10 @@ def generate_images(request: GenerateRequest, log=None) -> list[Path]:
             multiple_of=opened.geometry.pixels_per_token,
             log=log,
         )
+    # The output folder is made only once the artifacts and the reference images are known good:
+    # a refused request leaves no empty folder behind.
+    out = prepare_out(out)
+    remove_stale_staging(out, log=log)  # half-written images of a killed run
     chosen = select_backend(backend, opened.folder, opened.manifest, low_vram=low_vram, log=log)
     runtime = Flux2Runtime(opened, chosen)
     warning = runtime.guidance_warning(guidance)
