@@ -77,7 +77,7 @@ def main() -> int:
             "denoise_s": statistics.median(denoise),
             "per_step_s": statistics.median(denoise) / args.steps,
             "vae_encoder_s": statistics.median(encode),
-            "transformer_bytes": sum(opened.manifest["components"]["transformer"]["bytes"].values()),
+            "transformer_bytes": opened.manifest.components["transformer"].total_bytes,
         }
     base = results["k0"]
     for entry in results.values():

@@ -60,7 +60,7 @@ def main() -> int:
     diffusers_import = import_seconds("import diffusers; from diffusers import Flux2Pipeline")
     result = {
         "machine": "this machine (CPU, ONNX Runtime CPU provider)",
-        "shapes": artifacts.manifest["shapes"],
+        "shapes": artifacts.shapes.to_json(),
         "steps": args.steps,
         "median": median,
         "overhead_ratio": median["overhead_s"] / median["wall_s"],
@@ -72,9 +72,9 @@ def main() -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    shapes = artifacts.manifest["shapes"]
+    shapes = artifacts.shapes
     print(
-        f"runtime.generate, tiny fp32 {shapes['height']}x{shapes['width']}, {args.steps} steps, ort-cpu, median of {args.repeats}"
+        f"runtime.generate, tiny fp32 {shapes.height}x{shapes.width}, {args.steps} steps, ort-cpu, median of {args.repeats}"
     )
     print(f"{'stage':<14}{'seconds':>10}{'share':>9}")
     for stage in ("tokenize_s", "text_encoder_s", "denoise_s", "vae_s"):

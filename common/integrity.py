@@ -15,20 +15,9 @@ import json
 from pathlib import Path
 
 from common.errors import ArtifactsError
-from common.manifest import sha256_file
+from common.manifest import ArtifactsManifest, sha256_file
 
 STAMP_NAME = ".verified.json"
-
-
-def manifest_files(manifest: dict) -> dict[str, str]:
-    """Every file an artifacts manifest records a sha256 for: relative path -> sha256."""
-    files = {}
-    for entry in manifest.get("components", {}).values():
-        files.update(entry.get("sha256", {}))
-    tokenizer = manifest.get("tokenizer", {})
-    for name, digest in tokenizer.get("files", {}).items():
-        files[f"{tokenizer.get('folder', 'tokenizer')}/{name}"] = digest
-    return files
 
 
 def _identity(path: Path) -> list[int]:
@@ -94,7 +83,7 @@ def record_verified(folder: Path, expected: dict[str, str]) -> None:
     _write_stamp(folder, stamp)
 
 
-def verify_artifacts(folder: Path, manifest: dict, *, force: bool = False, log=None) -> list[str]:
+def verify_artifacts(folder: Path, manifest: ArtifactsManifest, *, force: bool = False, log=None) -> list[str]:
     """An artifacts folder's graphs, weights and tokenizer against its manifest (see the module doc)."""
     fix = f"restore the folder or re-export it (`python -m export --out {folder} --force`)"
-    return verify_files(folder, manifest_files(manifest), force=force, fix=fix, log=log)
+    return verify_files(folder, manifest.files(), force=force, fix=fix, log=log)

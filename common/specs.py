@@ -142,7 +142,7 @@ class Geometry:
         return self.vae_scale_factor * 2  # one packed token covers a 2x2 patch of latents
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "text_out_layers": list(self.text_out_layers)}  # as JSON reads it back
 
     @classmethod
     def from_json(cls, data: dict) -> Geometry:

@@ -15,6 +15,7 @@ without any of them is an ordinary case (CPU nodes, CI), answered with a reason.
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 
 TARGETS = ("tensorrt", "rtx")
 MODULES = {"tensorrt": "tensorrt", "rtx": "tensorrt_rtx"}
@@ -80,18 +81,61 @@ def trt_status(target: str = "tensorrt") -> tuple[bool, str]:
     return True, f"{reason} on {gpu}"
 
 
-def present_gpu() -> dict:
-    """The GPU here: name and compute capability (call when gpu_status() is true)."""
+@dataclass(frozen=True)
+class Platform:
+    """What plans are built for, or what a node offers: the target and its version, then the GPU
+    (`tensorrt` builds, and every node) or the compute capabilities an `rtx` build targets."""
+
+    target: str
+    tensorrt: str  # the target module's version (TensorRT-RTX's for `rtx`)
+    gpu: str | None = None
+    compute_capability: str | None = None
+    compute_capabilities: tuple[str, ...] | None = None
+    compute_capabilities_from: str | None = None  # "--compute-capability" or "TensorRT-RTX default"
+
+    def describe(self) -> str:
+        """The GPU, or the compute capabilities an ahead-of-time build covers."""
+        if self.gpu is not None:
+            return f"{self.gpu} (sm {self.compute_capability})"
+        return f"compute capabilities {', '.join(self.compute_capabilities or ())} ({self.compute_capabilities_from})"
+
+    def to_json(self) -> dict:
+        data = {"target": self.target, "tensorrt": self.tensorrt}
+        if self.gpu is not None:
+            data.update(gpu=self.gpu, compute_capability=self.compute_capability)
+        if self.compute_capabilities is not None:
+            data.update(
+                compute_capabilities=list(self.compute_capabilities),
+                compute_capabilities_from=self.compute_capabilities_from,
+            )
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> Platform:
+        capabilities = data.get("compute_capabilities")
+        return cls(
+            target=str(data.get("target", "tensorrt")),  # engine manifests v1 knew only TensorRT
+            tensorrt=str(data["tensorrt"]),
+            gpu=data.get("gpu"),
+            compute_capability=data.get("compute_capability"),
+            compute_capabilities=None if capabilities is None else tuple(str(c) for c in capabilities),
+            compute_capabilities_from=data.get("compute_capabilities_from"),
+        )
+
+
+def present_gpu() -> tuple[str, str]:
+    """The GPU here: (name, compute capability); call when gpu_status() is true."""
     import torch
 
     major, minor = torch.cuda.get_device_capability()
-    return {"gpu": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}
+    return torch.cuda.get_device_name(), f"{major}.{minor}"
 
 
-def present_platform(target: str = "tensorrt") -> dict:
+def present_platform(target: str = "tensorrt") -> Platform:
     """What a running engine is checked against: target, its version, the GPU and its compute capability."""
     module = import_trt(target)
-    return {"target": target, "tensorrt": module.__version__, **present_gpu()}
+    gpu, capability = present_gpu()
+    return Platform(target, module.__version__, gpu=gpu, compute_capability=capability)
 
 
 def resolve_build_target(requested: str) -> tuple[str | None, str]:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from common.cli import OneLineParser, run_cli
 from common.errors import UsageError
+from common.tensorrt_env import LABELS, Platform
 from deploy.request import DEFAULT_MAX_IMAGES
 
 BACKENDS = ("auto", "trt", "ort")
@@ -42,27 +43,27 @@ def _has_engines(artifacts: Path) -> bool:
     return bool(_engine_targets(artifacts))
 
 
-def engines_platform(artifacts: Path) -> dict | None:
-    """{tensorrt, gpu, compute_capability} the engines were built for, from the engine manifest; None without engines."""
+def engines_platform(artifacts: Path) -> Platform | None:
+    """The platform the engines were built for, from the engine manifest; None without engines."""
     if not _has_engines(artifacts):
         return None
     from common.engine_manifest import read_engine_manifest
 
     target = _engine_targets(artifacts)[0]
-    engines = read_engine_manifest(artifacts, target)["engines"].values()
-    platforms = {json.dumps(e["platform"], sort_keys=True) for e in engines}
+    platforms = {record.platform for record in read_engine_manifest(artifacts, target).engines.values()}
     if len(platforms) != 1:
+        listed = sorted(json.dumps(p.to_json(), sort_keys=True) for p in platforms)
         raise UsageError(
-            f"engines in {artifacts}/engines/{target} were built on different platforms {sorted(platforms)}; rebuild them"
+            f"engines in {artifacts}/engines/{target} were built on different platforms {listed}; rebuild them"
         )
-    return json.loads(platforms.pop())
+    return platforms.pop()
 
 
-def engines_gpu(platform: dict) -> str:
+def engines_gpu(platform: Platform) -> str:
     """The GPU a TensorRT engine was built on, or the compute capabilities of TensorRT-RTX engines."""
-    if "gpu" in platform:
-        return str(platform["gpu"])
-    return "compute capabilities " + ",".join(platform.get("compute_capabilities", []))
+    if platform.gpu is not None:
+        return platform.gpu
+    return "compute capabilities " + ",".join(platform.compute_capabilities or ())
 
 
 def _quoted(text: str) -> str:
@@ -82,7 +83,7 @@ def render_config(
     max_queue: int,
     timeout_s: float,
     max_images: int,
-    platform: dict | None = None,
+    platform: Platform | None = None,
     reference_images: int = 0,
 ) -> str:
     """config.pbtxt: inputs, outputs, instances, dynamic batching with a queue policy that refuses fast.
@@ -92,8 +93,8 @@ def render_config(
     """
     parameters = {"artifacts": str(artifacts), "backend": backend, "max_images": str(max_images)}
     if platform:  # for the reader: which TensorRT the serving image must carry (docs/serving.md)
-        parameters["engines_target"] = str(platform.get("target", "tensorrt"))
-        parameters["engines_tensorrt"] = str(platform["tensorrt"])
+        parameters["engines_target"] = platform.target
+        parameters["engines_tensorrt"] = platform.tensorrt
         parameters["engines_gpu"] = engines_gpu(platform)
     parameter_text = ",\n".join(
         f"  {{ key: {_quoted(k)} value: {{ string_value: {_quoted(v)} }} }}" for k, v in parameters.items()
@@ -245,7 +246,7 @@ def main(argv=None) -> int:
     platform = engines_platform(args.artifacts) if args.backend != "ort" else None
     if platform:
         print(
-            f"engines: TensorRT {platform['tensorrt']} on {engines_gpu(platform)}: the serving image needs that TensorRT "
+            f"engines: {LABELS[platform.target]} {platform.tensorrt} on {engines_gpu(platform)}: the serving image needs that TensorRT "
             "and that GPU model (docs/serving.md)"
         )
     return 0

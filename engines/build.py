@@ -19,9 +19,9 @@ from pathlib import Path
 from common.atomic import atomic_write_bytes
 from common.cli import OneLineParser, run_cli
 from common.engine_manifest import (
-    ENGINE_FORMAT,
-    ENGINE_FORMAT_VERSION,
     ENGINES_DIR,
+    EngineManifest,
+    EngineRecord,
     engines_dir,
     read_engine_manifest,
     write_engine_manifest,
@@ -35,6 +35,7 @@ from common.tensorrt_env import (
     RTX_COMPUTE_CAPABILITIES,
     RTX_DEFAULT_COMPUTE_CAPABILITIES,
     TARGETS,
+    Platform,
     cc_tuple,
 )
 
@@ -99,35 +100,47 @@ class BuildConfig:
         }
 
 
-def engine_key(*, component: str, onnx_sha256: dict, platform: dict, flags: dict) -> str:
-    return key_of(
-        {
-            "component": component,
-            "onnx_sha256": onnx_sha256,
-            "platform": platform,
-            "flags": flags,
-            "code": ENGINE_CODE_VERSION,
-        }
-    )
+@dataclass(frozen=True)
+class PlanInputs:
+    """What one plan is built from and for; its key decides whether a recorded plan is reused."""
+
+    component: str
+    onnx_sha256: dict[str, str]
+    platform: Platform
+    flags: dict
+
+    @property
+    def key(self) -> str:
+        return key_of(
+            {
+                "component": self.component,
+                "onnx_sha256": self.onnx_sha256,
+                "platform": self.platform.to_json(),
+                "flags": self.flags,
+                "code": ENGINE_CODE_VERSION,
+            }
+        )
 
 
-def rebuild_reason(previous: dict | None, entry: dict, plan: Path) -> str | None:
-    """Why a plan must be (re)built, or None when the recorded one is valid for `entry`."""
+def rebuild_reason(previous: EngineRecord | None, wanted: PlanInputs, plan: Path) -> str | None:
+    """Why a plan must be (re)built, or None when the recorded one is valid for `wanted`."""
     if previous is None:
         return "no engine yet"
-    if previous.get("key") == entry["key"]:
-        if not plan.is_file() or plan.stat().st_size != previous.get("plan_bytes"):
+    if previous.key == wanted.key:
+        if not plan.is_file() or plan.stat().st_size != previous.plan_bytes:
             return "plan file missing or truncated"
-        if sha256_file(plan) != previous.get("plan_sha256"):
+        if sha256_file(plan) != previous.plan_sha256:
             return "plan file differs from its recorded sha256"
         return None
-    changed = [name for name in ("onnx_sha256", "platform", "flags") if previous.get(name) != entry[name]]
+    changed = [
+        name for name in ("onnx_sha256", "platform", "flags") if getattr(previous, name) != getattr(wanted, name)
+    ]
     return f"{', '.join(changed) or 'build code'} changed"
 
 
-def _previous_engines(artifacts: Path, target: str) -> dict:
+def _previous_engines(artifacts: Path, target: str) -> dict[str, EngineRecord]:
     try:
-        return read_engine_manifest(artifacts, target).get("engines", {})
+        return read_engine_manifest(artifacts, target).engines
     except Flux2TrtError:
         return {}  # none yet, or unreadable: everything is built
 
@@ -154,18 +167,19 @@ def _resolve_target(requested: str, log) -> str | None:
     return target
 
 
-def _platform(target: str, trt, build: BuildConfig) -> dict:
+def _platform(target: str, trt, build: BuildConfig) -> Platform:
     if target == "tensorrt":
         from common.tensorrt_env import present_gpu
 
-        return {"target": target, "tensorrt": trt.__version__, **present_gpu()}
+        gpu, capability = present_gpu()
+        return Platform(target, trt.__version__, gpu=gpu, compute_capability=capability)
     requested = build.compute_capabilities
-    return {
-        "target": target,
-        "tensorrt": trt.__version__,
-        "compute_capabilities": list(requested or RTX_DEFAULT_COMPUTE_CAPABILITIES),
-        "compute_capabilities_from": "--compute-capability" if requested else "TensorRT-RTX default",
-    }
+    return Platform(
+        target,
+        trt.__version__,
+        compute_capabilities=tuple(requested or RTX_DEFAULT_COMPUTE_CAPABILITIES),
+        compute_capabilities_from="--compute-capability" if requested else "TensorRT-RTX default",
+    )
 
 
 def _check_precision_fits(target: str, build: BuildConfig, precision: str) -> None:
@@ -204,8 +218,8 @@ def build_engines(
     timing_cache: Path | None = None,
     log=None,
     trt=None,
-    platform: dict | None = None,
-) -> dict | None:
+    platform: Platform | None = None,
+) -> EngineManifest | None:
     """Build (or reuse) a plan per component; return the engine manifest, or None when skipped.
 
     `trt` and `platform` default to the target's installed module and what it builds for; tests
@@ -226,7 +240,7 @@ def build_engines(
         trt = import_trt(target)
     elif target not in TARGETS:
         raise UsageError(f"a given trt module needs an explicit target ({', '.join(TARGETS)}), not {target!r}")
-    _check_precision_fits(target, build, manifest["precision"])
+    _check_precision_fits(target, build, manifest.precision)
     if build.strip_weights and target == "rtx" and platform is None:
         from common.tensorrt_env import gpu_status
 
@@ -248,43 +262,25 @@ def build_engines(
     folder.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(folder, log=log)  # plans half-written by a killed build
     previous = _previous_engines(artifacts, target)
-    engines = {name: entry for name, entry in previous.items() if name in manifest["components"]}
-    engine_manifest = {
-        "format": ENGINE_FORMAT,
-        "format_version": ENGINE_FORMAT_VERSION,
-        "target": target,
-        "precision": manifest["precision"],
-    }
-    components = manifest["components"]
-    where = (
-        f"{platform['gpu']} (sm {platform['compute_capability']})"
-        if target == "tensorrt"
-        else f"compute capabilities {', '.join(platform['compute_capabilities'])} ({platform['compute_capabilities_from']})"
-    )
-    log(f"{api.label} {api.version} for {where}, flags {build.flags()}")
+    components = manifest.components
+    engines = {name: record for name, record in previous.items() if name in components}
+
+    def record():
+        return EngineManifest(target=target, precision=manifest.precision, engines=dict(engines))
+
+    log(f"{api.label} {api.version} for {platform.describe()}, flags {build.flags()}")
     rows = []
-    for number, (component, onnx_entry) in enumerate(components.items(), start=1):
+    for number, (component, onnx_record) in enumerate(components.items(), start=1):
         plan_name = f"{component}.plan"
-        entry = {
-            "plan": plan_name,
-            "onnx": onnx_entry["file"],
-            "onnx_sha256": onnx_entry["sha256"],
-            "platform": platform,
-            "flags": build.flags(),
-            "inputs": onnx_entry["inputs"],
-            "outputs": onnx_entry["outputs"],
-        }
-        entry["key"] = engine_key(
-            component=component, onnx_sha256=entry["onnx_sha256"], platform=platform, flags=entry["flags"]
-        )
-        reason = "--force" if force else rebuild_reason(previous.get(component), entry, folder / plan_name)
+        wanted = PlanInputs(component, onnx_record.sha256, platform, build.flags())
+        reason = "--force" if force else rebuild_reason(previous.get(component), wanted, folder / plan_name)
         if reason is None:
             log(f"[{number}/{len(components)}] {component}: reused {folder / plan_name}")
-            rows.append((component, "reused", previous[component]["plan_bytes"], 0.0))
+            rows.append((component, "reused", previous[component].plan_bytes, 0.0))
             continue
-        log(f"[{number}/{len(components)}] {component}: building ({reason}) from {artifacts / onnx_entry['file']}")
+        log(f"[{number}/{len(components)}] {component}: building ({reason}) from {artifacts / onnx_record.file}")
         started = time.perf_counter()
-        built = build_plan(api, artifacts / onnx_entry["file"], build, onnx_entry["inputs"], cache_bytes, log)
+        built = build_plan(api, artifacts / onnx_record.file, build, onnx_record.inputs, cache_bytes, log)
         seconds = time.perf_counter() - started
         if built.timing_cache_discarded:
             log(
@@ -295,29 +291,35 @@ def build_engines(
         # Everything the manifest records is computed before the plan is written: after the write,
         # only the (atomic) manifest write stands between the plan and its record.
         view = memoryview(built.serialized)
-        entry.update(
+        engines[component] = EngineRecord(
+            plan=plan_name,
+            onnx=onnx_record.file,
+            onnx_sha256=wanted.onnx_sha256,
+            platform=platform,
+            flags=wanted.flags,
+            inputs=onnx_record.inputs,
+            outputs=onnx_record.outputs,
+            key=wanted.key,
             plan_bytes=view.nbytes,
             plan_sha256=hashlib.sha256(view).hexdigest(),
             build_seconds=round(seconds, 2),
             built=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             timing_cache=cache_record,
         )
-        engines[component] = entry
         atomic_write_bytes(folder / plan_name, view)
         # After every plan, so an interrupted build keeps the engines already finished.
-        write_engine_manifest(artifacts, target, {**engine_manifest, "engines": engines})
+        write_engine_manifest(artifacts, record())
         updated_cache = built.timing_cache
         del view, built  # a full-size plan is as large as the weights: free it before the next build
         if updated_cache is not None:
             cache_bytes = updated_cache
             atomic_write_bytes(timing_cache, cache_bytes)
-        log(
-            f"[{number}/{len(components)}] {component}: built in {seconds:.1f} s, {entry['plan_bytes'] / 2**20:.1f} MiB"
-        )
-        rows.append((component, "built", entry["plan_bytes"], seconds))
-    write_engine_manifest(artifacts, target, {**engine_manifest, "engines": engines})
+        plan_bytes = engines[component].plan_bytes
+        log(f"[{number}/{len(components)}] {component}: built in {seconds:.1f} s, {plan_bytes / 2**20:.1f} MiB")
+        rows.append((component, "built", plan_bytes, seconds))
+    write_engine_manifest(artifacts, record())
     log(_summary(rows, folder))
-    return {**engine_manifest, "engines": engines}
+    return record()
 
 
 def _summary(rows, folder: Path) -> str:

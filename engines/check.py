@@ -18,7 +18,7 @@ from pathlib import Path
 from common.cli import OneLineParser, run_cli
 from common.dtypes import ONNX_ELEMENT_TYPE
 from common.errors import ArtifactsError, EngineCompatibilityError
-from common.manifest import read_manifest
+from common.manifest import ComponentRecord, read_manifest
 from engines import graph_checks
 from engines.ops_table import load_table
 from engines.qdq import check_fp8_qdq
@@ -49,11 +49,11 @@ class ComponentReport:
         return not self.findings
 
 
-def check_io(graph: graph_checks.Graph, entry: dict) -> list[graph_checks.Finding]:
+def check_io(graph: graph_checks.Graph, entry: ComponentRecord) -> list[graph_checks.Finding]:
     """Graph inputs/outputs are the manifest's declaration: the names, shapes and dtypes engines are built with."""
     found = []
     for kind, values in (("inputs", graph.model.graph.input), ("outputs", graph.model.graph.output)):
-        declared = [(t["name"], tuple(t["shape"]), ONNX_ELEMENT_TYPE.get(t["dtype"], -1)) for t in entry.get(kind, [])]
+        declared = [(t.name, tuple(t.shape), ONNX_ELEMENT_TYPE.get(t.dtype, -1)) for t in getattr(entry, kind)]
         actual = [
             (v.name, tuple(d.dim_value for d in v.type.tensor_type.shape.dim), v.type.tensor_type.elem_type)
             for v in values
@@ -68,7 +68,7 @@ def check_io(graph: graph_checks.Graph, entry: dict) -> list[graph_checks.Findin
 
 
 def check_graph(
-    path: Path, entry: dict | None = None, table: dict | None = None
+    path: Path, entry: ComponentRecord | None = None, table: dict | None = None
 ) -> tuple[graph_checks.Graph, list[graph_checks.Finding]]:
     table = table or load_table()
     graph = graph_checks.Graph.load(path)
@@ -83,19 +83,19 @@ def check_graph(
 def check_artifacts(folder: Path) -> list[ComponentReport]:
     folder = Path(folder)
     manifest = read_manifest(folder)
-    components = manifest.get("components") or {}
+    components = manifest.components
     if not components:
         raise ArtifactsError(f"{folder}/manifest.json lists no components; re-run export")
     reports = []
     for name, entry in components.items():
-        path = folder / entry["file"]
+        path = folder / entry.file
         if not path.is_file():
             raise ArtifactsError(f"{path} is listed in {folder}/manifest.json but missing; re-export with --force")
         graph, findings = check_graph(path, entry)
         reports.append(
             ComponentReport(
                 component=name,
-                file=entry["file"],
+                file=entry.file,
                 opset=graph.opset,
                 nodes=len(graph.model.graph.node),
                 op_types=len({n.op_type for n in graph.model.graph.node}),

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import ArtifactsError, Flux2TrtError
+from common.specs import TensorSpec
 from common.tensorrt_env import LABELS
 
 
@@ -101,7 +102,7 @@ class TrtApi:
         return (self.trt.BuilderFlag.STRIP_PLAN, getattr(self.trt.BuilderFlag, refit))
 
 
-def configure(api: TrtApi, builder, network, config, build, inputs: list[dict], onnx_path: Path) -> None:
+def configure(api: TrtApi, builder, network, config, build, inputs: tuple[TensorSpec, ...], onnx_path: Path) -> None:
     """Apply a `BuildConfig` to an IBuilderConfig. Sets no precision flag: TensorRT 11 and
     TensorRT-RTX have none (strongly typed networks take precision from the graph)."""
     trt = api.trt
@@ -119,11 +120,11 @@ def configure(api: TrtApi, builder, network, config, build, inputs: list[dict], 
     check_static_inputs(network, inputs, onnx_path)
 
 
-def check_static_inputs(network, inputs: list[dict], onnx_path: Path) -> None:
+def check_static_inputs(network, inputs: tuple[TensorSpec, ...], onnx_path: Path) -> None:
     """Engines are built for the manifest's static shapes. A dynamic input is refused: pinned with a
     profile, the engine would still report -1 for it (`ICudaEngine.get_tensor_shape`) and the
     runtime, which never calls `set_input_shape`, would refuse the engine it was just given."""
-    declared = {t["name"]: tuple(t["shape"]) for t in inputs}
+    declared = {t.name: tuple(t.shape) for t in inputs}
     for index in range(network.num_inputs):
         tensor = network.get_input(index)
         shape = tuple(tensor.shape)
@@ -188,7 +189,9 @@ def parser_error_text(error) -> str:
     return " ".join(str(error).split())
 
 
-def build_plan(api: TrtApi, onnx_path: Path, build, inputs: list[dict], timing_cache: bytes | None, log) -> BuiltPlan:
+def build_plan(
+    api: TrtApi, onnx_path: Path, build, inputs: tuple[TensorSpec, ...], timing_cache: bytes | None, log
+) -> BuiltPlan:
     """Parse `onnx_path` and build a strongly typed engine; return it with the updated timing cache.
 
     Writes nothing: the caller writes the plan and records it, so no step can fail between the two.

@@ -25,6 +25,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.manifest import ArtifactsManifest
 from engines.graph_checks import Finding
 
 # The component's compute precision -> TensorRT's DataType name its matrix multiplies must have.
@@ -170,13 +171,12 @@ def fp8_findings(layers, fp8_report: dict, report: ParseReport) -> list[Finding]
     return found
 
 
-def parse_artifacts(api, folder: Path, manifest: dict) -> list[ParseReport]:
+def parse_artifacts(api, folder: Path, manifest: ArtifactsManifest) -> list[ParseReport]:
     fp8_layers = read_fp8_layers(folder)
     reports = []
-    for name, entry in manifest["components"].items():
-        precision = entry.get("precision", manifest.get("precision", "fp32"))
-        kept = entry.get("float32_matmuls", ())
-        reports.append(parse_component(api, name, folder / entry["file"], precision, fp8_layers.get(name), kept))
+    for name, entry in manifest.components.items():
+        kept = entry.float32_matmuls or ()
+        reports.append(parse_component(api, name, folder / entry.file, entry.precision, fp8_layers.get(name), kept))
     return reports
 
 

@@ -15,11 +15,13 @@ from pathlib import Path
 
 from common.atomic import atomic_dir, atomic_write_json
 from common.errors import Flux2TrtError, UsageError, VerificationError
-from common.integrity import manifest_files, record_verified
+from common.integrity import record_verified
 from common.manifest import (
-    FORMAT,
-    FORMAT_VERSION,
     MANIFEST_NAME,
+    ArtifactsManifest,
+    ComponentRecord,
+    Source,
+    TokenizerRecord,
     key_of,
     read_manifest,
     sha256_file,
@@ -164,12 +166,12 @@ def _prepare_out(out: Path) -> None:
         raise UsageError(f"output folder {parent} is not writable ({exc.strerror}); choose a writable --out") from None
 
 
-def export_artifacts(*, log=None, **request) -> dict:
+def export_artifacts(*, log=None, **request) -> ArtifactsManifest:
     """Write (or reuse) the ONNX graphs of an `ExportJob(**request)`; return the manifest."""
     return run_export(ExportJob(**request), log=log)
 
 
-def run_export(job: ExportJob, log=None) -> dict:
+def run_export(job: ExportJob, log=None) -> ArtifactsManifest:
     """Write (or reuse) the ONNX graphs for `job.components` into `job.out`; return the manifest.
 
     A disk that refuses a write (full, a file-size limit, I/O error, permission) ends it as a
@@ -183,7 +185,7 @@ def run_export(job: ExportJob, log=None) -> dict:
         raise storage_error(exc, "export", Path(job.out).expanduser().absolute()) from None
 
 
-def _run_export(job: ExportJob, log=None) -> dict:
+def _run_export(job: ExportJob, log=None) -> ArtifactsManifest:
     log = log or (lambda message: print(message, file=sys.stderr))
     model, precision, components, shapes = job.model, job.precision, job.components, job.shapes
     force, skip_check, stream, fp8 = job.force, job.skip_check, job.stream, job.fp8
@@ -218,12 +220,12 @@ def _run_export(job: ExportJob, log=None) -> dict:
         )
     specs = component_specs(geometry, shapes)
     versions = library_versions()
-    source = {
-        "checkpoint": str(checkpoint.root),
-        "model": str(model),
-        "config_sha256": checkpoint.config_hash(),
-        "weights_fingerprint": checkpoint.weights_fingerprint(),
-    }
+    source = Source(
+        checkpoint=str(checkpoint.root),
+        model=str(model),
+        config_sha256=checkpoint.config_hash(),
+        weights_fingerprint=checkpoint.weights_fingerprint(),
+    )
     previous = _previous_manifest(out)
 
     from export.verify.reference import ReferenceInputs
@@ -241,7 +243,7 @@ def _run_export(job: ExportJob, log=None) -> dict:
                     "precision": precision,
                     "spec": spec.to_json(),
                     "geometry": geometry.to_json(),
-                    "source": {k: v for k, v in source.items() if k != "model"},
+                    "source": source.key_payload(),
                     "versions": versions,
                     "code": EXPORT_CODE_VERSION,
                     "checked": not skip_check,
@@ -265,7 +267,7 @@ def _run_export(job: ExportJob, log=None) -> dict:
                 ensure_space(out, expected_bytes(checkpoint, component, precision), f"the {component} graph")
             if reused is not None:
                 entry, report = reused
-                for name in entry["files"]:
+                for name in entry.files:
                     os.link(out / name, staging / name)
                 status = "reused"
             elif precision == "fp8":
@@ -282,38 +284,36 @@ def _run_export(job: ExportJob, log=None) -> dict:
 
         tokenizer_files = _copy_tokenizer(checkpoint, staging)
         shutil.copy2(checkpoint.root / "scheduler" / "scheduler_config.json", staging / "scheduler_config.json")
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "precision": precision,
-            "source": source,
-            "geometry": geometry.to_json(),
-            "shapes": shapes.to_json(),
-            "versions": versions,
-            "tokenizer": {
-                "folder": "tokenizer",
-                "files": tokenizer_files,
+        manifest = ArtifactsManifest(
+            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            precision=precision,
+            source=source,
+            geometry=geometry,
+            shapes=shapes,
+            versions=versions,
+            tokenizer=TokenizerRecord(
+                folder="tokenizer",
+                files=tokenizer_files,
                 # How it pads and truncates: the runtime refuses a tokenizer that disagrees (issue 12).
                 **PromptTokenizer(staging / "tokenizer", shapes.max_sequence_length, geometry.pipeline_class).record(),
-            },
-            "scheduler_config": "scheduler_config.json",
-            "components": entries,
-        }
+            ),
+            scheduler_config="scheduler_config.json",
+            components=entries,
+        )
         atomic_write_json(staging / "reports" / "export_check.json", {"precision": precision, "components": reports})
         if precision == "fp8":
             from export.fp8 import run as fp8_export
 
             fp8_export.write_reports(staging / "reports", reports)
-        atomic_write_json(staging / MANIFEST_NAME, manifest)
+        atomic_write_json(staging / MANIFEST_NAME, manifest.to_json())
     # Every file was hashed just now (reused ones by _reusable): the first use need not re-hash. After
     # the rename, as removing the previous folder changes the link count, hence the ctime, of reused files.
-    record_verified(out, manifest_files(manifest))
+    record_verified(out, manifest.files())
     log(_summary_table(rows, precision, out))
     return manifest
 
 
-def _previous_manifest(out: Path) -> dict | None:
+def _previous_manifest(out: Path) -> ArtifactsManifest | None:
     if not (out / MANIFEST_NAME).is_file():
         return None
     try:
@@ -322,13 +322,13 @@ def _previous_manifest(out: Path) -> dict | None:
         return None  # an older or damaged export: everything is redone
 
 
-def _reusable(previous: dict | None, out: Path, component: str, key: str):
+def _reusable(previous: ArtifactsManifest | None, out: Path, component: str, key: str):
     if previous is None:
         return None
-    entry = previous.get("components", {}).get(component)
-    if not entry or entry.get("key") != key:
+    entry = previous.components.get(component)
+    if entry is None or entry.key != key:
         return None
-    for name, digest in entry["sha256"].items():
+    for name, digest in entry.sha256.items():
         path = out / name
         if not path.is_file() or sha256_file(path) != digest:
             return None
@@ -420,20 +420,20 @@ def _export_component(job: ComponentJob):
             bar.update()
     finally:
         bar.close()
-    entry = {
-        "file": onnx_name,
-        "files": files,
-        "sha256": digests,
-        "bytes": sizes,
-        "key": key,
-        "precision": precision,
-        "opset": facts["opset"],
-        "nodes": facts["nodes"],
-        **({"float32_matmuls": kept_float32} if precision in ("fp16", "bf16") else {}),
-        "inputs": [dataclasses.asdict(t) for t in spec.inputs],
-        "outputs": [dataclasses.asdict(t) for t in spec.outputs],
-    }
-    return json.loads(json.dumps(entry)), report  # as it reads back from the manifest
+    entry = ComponentRecord(
+        file=onnx_name,
+        files=tuple(files),
+        sha256=digests,
+        bytes=sizes,
+        key=key,
+        precision=precision,
+        opset=int(facts["opset"]),
+        nodes=int(facts["nodes"]),
+        inputs=spec.inputs,
+        outputs=spec.outputs,
+        float32_matmuls=tuple(kept_float32) if precision in ("fp16", "bf16") else None,
+    )
+    return entry, report
 
 
 def _float32_matmuls(path: Path, component: str, precision: str) -> list[str]:
@@ -478,7 +478,7 @@ def _summary_table(rows, precision: str, out: Path) -> str:
     header = f"{'component':<13}{'status':<10}{'MiB':>9}  {'method':<26}{'max_abs':>10}{'rel_l2':>11}{'cosine':>10}  {'check':<6}{'sec':>7}"
     lines = [f"export to {out} ({precision})", header, "-" * len(header)]
     for component, status, entry, report, seconds in rows:
-        mib = sum(entry["bytes"].values()) / 2**20
+        mib = entry.total_bytes / 2**20
         metrics = next(iter(report["outputs"].values()), None)
         if metrics:
             numbers = f"{metrics['max_abs']:>10.3g}{metrics['rel_l2']:>11.3g}{metrics['cosine']:>10.6f}"

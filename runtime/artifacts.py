@@ -8,7 +8,7 @@ from pathlib import Path
 
 from common.errors import ArtifactsError
 from common.integrity import verify_artifacts
-from common.manifest import manifest_hash, read_manifest
+from common.manifest import ArtifactsManifest, manifest_hash, read_manifest
 from common.specs import EDITING_COMPONENTS, ComponentSpec, Geometry, Shapes, component_specs
 
 REQUIRED = ("text_encoder", "transformer", "vae")
@@ -17,7 +17,7 @@ REQUIRED = ("text_encoder", "transformer", "vae")
 @dataclass(frozen=True)
 class Artifacts:
     folder: Path
-    manifest: dict
+    manifest: ArtifactsManifest
     manifest_sha256: str
     geometry: Geometry
     shapes: Shapes
@@ -25,10 +25,10 @@ class Artifacts:
 
     @property
     def precision(self) -> str:
-        return self.manifest["precision"]
+        return self.manifest.precision
 
     def scheduler_json(self) -> dict:
-        return json.loads((self.folder / self.manifest["scheduler_config"]).read_text(encoding="utf-8"))
+        return json.loads((self.folder / self.manifest.scheduler_config).read_text(encoding="utf-8"))
 
 
 def open_artifacts(folder: str | Path, *, verify: bool = False, log=None) -> Artifacts:
@@ -38,8 +38,7 @@ def open_artifacts(folder: str | Path, *, verify: bool = False, log=None) -> Art
     """
     folder = Path(folder).expanduser()
     manifest = read_manifest(folder)
-    components = manifest.get("components", {})
-    shapes = Shapes(**manifest["shapes"])
+    components, shapes = manifest.components, manifest.shapes
     # Editing artifacts (exported with --reference-images K) also need the VAE encoder.
     required = REQUIRED + (EDITING_COMPONENTS if shapes.reference_images else ())
     missing = [c for c in required if c not in components]
@@ -48,8 +47,7 @@ def open_artifacts(folder: str | Path, *, verify: bool = False, log=None) -> Art
             f"artifacts {folder} lack {', '.join(missing)}; re-run `python -m export --out {folder}` with all components"
         )
     for component in required:
-        entry = components[component]
-        for name, size in entry["bytes"].items():
+        for name, size in components[component].bytes.items():
             path = folder / name
             if not path.is_file():
                 raise ArtifactsError(
@@ -65,15 +63,15 @@ def open_artifacts(folder: str | Path, *, verify: bool = False, log=None) -> Art
             raise ArtifactsError(
                 f"artifacts {folder} are incomplete: tokenizer/{name} is missing; re-run export with --force"
             )
-    if not (folder / manifest.get("scheduler_config", "scheduler_config.json")).is_file():
+    if not (folder / manifest.scheduler_config).is_file():
         raise ArtifactsError(
             f"artifacts {folder} are incomplete: scheduler_config.json is missing; re-run export with --force"
         )
     verify_artifacts(folder, manifest, force=verify, log=log)
-    geometry = Geometry.from_json(manifest["geometry"])
+    geometry = manifest.geometry
     specs = component_specs(geometry, shapes)
     for component in required:
-        declared = [(t["name"], tuple(t["shape"])) for t in components[component]["inputs"]]
+        declared = [(t.name, t.shape) for t in components[component].inputs]
         if declared != [(t.name, t.shape) for t in specs[component].inputs]:
             raise ArtifactsError(
                 f"artifacts {folder}: the {component} inputs in the manifest {declared} differ from what this flux2-trt "

@@ -79,7 +79,7 @@ def run_check(
         raise UsageError(f"--steps {steps} must be >= 1")
     opened = open_artifacts(artifacts)
     precision = opened.precision
-    checkpoint = Path(model or opened.manifest["source"]["checkpoint"]).expanduser()
+    checkpoint = Path(model or opened.manifest.source.checkpoint).expanduser()
     if not (checkpoint / "model_index.json").is_file():
         raise UsageError(
             f"checkpoint {checkpoint} has no model_index.json; pass --model with the FLUX.2 folder the artifacts came from"

@@ -98,7 +98,7 @@ class Flux2Runtime:
         self.tokenizer = PromptTokenizer(
             artifacts.folder / "tokenizer", artifacts.shapes.max_sequence_length, pipeline_class=pipeline_class
         )
-        self.tokenizer.check_record(artifacts.manifest.get("tokenizer") or {}, artifacts.folder / "manifest.json")
+        self.tokenizer.check_record(artifacts.manifest.tokenizer.reading(), artifacts.folder / "manifest.json")
         self.pipeline_class = pipeline_class
         self.scheduler = SchedulerConfig.from_json(
             artifacts.scheduler_json(), str(artifacts.folder / "scheduler_config.json")

@@ -2,7 +2,7 @@
 
 Exit 0 when all match (the verified stamp is refreshed, so the next start trusts them without
 hashing); exit 2 with one line naming the first damaged or missing file otherwise. TensorRT plans
-under DIR/engines are checked against the engine manifest's sha256 when there are any.
+under DIR/engines/<target> are checked against that target's engine manifest when there are any.
 """
 
 from __future__ import annotations
@@ -12,27 +12,33 @@ import time
 from pathlib import Path
 
 from common.cli import OneLineParser, run_cli
-from common.errors import Flux2TrtError
 
 
 def verify(*, artifacts: Path, log=None) -> dict[str, int]:
     """Re-hash every file of `artifacts` (and its engines); return {relative path: bytes} of those checked."""
-    from common.engine_manifest import ENGINES_DIR, read_engine_manifest
-    from common.integrity import manifest_files, verify_artifacts, verify_files
+    from common.engine_manifest import (
+        ENGINE_MANIFEST_NAME,
+        build_command,
+        engines_dir,
+        read_engine_manifest,
+    )
+    from common.integrity import verify_artifacts, verify_files
     from common.manifest import read_manifest
+    from common.tensorrt_env import TARGETS
 
     log = log or (lambda message: print(message, file=sys.stderr))
     folder = Path(artifacts).expanduser()
     manifest = read_manifest(folder)
     verify_artifacts(folder, manifest, force=True)
-    checked = {name: (folder / name).stat().st_size for name in manifest_files(manifest)}
-    try:
-        engines = read_engine_manifest(folder).get("engines", {})
-    except Flux2TrtError:
-        engines = {}  # none built (or unreadable: the trt backend says so when asked to use them)
-    plans = {f"{ENGINES_DIR}/{e['plan']}": e["plan_sha256"] for e in engines.values() if "plan_sha256" in e}
-    if plans:
-        fix = f"rebuild them (`python -m engines.build --artifacts {folder} --force`)"
+    checked = {name: (folder / name).stat().st_size for name in manifest.files()}
+    for target in TARGETS:
+        plans_dir = engines_dir(folder, target)
+        if not (plans_dir / ENGINE_MANIFEST_NAME).is_file():
+            continue  # none built for this target
+        # A present but unreadable or malformed engine manifest is refused here: one line, exit 2.
+        engines = read_engine_manifest(folder, target).engines
+        plans = {f"{plans_dir.relative_to(folder)}/{record.plan}": record.plan_sha256 for record in engines.values()}
+        fix = f"rebuild them (`{build_command(folder, target)} --force`)"
         verify_files(folder, plans, force=True, fix=fix)
         checked.update({name: (folder / name).stat().st_size for name in plans})
     return checked

@@ -118,3 +118,39 @@ def diffusers_dev_ids(tokenizer_folder, prompts, max_length):
         truncation=True,
         max_length=max_length,
     )
+
+
+# -- typed manifests for tests that write their own artifacts (a few hand-made graphs) ------------------
+
+TINY_GEOMETRY = {
+    "pipeline_class": "Flux2Pipeline", "text_hidden_size": 32, "text_out_layers": [1, 2, 3], "text_num_layers": 4,
+    "in_channels": 16, "out_channels": 16, "joint_attention_dim": 96, "guidance_embeds": True, "latent_channels": 4,
+    "vae_scale_factor": 8,
+}  # fmt: skip
+
+
+def component_record(name: str, sha256: dict, inputs, outputs, precision: str = "fp32"):
+    """A manifest record for a hand-made graph `name`.onnx; inputs/outputs are TensorSpecs."""
+    from common.manifest import ComponentRecord
+
+    return ComponentRecord(
+        file=f"{name}.onnx", files=tuple(sha256), sha256=dict(sha256), bytes={n: 0 for n in sha256}, key=name * 2,
+        precision=precision, opset=20, nodes=1, inputs=tuple(inputs), outputs=tuple(outputs),
+    )  # fmt: skip
+
+
+def artifacts_manifest(components: dict, precision: str = "fp32", folder: Path | None = None):
+    """An `ArtifactsManifest` of `components` (name -> ComponentRecord), written to `folder` when given."""
+    from common.atomic import atomic_write_json
+    from common.manifest import MANIFEST_NAME, ArtifactsManifest, Source, TokenizerRecord
+    from common.specs import Geometry, Shapes
+
+    manifest = ArtifactsManifest(
+        created="", precision=precision, source=Source("/nowhere", "test", "0" * 64, "0" * 64),
+        geometry=Geometry.from_json(TINY_GEOMETRY), shapes=Shapes(height=128, width=128, max_sequence_length=8),
+        versions={}, tokenizer=TokenizerRecord("tokenizer", {}), scheduler_config="scheduler_config.json",
+        components=dict(components),
+    )  # fmt: skip
+    if folder is not None:
+        atomic_write_json(Path(folder) / MANIFEST_NAME, manifest.to_json())
+    return manifest

@@ -237,16 +237,22 @@ def test_config_names_the_tensorrt_and_gpu_the_engines_need(export_tiny, tmp_pat
     """A GPU repository says which TensorRT the serving image must carry (from the engine manifest)."""
     import shutil
 
-    from common.engine_manifest import ENGINE_FORMAT, ENGINE_FORMAT_VERSION
+    from common.engine_manifest import EngineManifest, EngineRecord, write_engine_manifest
+    from common.manifest import read_manifest
+    from common.tensorrt_env import Platform
     from deploy.triton import engines_platform, render_config
 
     artifacts = tmp_path / "artifacts"
     shutil.copytree(export_tiny("fp32"), artifacts)
-    platform = {"tensorrt": "10.13.3", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+    platform = Platform("tensorrt", "10.13.3", gpu="NVIDIA H100 80GB HBM3", compute_capability="9.0")
+    engines = {
+        name: EngineRecord(plan=f"{name}.plan", onnx=c.file, onnx_sha256=c.sha256, platform=platform, flags={},
+                           inputs=c.inputs, outputs=c.outputs, key="k", plan_bytes=1, plan_sha256="", build_seconds=0,
+                           built="")
+        for name, c in read_manifest(artifacts).components.items()
+    }  # fmt: skip
     (artifacts / "engines" / "tensorrt").mkdir(parents=True)
-    manifest = {"format": ENGINE_FORMAT, "format_version": ENGINE_FORMAT_VERSION,
-                "engines": {c: {"platform": platform} for c in ("text_encoder", "transformer", "vae")}}  # fmt: skip
-    (artifacts / "engines" / "tensorrt" / "manifest.json").write_text(json.dumps(manifest))
+    write_engine_manifest(artifacts, EngineManifest("tensorrt", "fp32", engines))
     assert engines_platform(artifacts) == platform
     config = render_config(name="m", artifacts=artifacts, backend="trt", batch_size=1, height=16, width=16,
                            kind="KIND_GPU", instances=1, max_queue=1, timeout_s=1, max_images=1, platform=platform)  # fmt: skip

@@ -246,7 +246,7 @@ def test_every_precision_exports_references_within_its_bounds(editing, tmp_path,
     fp8 = Fp8Options(calibration=CalibrationSettings(prompts=2, steps=2)) if precision == "fp8" else None
     manifest = export_artifacts(model=str(checkpoint), out=out, precision=precision, components=("transformer", "vae"),
                                 shapes=Shapes(**SHAPES, reference_images=1), fp8=fp8, log=lambda m: None)  # fmt: skip
-    assert set(manifest["components"]) == {"transformer", "vae", "vae_encoder"}
+    assert set(manifest.components) == {"transformer", "vae", "vae_encoder"}
     reports = json.loads((out / "reports" / "export_check.json").read_text())["components"]
     for component in ("transformer", "vae_encoder"):
         report = reports[component]
@@ -271,7 +271,7 @@ def test_same_token_count_other_references_is_a_new_transformer(editing, tmp_pat
     before = json.loads((out / "manifest.json").read_text())["components"]
     shapes = Shapes(**SHAPES, reference_images=2, reference_height=128, reference_width=64)
     after = export_artifacts(model=str(editing("dev-k1").parent / "checkpoint-dev"), out=out, shapes=shapes,
-                             skip_check=True, log=lambda m: None)["components"]  # fmt: skip
+                             skip_check=True, log=lambda m: None).to_json()["components"]  # fmt: skip
     assert after["transformer"]["inputs"] == before["transformer"]["inputs"]  # same shapes ...
     assert after["transformer"]["sha256"] != before["transformer"]["sha256"]  # ... another graph
     assert after["text_encoder"]["sha256"] == before["text_encoder"]["sha256"]  # reused

@@ -1,7 +1,6 @@
 """engines.build: against the real TensorRT-RTX binding where it is installed (CI), and against the fake
 TensorRT for what needs a GPU (enterprise TensorRT's builder and its timing cache)."""
 
-import json
 import sys
 import types
 from dataclasses import replace
@@ -12,15 +11,21 @@ from onnx import TensorProto, helper
 
 from common.engine_manifest import check_engines_usable, engines_dir, read_engine_manifest
 from common.errors import ArtifactsError, UsageError
-from common.manifest import FORMAT, FORMAT_VERSION, sha256_file
-from common.tensorrt_env import module_status, trt_status
-from engines.build import BuildConfig, build_engines, engine_key, parse_compute_capabilities
+from common.manifest import sha256_file
+from common.specs import TensorSpec
+from common.tensorrt_env import Platform, module_status, trt_status
+from engines.build import BuildConfig, PlanInputs, build_engines, parse_compute_capabilities
 from engines.trt_build import EngineBuildError, TrtApi, configure
 from tests.fake_trt import TIMING_CACHE_HEADER, BuilderFlag, FakeTrt, IBuilderConfig
-from tests.support import assert_one_line_error, run_cli
+from tests.support import artifacts_manifest, assert_one_line_error, component_record, run_cli
 
-PLATFORM = {"target": "tensorrt", "tensorrt": "10.15.1.29", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
-INPUTS = [{"name": "x", "shape": [1, 4], "dtype": "float32"}]
+PLATFORM = Platform("tensorrt", "10.15.1.29", gpu="NVIDIA H100 80GB HBM3", compute_capability="9.0")
+RTX_DEFAULT = Platform(
+    "rtx", "1.7.1.116", compute_capabilities=("8.0", "8.6", "8.9", "12.0", "12.1"),
+    compute_capabilities_from="TensorRT-RTX default",
+)  # fmt: skip
+INPUTS = (TensorSpec("x", (1, 4), "float32"),)
+OUTPUTS = (TensorSpec("y", (1, 4), "float32"),)
 HAS_RTX, RTX_REASON = module_status("rtx")
 
 
@@ -44,15 +49,9 @@ def _artifacts(folder, components=("text_encoder", "vae"), dims=(1, 4), precisio
             [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(dims))],
         )
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), str(folder / f"{name}.onnx"))
-        entries[name] = {
-            "file": f"{name}.onnx",
-            "sha256": {f"{name}.onnx": sha256_file(folder / f"{name}.onnx")},
-            "inputs": INPUTS,
-            "outputs": [{"name": "y", "shape": [1, 4], "dtype": "float32"}],
-        }
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "precision": precision, "components": entries}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    return folder, manifest
+        digest = {f"{name}.onnx": sha256_file(folder / f"{name}.onnx")}
+        entries[name] = component_record(name, digest, INPUTS, OUTPUTS, precision)
+    return folder, artifacts_manifest(entries, precision, folder)
 
 
 def _parsed(trt, target, folder):
@@ -94,18 +93,13 @@ def test_real_rtx_build_records_manifest_and_reuses_until_an_input_changes(rtx, 
     logs = []
     built = build_engines(artifacts=folder, target="rtx", trt=rtx, log=logs.append)
     on_disk = read_engine_manifest(folder, "rtx")
-    assert on_disk == built and on_disk["target"] == "rtx"
+    assert on_disk == built and on_disk.target == "rtx"
     for name in ("text_encoder", "vae"):
-        entry = on_disk["engines"][name]
-        plan = engines_dir(folder, "rtx") / entry["plan"]
-        assert entry["platform"] == {
-            "target": "rtx",
-            "tensorrt": rtx.__version__,
-            "compute_capabilities": ["8.0", "8.6", "8.9", "12.0", "12.1"],
-            "compute_capabilities_from": "TensorRT-RTX default",
-        }
-        assert entry["onnx_sha256"] == manifest["components"][name]["sha256"]
-        assert entry["plan_sha256"] == sha256_file(plan) and entry["plan_bytes"] == plan.stat().st_size > 0
+        entry = on_disk.engines[name]
+        plan = engines_dir(folder, "rtx") / entry.plan
+        assert entry.platform == replace(RTX_DEFAULT, tensorrt=rtx.__version__)
+        assert entry.onnx_sha256 == manifest.components[name].sha256
+        assert entry.plan_sha256 == sha256_file(plan) and entry.plan_bytes == plan.stat().st_size > 0
     assert any("    Building engine" in line for line in logs)  # the progress monitor was called back
 
     def builds(**kwargs):
@@ -138,11 +132,9 @@ def test_rtx_garbage_timing_cache_is_discarded_in_one_line_and_the_build_goes_on
     assert result.returncode == 0, result.stderr
     discarded = [line for line in result.stdout.splitlines() if "discarded" in line]
     assert len(discarded) == 1 and str(cache) in discarded[0]
-    engines = read_engine_manifest(folder, "rtx")["engines"]
+    engines = read_engine_manifest(folder, "rtx").engines
     assert set(engines) == {"text_encoder", "vae"}
-    assert all(
-        e["timing_cache"] == {"file": str(cache), "used": False} and e["plan_bytes"] > 0 for e in engines.values()
-    )
+    assert all(e.timing_cache == {"file": str(cache), "used": False} and e.plan_bytes > 0 for e in engines.values())
     assert cache.read_bytes() == b"\x00garbage, not a timing cache"  # not ours to overwrite
 
 
@@ -159,13 +151,13 @@ def test_parse_failure_names_the_node_and_keeps_finished_engines(rtx, tmp_path):
     model = onnx.load(str(folder / "vae.onnx"))
     model.graph.node[0].op_type, model.graph.node[0].name = "Unique", "unique_node"
     onnx.save(model, str(folder / "vae.onnx"))
-    manifest["components"]["vae"]["sha256"]["vae.onnx"] = sha256_file(folder / "vae.onnx")
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    vae = replace(manifest.components["vae"], sha256={"vae.onnx": sha256_file(folder / "vae.onnx")})
+    artifacts_manifest({**manifest.components, "vae": vae}, folder=folder)
     with pytest.raises(
         EngineBuildError, match="could not parse .*vae.onnx: In node 0 with name: unique_node and operator: Unique"
     ):
         build_engines(artifacts=folder, target="rtx", trt=rtx, log=lambda m: None)
-    assert set(read_engine_manifest(folder, "rtx")["engines"]) == {"text_encoder", "vae"}  # the previous plans stand
+    assert set(read_engine_manifest(folder, "rtx").engines) == {"text_encoder", "vae"}  # the previous plans stand
     assert not [p for p in engines_dir(folder, "rtx").iterdir() if p.name.startswith(".")]  # no temporary left
 
 
@@ -179,9 +171,9 @@ def test_cli_make_engines_builds_rtx_on_a_machine_without_a_gpu(export_tiny):
         assert not engines_dir(out, "rtx").exists()
         return
     assert "data-center (Hopper) engines need TensorRT on the node" in lines[0]
-    engines = read_engine_manifest(out, "rtx")["engines"]
+    engines = read_engine_manifest(out, "rtx").engines
     assert set(engines) == {"text_encoder", "transformer", "vae"}
-    assert all((engines_dir(out, "rtx") / e["plan"]).stat().st_size == e["plan_bytes"] > 0 for e in engines.values())
+    assert all((engines_dir(out, "rtx") / e.plan).stat().st_size == e.plan_bytes > 0 for e in engines.values())
 
 
 # -- options, keys and refusals (no TensorRT needed) ------------------------------------------------
@@ -219,35 +211,30 @@ def test_build_config_rejects_bad_values():
 
 
 def test_every_key_input_changes_the_key():
-    rtx_platform = {
-        "target": "rtx",
-        "tensorrt": "1.7.1.116",
-        "compute_capabilities": ["8.9"],
-        "compute_capabilities_from": "x",
-    }
-    base = dict(
-        component="transformer",
-        onnx_sha256={"transformer.onnx": "a", "transformer.onnx.data": "b"},
-        platform=PLATFORM,
-        flags=BuildConfig().flags(),
+    rtx_platform = replace(RTX_DEFAULT, compute_capabilities=("8.9",))
+    base = PlanInputs(
+        "transformer", {"transformer.onnx": "a", "transformer.onnx.data": "b"}, PLATFORM, BuildConfig().flags()
     )
     variants = [
         {"component": "vae"},
         {"onnx_sha256": {"transformer.onnx": "a", "transformer.onnx.data": "c"}},
-        {"platform": {**PLATFORM, "tensorrt": "10.16.0"}},
-        {"platform": {**PLATFORM, "gpu": "NVIDIA H200"}},
-        {"platform": {**PLATFORM, "compute_capability": "10.0"}},
+        {"platform": replace(PLATFORM, tensorrt="10.16.0")},
+        {"platform": replace(PLATFORM, gpu="NVIDIA H200")},
+        {"platform": replace(PLATFORM, compute_capability="10.0")},
         {"platform": rtx_platform},
-        {"platform": {**rtx_platform, "compute_capabilities": ["8.9", "12.0"]}},
-        {"platform": {**rtx_platform, "tensorrt": "1.8.0"}},
+        {"platform": replace(rtx_platform, compute_capabilities=("8.9", "12.0"))},
+        {"platform": replace(rtx_platform, tensorrt="1.8.0")},
         {"flags": replace(BuildConfig(), opt_level=4).flags()},
         {"flags": replace(BuildConfig(), workspace_gib=8).flags()},
         {"flags": replace(BuildConfig(), tf32=True).flags()},
         {"flags": replace(BuildConfig(), strip_weights=True).flags()},
     ]
-    keys = {engine_key(**base)} | {engine_key(**{**base, **v}) for v in variants}
+    keys = {base.key} | {replace(base, **v).key for v in variants}
     assert len(keys) == 1 + len(variants)
-    assert engine_key(**base) == engine_key(**dict(base))  # and it is deterministic
+    assert base.key == replace(base).key  # and it is deterministic
+    # The key is over the platform's JSON: plans built before the manifests were typed are still reused.
+    # This is the key the dict-based engine_key of 2b9880b computed for the same inputs.
+    assert base.key == "76ff4871c5a32ccb56a5fbb54f15287420a2d762ae6957482a1ab8cf3de74aa4"
 
 
 def test_engines_refused_for_another_gpu_tensorrt_or_onnx(tmp_path):
@@ -255,51 +242,45 @@ def test_engines_refused_for_another_gpu_tensorrt_or_onnx(tmp_path):
     engines = build_engines(artifacts=folder, target="tensorrt", trt=FakeTrt(), platform=PLATFORM, log=lambda m: None)
     cases = [
         (
-            {**PLATFORM, "tensorrt": "10.16.0"},
+            replace(PLATFORM, tensorrt="10.16.0"),
             manifest,
             "built with TensorRT 10.15.1.29, this node has TensorRT 10.16.0",
         ),
-        ({**PLATFORM, "gpu": "NVIDIA H200"}, manifest, "built for NVIDIA H100 80GB HBM3 .* this node has NVIDIA H200"),
-        ({**PLATFORM, "compute_capability": "10.0"}, manifest, r"compute capability 9.0\), this node .*10.0"),
+        (
+            replace(PLATFORM, gpu="NVIDIA H200"),
+            manifest,
+            "built for NVIDIA H100 80GB HBM3 .* this node has NVIDIA H200",
+        ),
+        (replace(PLATFORM, compute_capability="10.0"), manifest, r"compute capability 9.0\), this node .*10.0"),
     ]
-    stale = json.loads(json.dumps(manifest))
-    stale["components"]["vae"]["sha256"]["vae.onnx"] = "0" * 64
+    stale_vae = replace(manifest.components["vae"], sha256={"vae.onnx": "0" * 64})
+    stale = replace(manifest, components={**manifest.components, "vae": stale_vae})
     cases.append((PLATFORM, stale, "built from other vae ONNX files"))
-    more = json.loads(json.dumps(manifest))
-    more["components"]["transformer"] = manifest["components"]["vae"]
+    more = replace(manifest, components={**manifest.components, "transformer": manifest.components["vae"]})
     cases.append((PLATFORM, more, "has no engine for transformer"))
-    for present, artifacts_manifest, message in cases:
+    for present, expected_from, message in cases:
         with pytest.raises(ArtifactsError, match=message):
-            check_engines_usable(engines, artifacts_manifest, present, folder)
+            check_engines_usable(engines, expected_from, present, folder)
 
 
 def test_rtx_engines_refused_on_a_gpu_they_were_not_built_for(tmp_path):
     folder, manifest = _artifacts(tmp_path / "a", precision="fp8")
-    rtx_platform = {
-        "target": "rtx",
-        "tensorrt": "1.7.1.116",
-        "compute_capabilities": ["8.0", "8.6", "8.9", "12.0", "12.1"],
-        "compute_capabilities_from": "TensorRT-RTX default",
-    }
-    engines = build_engines(artifacts=folder, target="rtx", trt=FakeTrt(), platform=rtx_platform, log=lambda m: None)
-    present = {"target": "rtx", "tensorrt": "1.7.1.116"}
-    check_engines_usable(engines, manifest, {**present, "gpu": "NVIDIA RTX 4090", "compute_capability": "8.9"}, folder)
+    engines = build_engines(artifacts=folder, target="rtx", trt=FakeTrt(), platform=RTX_DEFAULT, log=lambda m: None)
+
+    def present(gpu, capability, tensorrt="1.7.1.116"):
+        return Platform("rtx", tensorrt, gpu=gpu, compute_capability=capability)
+
+    check_engines_usable(engines, manifest, present("NVIDIA RTX 4090", "8.9"), folder)
     with pytest.raises(ArtifactsError, match=r"TensorRT-RTX fp8 engine for compute capability 8.9, 12.0, 12.1; this node's "
                        r"NVIDIA H100 .* is 9.0: Hopper is no TensorRT-RTX target: build with `python -m engines.build "
                        r".*--target tensorrt` on this node"):  # fmt: skip
-        check_engines_usable(
-            engines, manifest, {**present, "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}, folder
-        )
+        check_engines_usable(engines, manifest, present("NVIDIA H100 80GB HBM3", "9.0"), folder)
     with pytest.raises(
         ArtifactsError, match=r"this node's NVIDIA RTX 3090 is 8.6: rebuild with .*--compute-capability 86"
     ):
-        check_engines_usable(
-            engines, manifest, {**present, "gpu": "NVIDIA RTX 3090", "compute_capability": "8.6"}, folder
-        )
+        check_engines_usable(engines, manifest, present("NVIDIA RTX 3090", "8.6"), folder)
     with pytest.raises(ArtifactsError, match="built with TensorRT-RTX 1.7.1.116, this node has TensorRT-RTX 1.8.0"):
-        check_engines_usable(
-            engines, manifest, {**present, "tensorrt": "1.8.0", "gpu": "G", "compute_capability": "8.9"}, folder
-        )
+        check_engines_usable(engines, manifest, present("G", "8.9", tensorrt="1.8.0"), folder)
 
 
 # -- enterprise TensorRT's builder (needs a GPU): the fake ------------------------------------------
@@ -328,8 +309,8 @@ def test_tensorrt_target_flags_and_timing_cache_reused(tmp_path):
     )
     assert ("clear_flag", BuilderFlag.TF32) in trt.calls and ("builder_optimization_level", 5) in trt.calls
     assert cache.read_bytes() == TIMING_CACHE_HEADER + b"+timed+timed"  # created, extended by each build, saved
-    entry = read_engine_manifest(folder, "tensorrt")["engines"]["vae"]
-    assert entry["timing_cache"] == {"file": str(cache), "used": True} and entry["flags"]["strip_weights"] is True
+    entry = read_engine_manifest(folder, "tensorrt").engines["vae"]
+    assert entry.timing_cache == {"file": str(cache), "used": True} and entry.strip_weights is True
 
 
 def test_tensorrt_mismatched_timing_cache_discarded_and_nothing_fails_after_a_plan(tmp_path, monkeypatch):
@@ -342,7 +323,7 @@ def test_tensorrt_mismatched_timing_cache_discarded_and_nothing_fails_after_a_pl
     )
     assert len([line for line in logs if "discarded" in line]) == 1
     assert cache.read_bytes() == TIMING_CACHE_HEADER + b"+timed+timed"  # a fresh cache, written back
-    assert read_engine_manifest(folder, "tensorrt")["engines"]["vae"]["timing_cache"]["discarded"] is True
+    assert read_engine_manifest(folder, "tensorrt").engines["vae"].timing_cache["discarded"] is True
     # get_timing_cache() answering None (as TensorRT-RTX's does) after a build: the plans are still recorded.
     monkeypatch.setattr(IBuilderConfig, "get_timing_cache", lambda self: None)
     build_engines(
@@ -354,7 +335,7 @@ def test_tensorrt_mismatched_timing_cache_discarded_and_nothing_fails_after_a_pl
         force=True,
         log=logs.append,
     )
-    assert set(read_engine_manifest(folder, "tensorrt")["engines"]) == {"text_encoder", "vae"}
+    assert set(read_engine_manifest(folder, "tensorrt").engines) == {"text_encoder", "vae"}
 
 
 def test_tensorrt_build_failure_keeps_finished_engines(tmp_path):
@@ -374,7 +355,7 @@ def test_tensorrt_build_failure_keeps_finished_engines(tmp_path):
             force=True,
             log=lambda m: None,
         )
-    assert set(read_engine_manifest(folder, "tensorrt")["engines"]) == {"text_encoder", "vae"}
+    assert set(read_engine_manifest(folder, "tensorrt").engines) == {"text_encoder", "vae"}
     assert not [p for p in engines_dir(folder, "tensorrt").iterdir() if p.name.startswith(".")]
 
 

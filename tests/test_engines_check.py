@@ -1,17 +1,16 @@
 """engines.check: the tiny exports pass; hand-built bad graphs fail naming the offending node."""
 
 import io
-import json
 
 import onnx
 import pytest
 from onnx import TensorProto, helper
 
 from common.errors import EngineCompatibilityError
-from common.manifest import FORMAT, FORMAT_VERSION
+from common.specs import TensorSpec
 from engines.check import check_graph, run_check
 from engines.ops_table import load_table, parse_operators_md
-from tests.support import run_cli
+from tests.support import artifacts_manifest, component_record, run_cli
 
 FP8 = TensorProto.FLOAT8E4M3FN
 
@@ -199,15 +198,9 @@ def test_fp8_qdq_malformed_named(tmp_path, kwargs, node, needle):
 
 def _artifacts(folder, model, declared_shape=(1, 4)):
     _save(model, folder, "transformer.onnx")
-    spec = [{"name": "x", "shape": list(declared_shape), "dtype": "float32"}]
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "components": {
-            "transformer": {"file": "transformer.onnx", "inputs": spec, "outputs": [{**spec[0], "name": "y"}]}
-        },
-    }
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    inputs = (TensorSpec("x", tuple(declared_shape), "float32"),)
+    outputs = (TensorSpec("y", tuple(declared_shape), "float32"),)
+    artifacts_manifest({"transformer": component_record("transformer", {}, inputs, outputs)}, folder=folder)
     return folder
 
 

@@ -89,9 +89,9 @@ def test_every_component_parses_keeps_its_precision_and_builds(exported, api, mo
         assert report.parsed and report.layers > 100, (component, report.findings)
         assert report.findings == [], [str(f) for f in report.findings]
         matmuls = {dtype: n for (kind, dtype), n in report.census.items() if kind == "MATRIX_MULTIPLY"}
-        want = MATMUL[manifest["components"][component].get("precision", precision)]
+        want = MATMUL[manifest.components[component].precision]
         # What the export keeps in float32 on purpose (the fp16 transformer's attention), and only that.
-        kept = manifest["components"][component].get("float32_matmuls", [])
+        kept = manifest.components[component].float32_matmuls or ()
         assert matmuls.pop(want) > 0 and matmuls == ({"FLOAT": len(kept)} if kept and want != "FLOAT" else {})
     if precision == "fp8":
         linears = [r for r in read_fp8_layers(out)["transformer"]["layers"] if r["precision"] == "fp8"]
@@ -102,10 +102,10 @@ def test_every_component_parses_keeps_its_precision_and_builds(exported, api, mo
     else:
         assert not any(dtype == "FP8" for _, dtype in reports["transformer"].census)
 
-    engines = build_engines(artifacts=out, target="rtx", trt=tensorrt_rtx, log=lambda m: None)["engines"]
+    engines = build_engines(artifacts=out, target="rtx", trt=tensorrt_rtx, log=lambda m: None).engines
     assert set(engines) == {"text_encoder", "transformer", "vae"}
     for entry in engines.values():
-        assert (engines_dir(out, "rtx") / entry["plan"]).stat().st_size == entry["plan_bytes"] > 0
+        assert (engines_dir(out, "rtx") / entry.plan).stat().st_size == entry.plan_bytes > 0
 
 
 def test_check_prints_the_parse_and_census_and_passes(exported):
@@ -180,7 +180,7 @@ def test_an_unseen_configuration_builds_with_target_rtx(variant_artifacts, tmp_p
     assert exported.returncode == 0, exported.stderr
     built = run_cli("-m", "engines.build", "--artifacts", str(out), "--target", "rtx")
     assert built.returncode == 0, built.stderr
-    engines = read_engine_manifest(out, "rtx")["engines"]
+    engines = read_engine_manifest(out, "rtx").engines
     assert set(engines) == {"text_encoder", "transformer", "vae"}
     for entry in engines.values():
-        assert (engines_dir(out, "rtx") / entry["plan"]).stat().st_size == entry["plan_bytes"] > 0
+        assert (engines_dir(out, "rtx") / entry.plan).stat().st_size == entry.plan_bytes > 0

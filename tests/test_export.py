@@ -33,26 +33,26 @@ def test_export_matches_pytorch_fp32(export_tiny, precision):
 def test_graphs_are_deployable(export_tiny, precision):
     out = export_tiny(precision)
     manifest = read_manifest(out)
-    assert manifest["precision"] == precision
+    assert manifest.precision == precision
     for component in COMPONENTS:
-        entry = manifest["components"][component]
-        path = out / entry["file"]
+        entry = manifest.components[component]
+        path = out / entry.file
         onnx.checker.check_model(str(path))
         model = onnx.load(str(path), load_external_data=False)
         assert float64_uses(model) == []
         assert dynamic_dims(model) == []
-        assert [i.name for i in model.graph.input] == [t["name"] for t in entry["inputs"]]
-        for name, digest in entry["sha256"].items():
+        assert [i.name for i in model.graph.input] == [t.name for t in entry.inputs]
+        for name, digest in entry.sha256.items():
             assert sha256_file(out / name) == digest
         # weights live in exactly one file beside the graph
-        assert entry["files"] == [entry["file"], entry["file"] + ".data"]
+        assert entry.files == (entry.file, entry.file + ".data")
         elem_types = {t.data_type for t in model.graph.initializer}
         want = {"fp32": onnx.TensorProto.FLOAT, "bf16": onnx.TensorProto.BFLOAT16}[precision]
         assert want in elem_types
     assert (out / "tokenizer" / "tokenizer.json").is_file()
     assert (out / "scheduler_config.json").is_file()
-    assert manifest["source"]["config_sha256"]
-    assert manifest["versions"]["torch"].startswith("2.")
+    assert len(manifest.source.config_sha256) == 64
+    assert manifest.versions["torch"].startswith("2.")
 
 
 @pytest.mark.slow
@@ -67,13 +67,13 @@ def test_rerun_reuses_and_force_redoes(tmp_path, tiny_checkpoint, small_shapes):
     first = export_artifacts(**kwargs)
     second = export_artifacts(**kwargs)
     assert "reused" in logs[-1] and "exported" not in logs[-1]
-    assert first["components"] == second["components"]
+    assert first.components == second.components
     # a damaged weight file is noticed by its sha256, and the component is redone
     data = out / "vae.onnx.data"
     data.write_bytes(b"\0" * data.stat().st_size)
     export_artifacts(**kwargs)
     assert "exported" in logs[-1]
-    assert sha256_file(data) == first["components"]["vae"]["sha256"]["vae.onnx.data"]
+    assert sha256_file(data) == first.components["vae"].sha256["vae.onnx.data"]
     export_artifacts(**kwargs, force=True)
     assert "exported" in logs[-1]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
@@ -84,15 +84,15 @@ def test_onnx_runtime_output_of_exported_graph_is_what_report_says(export_tiny):
     import onnxruntime as ort
     import torch
 
-    from common.specs import Shapes, component_specs
+    from common.specs import component_specs
     from export.checkpoint import open_checkpoint
     from export.verify.reference import ReferenceInputs, build_graph_module
 
     out = export_tiny("fp32")
     manifest = read_manifest(out)
-    checkpoint = open_checkpoint(manifest["source"]["checkpoint"])
+    checkpoint = open_checkpoint(manifest.source.checkpoint)
     geometry = checkpoint.geometry()
-    shapes = Shapes(**manifest["shapes"])
+    shapes = manifest.shapes
     spec = component_specs(geometry, shapes)["transformer"]
     feeds = ReferenceInputs(checkpoint, geometry, shapes).feeds(spec)
     got = ort.InferenceSession(str(out / "transformer.onnx")).run(None, feeds)[0]

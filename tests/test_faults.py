@@ -137,12 +137,12 @@ def test_overwritten_weight_bytes_are_refused_before_any_image(artifacts, tmp_pa
 
 
 def test_verified_stamp_skips_unchanged_files_and_rehashes_changed_ones(artifacts, tmp_path):
-    from common.integrity import manifest_files, verify_artifacts
+    from common.integrity import verify_artifacts
     from common.manifest import read_manifest
 
     folder = _copy(artifacts, tmp_path / "a")
     manifest = read_manifest(folder)
-    files = manifest_files(manifest)
+    files = manifest.files()
     assert {"transformer.onnx.data", "tokenizer/tokenizer.json"} <= set(files)
     assert sorted(verify_artifacts(folder, manifest)) == sorted(files)  # a copy: new inodes, all hashed
     assert verify_artifacts(folder, manifest) == []  # unchanged: trusted from the stamp

@@ -91,7 +91,7 @@ def test_fp16_export_of_the_stress_checkpoint(stress_checkpoint, tmp_path, monke
         components=("transformer",), log=lambda m: None,
     )  # fmt: skip
     report = (tmp_path / "fp16" / "reports" / "export_check.json").read_text()
-    assert manifest["precision"] == "fp16" and '"finite": true' in report
+    assert manifest.precision == "fp16" and '"finite": true' in report
 
     monkeypatch.setattr(graph, "FP32_STREAM", False)
     with pytest.raises(VerificationError, match="NON-FINITE values"):

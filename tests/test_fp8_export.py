@@ -69,15 +69,15 @@ def test_fp8_transformer_matches_pytorch_fp32(fp8_tiny):
 @pytest.mark.slow
 def test_fp8_graph_rerun_independently(fp8_tiny, tmp_path):
     """Do not trust the report: build the twin again from the artifact and compare with PyTorch here."""
-    from common.specs import Shapes, component_specs
+    from common.specs import component_specs
     from export.checkpoint import open_checkpoint
     from export.fp8.twin import fp32_twin, ort_session
     from export.verify.onnx_run import compare
     from export.verify.reference import ReferenceInputs, build_graph_module
 
     manifest = read_manifest(fp8_tiny)
-    checkpoint = open_checkpoint(manifest["source"]["checkpoint"])
-    geometry, shapes = checkpoint.geometry(), Shapes(**manifest["shapes"])
+    checkpoint = open_checkpoint(manifest.source.checkpoint)
+    geometry, shapes = checkpoint.geometry(), manifest.shapes
     spec = component_specs(geometry, shapes)["transformer"]
     feeds = ReferenceInputs(checkpoint, geometry, shapes).feeds(spec)
     fp32_twin(fp8_tiny / "transformer.onnx", tmp_path / "twin.onnx")
@@ -117,14 +117,14 @@ def test_fp8_weights_take_one_byte(fp8_tiny, tiny_checkpoint):
     from export.checkpoint import load_transformer, open_checkpoint
 
     manifest = read_manifest(fp8_tiny)
-    assert manifest["precision"] == "fp8"
-    assert {c: e["precision"] for c, e in manifest["components"].items()} == {
+    assert manifest.precision == "fp8"
+    assert {c: e.precision for c, e in manifest.components.items()} == {
         "text_encoder": "bf16",
         "transformer": "fp8",
         "vae": "bf16",
     }
     sizes = _reports(fp8_tiny)[0]["components"]["transformer"]["fp8"]["sizes"]
-    assert sizes["fp8_data_bytes"] == manifest["components"]["transformer"]["bytes"]["transformer.onnx.data"]
+    assert sizes["fp8_data_bytes"] == manifest.components["transformer"].bytes["transformer.onnx.data"]
     # Every FP8 weight element saves exactly one byte against bf16 (up to 64-byte alignment).
     model = load_transformer(open_checkpoint(tiny_checkpoint), torch.float32)
     expected = weight_bytes(model, DEFAULT_TRANSFORMER_EXCLUDE)
@@ -209,7 +209,7 @@ def test_fp8_text_encoder(tmp_path, tiny_checkpoint):
     # hidden_states[6] is the output of layers 0-5: 6 layers x (q, k, v, o, gate, up, down)
     assert len(audit) == 6 * 7
     assert all((a["weight_dq_fp8"], a["activation_qdq"]) == (1, 1) for a in audit.values())
-    assert read_manifest(out)["components"]["text_encoder"]["precision"] == "fp8"
+    assert read_manifest(out).components["text_encoder"].precision == "fp8"
 
 
 def test_engines_check_accepts_the_fp8_export(fp8_tiny):

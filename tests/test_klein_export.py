@@ -29,19 +29,19 @@ def test_tiny_klein_exports_from_the_command_line(tmp_path):
     assert result.returncode == 0, result.stderr
     _check_report(out, "fp32")
     manifest = read_manifest(out)
-    geometry = manifest["geometry"]
-    assert geometry["pipeline_class"] == "Flux2KleinPipeline"
-    assert geometry["is_distilled"] is False and geometry["guidance_embeds"] is False
-    assert geometry["text_out_layers"] == [3, 5, 7]
-    transformer = manifest["components"]["transformer"]
-    assert [t["name"] for t in transformer["inputs"]] == ["hidden_states", "encoder_hidden_states", "timestep"]
+    geometry = manifest.geometry
+    assert geometry.pipeline_class == "Flux2KleinPipeline"
+    assert geometry.is_distilled is False and geometry.guidance_embeds is False
+    assert geometry.text_out_layers == (3, 5, 7)
+    transformer = manifest.components["transformer"]
+    assert [t.name for t in transformer.inputs] == ["hidden_states", "encoder_hidden_states", "timestep"]
     assert [i.name for i in onnx.load(str(out / "transformer.onnx"), load_external_data=False).graph.input] == [
         "hidden_states",
         "encoder_hidden_states",
         "timestep",
     ]
     # 3 layers x 48 wide Qwen3 hidden states; the tokenizer travels with its Qwen3-style template
-    assert manifest["components"]["text_encoder"]["outputs"][0]["shape"] == [1, SMALL["max_sequence_length"], 144]
+    assert manifest.components["text_encoder"].outputs[0].shape == (1, SMALL["max_sequence_length"], 144)
     assert "enable_thinking" in (out / "tokenizer" / "chat_template.jinja").read_text()
 
 
@@ -68,11 +68,11 @@ def test_distilled_transformer_at_batch_2_verifies(tmp_path):
     assert result.returncode == 0, result.stderr
     _check_report(out, "fp32", components=("transformer",))
     manifest = read_manifest(out)
-    assert manifest["geometry"]["is_distilled"] is True
-    assert manifest["shapes"]["batch_size"] == 2
+    assert manifest.geometry.is_distilled is True
+    assert manifest.shapes.batch_size == 2
     tokens = (SMALL["height"] // 16) * (SMALL["width"] // 16)
-    assert manifest["components"]["transformer"]["inputs"][0]["shape"] == [2, tokens, 32]
-    assert manifest["components"]["transformer"]["outputs"][0]["shape"] == [2, tokens, 32]
+    assert manifest.components["transformer"].inputs[0].shape == (2, tokens, 32)
+    assert manifest.components["transformer"].outputs[0].shape == (2, tokens, 32)
 
 
 def test_reference_batch_rows_differ(tiny_klein_checkpoint, small_shapes):
@@ -121,7 +121,7 @@ def test_other_klein_configuration_exports_and_verifies(tmp_path):
     _check_report(out, "fp16")
     manifest = read_manifest(out)
     # 4 layers x 40 hidden; 4x VAE (3 blocks) -> 8 pixels per token: 24 x 40 tokens of 4 x 4 channels
-    assert manifest["components"]["text_encoder"]["outputs"][0]["shape"] == [1, 80, 160]
-    assert manifest["components"]["transformer"]["inputs"][1]["shape"] == [1, 80, 160]
-    assert manifest["components"]["transformer"]["inputs"][0]["shape"] == [1, 24 * 40, 16]
-    assert manifest["geometry"]["is_distilled"] is True
+    assert manifest.components["text_encoder"].outputs[0].shape == (1, 80, 160)
+    assert manifest.components["transformer"].inputs[1].shape == (1, 80, 160)
+    assert manifest.components["transformer"].inputs[0].shape == (1, 24 * 40, 16)
+    assert manifest.geometry.is_distilled is True

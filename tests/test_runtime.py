@@ -77,7 +77,7 @@ def test_second_image_of_a_seed_matches_diffusers_batch(export_tiny):
         image
         for _, image, _ in runtime.generate("a lighthouse", seed=3, steps=2, guidance=3.0, num_images=2, progress=False)
     ]
-    pipe = reference_pipeline(artifacts.manifest["source"]["checkpoint"], device="cpu")
+    pipe = reference_pipeline(artifacts.manifest.source.checkpoint, device="cpu")
     pipe.set_progress_bar_config(disable=True)
     reference = pipe(prompt="a lighthouse", height=256, width=256, num_inference_steps=2, guidance_scale=3.0, num_images_per_prompt=2,
                      generator=torch.Generator().manual_seed(3), max_sequence_length=128,

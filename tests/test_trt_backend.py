@@ -2,20 +2,22 @@
 TensorRT; the real thing against ONNX Runtime where TensorRT is installed."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from common.engine_manifest import ENGINE_FORMAT, ENGINE_FORMAT_VERSION, engines_dir, write_engine_manifest
+from common.engine_manifest import EngineManifest, EngineRecord, engines_dir, write_engine_manifest
 from common.errors import ArtifactsError
 from common.specs import ComponentSpec, TensorSpec
-from common.tensorrt_env import trt_status
+from common.tensorrt_env import Platform, trt_status
 from runtime.backends.trt import TORCH_DTYPES, TrtBackend, check_engine_io, component_spec
 from tests.fake_trt import RUNTIME_CACHE_HEADER, DataType, ExecutionContextAllocationStrategy, FakeTrt
+from tests.support import artifacts_manifest, component_record
 
-PLATFORM = {"target": "tensorrt", "tensorrt": FakeTrt.__version__, "gpu": "GPU-X", "compute_capability": "9.0"}
-RTX_BUILT = {"target": "rtx", "tensorrt": "1.7.1.116", "compute_capabilities": ["8.6", "8.9", "12.0"]}
-RTX_PRESENT = {"target": "rtx", "tensorrt": "1.7.1.116", "gpu": "NVIDIA RTX 4090", "compute_capability": "8.9"}
+PLATFORM = Platform("tensorrt", FakeTrt.__version__, gpu="GPU-X", compute_capability="9.0")
+RTX_BUILT = Platform("rtx", "1.7.1.116", compute_capabilities=("8.6", "8.9", "12.0"), compute_capabilities_from="test")
+RTX_PRESENT = Platform("rtx", "1.7.1.116", gpu="NVIDIA RTX 4090", compute_capability="8.9")
 SHAPES = {"text_encoder": (1, 8), "transformer": (2, 16, 4), "vae": (1, 4, 4)}
 
 
@@ -31,17 +33,13 @@ def _cuda_available() -> bool:
 def _fake_artifacts(folder, platform=PLATFORM, strip_weights=False):
     """An artifacts manifest and fake-TensorRT plans (JSON) with matching engine manifest. The text
     encoder's input is int64 token ids, as the real one's: the engine's dtype is checked, not assumed."""
-    target = platform["target"]
+    target = platform.target
     engines_dir(folder, target).mkdir(parents=True, exist_ok=True)
     components, engines = {}, {}
     for name, shape in SHAPES.items():
         dtype, trt_dtype = ("int64", "INT64") if name == "text_encoder" else ("float32", "FLOAT")
-        components[name] = {
-            "file": f"{name}.onnx",
-            "sha256": {f"{name}.onnx": name * 3},
-            "inputs": [{"name": "x", "shape": list(shape), "dtype": dtype}],
-            "outputs": [{"name": "y", "shape": list(shape), "dtype": "float32"}],
-        }
+        inputs, outputs = (TensorSpec("x", shape, dtype),), (TensorSpec("y", shape, "float32"),)
+        components[name] = component_record(name, {f"{name}.onnx": name * 3}, inputs, outputs)
         plan = engines_dir(folder, target) / f"{name}.plan"
         plan.write_text(
             json.dumps(
@@ -51,18 +49,13 @@ def _fake_artifacts(folder, platform=PLATFORM, strip_weights=False):
                 }
             )
         )
-        engines[name] = {
-            "plan": plan.name,
-            "plan_bytes": plan.stat().st_size,
-            "onnx_sha256": components[name]["sha256"],
-            "platform": platform,
-            "flags": {"strip_weights": strip_weights},
-        }
-    manifest = {"precision": "fp32", "components": components}
-    write_engine_manifest(
-        folder, target, {"format": ENGINE_FORMAT, "format_version": ENGINE_FORMAT_VERSION, "engines": engines}
-    )
-    return manifest
+        engines[name] = EngineRecord(
+            plan=plan.name, onnx=f"{name}.onnx", onnx_sha256=components[name].sha256, platform=platform,
+            flags={"strip_weights": strip_weights}, inputs=inputs, outputs=outputs, key=name, plan_bytes=plan.stat().st_size,
+            plan_sha256="", build_seconds=0.0, built="",
+        )  # fmt: skip
+    write_engine_manifest(folder, EngineManifest(target, "fp32", engines))
+    return artifacts_manifest(components)
 
 
 def test_refuses_without_tensorrt(tmp_path):
@@ -76,9 +69,9 @@ def test_refuses_without_tensorrt(tmp_path):
 def test_refuses_engines_for_another_gpu_or_tensorrt(tmp_path):
     manifest = _fake_artifacts(tmp_path)
     for present, message in (
-        ({**PLATFORM, "gpu": "GPU-Y"}, "built for GPU-X .*this node has GPU-Y"),
+        (replace(PLATFORM, gpu="GPU-Y"), "built for GPU-X .*this node has GPU-Y"),
         (
-            {**PLATFORM, "tensorrt": "11.0.0"},
+            replace(PLATFORM, tensorrt="11.0.0"),
             f"built with TensorRT {FakeTrt.__version__}, this node has TensorRT 11.0.0",
         ),
     ):
@@ -90,12 +83,12 @@ def test_refuses_engines_for_another_gpu_or_tensorrt(tmp_path):
 
 def test_refuses_rtx_engines_on_a_gpu_they_were_not_built_for(tmp_path):
     manifest = _fake_artifacts(tmp_path, platform=RTX_BUILT)
-    hopper = {**RTX_PRESENT, "gpu": "NVIDIA H200", "compute_capability": "9.0"}
+    hopper = replace(RTX_PRESENT, gpu="NVIDIA H200", compute_capability="9.0")
     with pytest.raises(
         ArtifactsError, match=r"NVIDIA H200 is 9.0: Hopper is no TensorRT-RTX target: .*--target tensorrt"
     ):
         TrtBackend(tmp_path, manifest, trt_module=FakeTrt(), platform=hopper)
-    turing = {**RTX_PRESENT, "gpu": "RTX 2080", "compute_capability": "7.5"}
+    turing = replace(RTX_PRESENT, gpu="RTX 2080", compute_capability="7.5")
     with pytest.raises(ArtifactsError, match=r"for compute capability 8.6, 8.9, 12.0; .*7.5: rebuild with .*75"):
         TrtBackend(tmp_path, manifest, trt_module=FakeTrt(), platform=turing)
 
@@ -378,14 +371,14 @@ def test_real_engines_match_onnx_runtime(export_tiny, tmp_path):
     manifest = read_manifest(artifacts)
     backend = TrtBackend(artifacts, manifest)
     rng = np.random.default_rng(0)
-    for component, entry in manifest["components"].items():
+    for component, entry in manifest.components.items():
         feeds = {}
-        for tensor in entry["inputs"]:
-            if tensor["dtype"] == "int64":
-                feeds[tensor["name"]] = np.ones(tensor["shape"], np.int64)
+        for tensor in entry.inputs:
+            if tensor.dtype == "int64":
+                feeds[tensor.name] = np.ones(tensor.shape, np.int64)
             else:
-                feeds[tensor["name"]] = rng.standard_normal(tensor["shape"]).astype(np.float32)
-        expected = run_graph(artifacts / entry["file"], feeds, "onnxruntime-cpu")
+                feeds[tensor.name] = rng.standard_normal(tensor.shape).astype(np.float32)
+        expected = run_graph(artifacts / entry.file, feeds, "onnxruntime-cpu")
         got = backend.run(component, {k: backend.from_host(v) for k, v in feeds.items()})
         for name, value in expected.items():
             metrics = compare(backend.to_host(got[name]), value)

@@ -65,21 +65,21 @@ def smoke(*, precision: str, out: Path) -> bool:
     build_engines(artifacts=artifacts, target="tensorrt")
 
     manifest = read_manifest(artifacts)
-    checkpoint = open_checkpoint(manifest["source"]["checkpoint"])
+    checkpoint = open_checkpoint(manifest.source.checkpoint)
     geometry = checkpoint.geometry()
     specs = component_specs(geometry, SMOKE_SHAPES)
     reference = ReferenceInputs(checkpoint, geometry, SMOKE_SHAPES)
     backend = TrtBackend(artifacts, manifest)
     bound = TOLERANCES[precision].max_rel_l2
     rows, passed = [], True
-    for component, entry in manifest["components"].items():
+    for component, entry in manifest.components.items():
         spec = specs[component]
         feeds = reference.feeds(spec)
         output = spec.outputs[0].name
         engine = backend.to_host(backend.run(component, {k: backend.from_host(v) for k, v in feeds.items()})[output])
-        weight_bytes = sum(entry["bytes"].values())
+        weight_bytes = entry.total_bytes
         method = method_for(precision, weight_bytes)
-        graph = run_graph(artifacts / entry["file"], feeds, method)[output] if method else None
+        graph = run_graph(artifacts / entry.file, feeds, method)[output] if method else None
         with torch.no_grad():
             args = [torch.from_numpy(feeds[t.name]) for t in spec.inputs]
             module = build_graph_module(component, checkpoint, geometry, SMOKE_SHAPES, precision).cuda()

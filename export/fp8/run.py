@@ -198,14 +198,14 @@ def export_component(job, options, *, export_bf16):
     amax = calibration[component]
 
     entry, _ = export_bf16(dataclasses.replace(bf16_job, skip_check=True))
-    onnx_name = entry["file"]
-    bf16_bytes = dict(entry["bytes"])
+    onnx_name = entry.file
+    bf16_bytes = dict(entry.bytes)
     records = _rewrite(staging, onnx_name, amax, exclude, MODULE_PREFIX[component])
-    files = list(entry["files"])
-    entry.update(
+    entry = dataclasses.replace(
+        entry,
         precision="fp8",
-        sha256={name: sha256_file(staging / name) for name in files},
-        bytes={name: (staging / name).stat().st_size for name in files},
+        sha256={name: sha256_file(staging / name) for name in entry.files},
+        bytes={name: (staging / name).stat().st_size for name in entry.files},
         nodes=_node_count(staging / onnx_name),
     )
     data_name = onnx_name + ".data"
@@ -230,8 +230,8 @@ def export_component(job, options, *, export_bf16):
             },
             "sizes": {
                 "bf16_data_bytes": bf16_bytes.get(data_name, 0),
-                "fp8_data_bytes": entry["bytes"].get(data_name, 0),
-                "ratio": entry["bytes"].get(data_name, 0) / max(bf16_bytes.get(data_name, 0), 1),
+                "fp8_data_bytes": entry.bytes.get(data_name, 0),
+                "ratio": entry.bytes.get(data_name, 0) / max(bf16_bytes.get(data_name, 0), 1),
             },
         },
     }

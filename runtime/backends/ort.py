@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import ArtifactsError, UsageError
+from common.manifest import ArtifactsManifest
 
 
 def ort_providers() -> list[str]:
@@ -26,10 +27,17 @@ def ort_providers() -> list[str]:
 
 
 class OrtBackend:
-    def __init__(self, artifacts: Path, manifest: dict, *, low_vram: bool = False, providers: list[str] | None = None):
+    def __init__(
+        self,
+        artifacts: Path,
+        manifest: ArtifactsManifest,
+        *,
+        low_vram: bool = False,
+        providers: list[str] | None = None,
+    ):
         self.artifacts = Path(artifacts)
         self.manifest = manifest
-        self.precision = manifest["precision"]
+        self.precision = manifest.precision
         self.providers = providers or ort_providers()
         self.name = "ort-cuda" if self.providers[0] == "CUDAExecutionProvider" else "ort-cpu"
         self.low_vram = low_vram
@@ -46,7 +54,7 @@ class OrtBackend:
 
             if self.low_vram:
                 self._sessions.clear()
-            entry = self.manifest["components"].get(component)
+            entry = self.manifest.components.get(component)
             if entry is None:
                 raise ArtifactsError(
                     f"{self.artifacts} has no {component} graph; re-run export with --components including {component}"
@@ -54,7 +62,7 @@ class OrtBackend:
             options = ort.SessionOptions()
             options.log_severity_level = 3
             self._sessions[component] = ort.InferenceSession(
-                str(self.artifacts / entry["file"]), options, providers=self.providers
+                str(self.artifacts / entry.file), options, providers=self.providers
             )
         return self._sessions[component]
 

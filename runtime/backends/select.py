@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from common.errors import UsageError
+from common.manifest import ArtifactsManifest
 from runtime.backends import Backend
 
 BACKENDS = ("auto", "trt", "ort", "torch")
@@ -25,7 +26,7 @@ def _trt_status(artifacts: Path) -> tuple[bool, str]:
 def select_backend(
     name: str,
     artifacts: Path,
-    manifest: dict,
+    manifest: ArtifactsManifest,
     *,
     low_vram: bool = False,
     checkpoint: Path | None = None,

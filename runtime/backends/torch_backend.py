@@ -8,19 +8,21 @@ transformers are imported here, lazily: only this backend needs them.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 
 from common.dtypes import COMPUTE_DTYPE, torch_dtype
 from common.errors import ArtifactsError
+from common.manifest import ArtifactsManifest
 
 
 class TorchBackend:
     def __init__(
         self,
         artifacts: Path,
-        manifest: dict,
+        manifest: ArtifactsManifest,
         *,
         low_vram: bool = False,
         device: str | None = None,
@@ -29,33 +31,34 @@ class TorchBackend:
         import torch
 
         self.manifest = manifest
-        self.precision = manifest["precision"]
+        self.precision = manifest.precision
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.name = f"torch-{self.device.type}"
         self.dtype = torch_dtype(self.precision)
-        self.checkpoint = Path(checkpoint or manifest["source"]["checkpoint"]).expanduser()
+        self.checkpoint = Path(checkpoint or manifest.source.checkpoint).expanduser()
         if not (self.checkpoint / "model_index.json").is_file():
             raise ArtifactsError(
                 f"the torch backend loads the source checkpoint {self.checkpoint} recorded in {Path(artifacts) / 'manifest.json'}, "
                 "which is not there; pass the checkpoint's new location (--model) or use --backend ort"
             )
-        geometry = manifest["geometry"]
-        self.layers = tuple(geometry["text_out_layers"])
-        shapes = manifest["shapes"]
-        self.rows = shapes["height"] // (geometry["vae_scale_factor"] * 2)
-        self.cols = shapes["width"] // (geometry["vae_scale_factor"] * 2)
-        self.pipeline_class = geometry["pipeline_class"]
-        self.reference_images = shapes.get("reference_images", 0)
+        geometry, shapes = manifest.geometry, manifest.shapes
+        self.layers = tuple(geometry.text_out_layers)
+        step = geometry.pixels_per_token
+        self.rows, self.cols = shapes.height // step, shapes.width // step
+        self.pipeline_class = geometry.pipeline_class
+        self.reference_images = shapes.reference_images
         if self.reference_images:
-            step = geometry["vae_scale_factor"] * 2
-            self.reference_grid = (shapes["reference_height"] // step, shapes["reference_width"] // step)
+            reference_height, reference_width = shapes.reference_size
+            self.reference_grid = (reference_height // step, reference_width // step)
         self._pipe = None
 
     @classmethod
-    def around(cls, pipe, artifacts: Path, manifest: dict, checkpoint: Path, precision: str = "fp32") -> TorchBackend:
+    def around(
+        cls, pipe, artifacts: Path, manifest: ArtifactsManifest, checkpoint: Path, precision: str = "fp32"
+    ) -> TorchBackend:
         """This backend's stages over an already built pipeline (runtime.check's float32 reference, which
         also draws the reference image), so both sides of a comparison feed the modules the same way."""
-        manifest = {**manifest, "precision": precision}
+        manifest = dataclasses.replace(manifest, precision=precision)
         backend = cls(artifacts, manifest, device=str(pipe._execution_device), checkpoint=checkpoint)
         backend._pipe = pipe
         return backend

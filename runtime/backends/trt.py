@@ -45,8 +45,9 @@ from common.engine_manifest import (
     read_engine_manifest,
 )
 from common.errors import ArtifactsError
+from common.manifest import ArtifactsManifest
 from common.specs import ComponentSpec
-from common.tensorrt_env import TARGETS, present_platform
+from common.tensorrt_env import TARGETS, Platform, present_platform
 from common.tensorrt_env import trt_status as target_status
 
 __all__ = ["TrtBackend", "trt_status", "runtime_target"]
@@ -95,9 +96,9 @@ def trt_status(artifacts: Path | None = None) -> tuple[bool, str]:
     return False, "; ".join(reasons)
 
 
-def component_spec(manifest: dict, component: str) -> ComponentSpec:
-    entry = manifest["components"][component]
-    return ComponentSpec.from_json({"name": component, "inputs": entry["inputs"], "outputs": entry["outputs"]})
+def component_spec(manifest: ArtifactsManifest, component: str) -> ComponentSpec:
+    entry = manifest.components[component]
+    return ComponentSpec(component, entry.inputs, entry.outputs)
 
 
 def check_engine_io(io: dict[str, tuple[bool, tuple, str]], spec: ComponentSpec, plan: Path) -> None:
@@ -139,17 +140,17 @@ class TrtBackend:
     def __init__(
         self,
         artifacts_dir,
-        manifest: dict,
+        manifest: ArtifactsManifest,
         *,
         low_vram: bool = False,
         cuda_graphs: bool = True,
         trt_module=None,
-        platform=None,
+        platform: Platform | None = None,
         log=None,
     ):
         self.artifacts = Path(artifacts_dir)
         self.manifest = manifest
-        self.precision = manifest["precision"]
+        self.precision = manifest.precision
         self.low_vram = low_vram
         self.cuda_graphs = cuda_graphs
         self._log = log or (lambda message: None)
@@ -161,7 +162,7 @@ class TrtBackend:
 
             trt_module = import_trt(target)
             platform = present_platform(target)
-        self.target = platform.get("target", "tensorrt")
+        self.target = platform.target
         import torch
 
         self._engines = read_engine_manifest(self.artifacts, self.target)
@@ -233,22 +234,22 @@ class TrtBackend:
             return self._runtime.deserialize_cuda_engine(mapped)
 
     def _load(self, component: str) -> _Loaded:
-        if component not in self.manifest["components"]:
+        if component not in self.manifest.components:
             raise ArtifactsError(
-                f"{self.artifacts} has no {component}; choose from {', '.join(self.manifest['components'])}"
+                f"{self.artifacts} has no {component}; choose from {', '.join(self.manifest.components)}"
             )
         if self.low_vram:
             for other in list(self._loaded):
                 self.unload(other)
-        entry = self._engines["engines"][component]
-        plan = self._folder / entry["plan"]
+        entry = self._engines.engines[component]
+        plan = self._folder / entry.plan
         engine = self._deserialize(plan)
         if engine is None:
             raise ArtifactsError(
                 f"TensorRT could not deserialize {plan}; rebuild it with `python -m engines.build --artifacts "
                 f"{self.artifacts} --target {self.target} --force`"
             )
-        if entry.get("flags", {}).get("strip_weights"):
+        if entry.strip_weights:
             self._refit_from_onnx(engine, component, plan)
         io = {}
         for index in range(engine.num_io_tensors):
@@ -307,7 +308,7 @@ class TrtBackend:
     def _refit_from_onnx(self, engine, component: str, plan: Path) -> None:
         """A weight-stripped plan takes its weights from the ONNX external data it was built from."""
         trt = self._trt
-        onnx_path = self.artifacts / self.manifest["components"][component]["file"]
+        onnx_path = self.artifacts / self.manifest.components[component].file
         refitter = trt.Refitter(engine, self._logger)
         if not trt.OnnxParserRefitter(refitter, self._logger).refit_from_file(str(onnx_path)) or not (
             refitter.refit_cuda_engine()
