@@ -84,13 +84,6 @@ class ComponentSpec:
     def to_json(self) -> dict:
         return asdict(self)
 
-    @classmethod
-    def from_json(cls, data: dict) -> ComponentSpec:
-        def tensors(items):
-            return tuple(TensorSpec(t["name"], tuple(t["shape"]), t["dtype"]) for t in items)
-
-        return cls(data["name"], tensors(data["inputs"]), tensors(data["outputs"]))
-
 
 @dataclass(frozen=True)
 class Shapes:
