@@ -14,6 +14,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from common.atomic import atomic_dir, atomic_write_json
+from common.engine_manifest import ENGINES_DIR
 from common.errors import Flux2TrtError, UsageError, VerificationError
 from common.integrity import record_verified
 from common.manifest import (
@@ -306,11 +307,40 @@ def _run_export(job: ExportJob, log=None) -> ArtifactsManifest:
 
             fp8_export.write_reports(staging / "reports", reports)
         atomic_write_json(staging / MANIFEST_NAME, manifest.to_json())
+        kept = _keep_engines(out, staging)
+        if kept:
+            log(
+                f"kept {kept} engine files of {out / ENGINES_DIR} (linked); plans of graphs this export changed are "
+                f"refused by their recorded ONNX sha256 until `python -m engines.build --artifacts {out}` rebuilds them"
+            )
     # Every file was hashed just now (reused ones by _reusable): the first use need not re-hash. After
     # the rename, as removing the previous folder changes the link count, hence the ctime, of reused files.
     record_verified(out, manifest.files())
     log(_summary_table(rows, precision, out))
     return manifest
+
+
+def _keep_engines(out: Path, staging: Path) -> int:
+    """Hard-link `out/engines/` into the new folder; return the number of files linked.
+
+    Re-running an export (an idempotent deployment script, a new precision beside, --force) must not
+    throw away engines that took an hour to build on a GPU node: a plan whose ONNX files are unchanged
+    is still valid, and one built from a graph that changed is refused by its recorded ONNX sha256
+    (common.engine_manifest) and rebuilt by `engines.build`, which rebuilds only those. Hidden names
+    (a build's temporaries) are left behind.
+    """
+    source = out / ENGINES_DIR
+    if not source.is_dir():
+        return 0
+    linked = 0
+    for path in sorted(source.rglob("*")):
+        relative = path.relative_to(out)
+        if any(part.startswith(".") for part in relative.parts) or not path.is_file():
+            continue
+        (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+        os.link(path, staging / relative)
+        linked += 1
+    return linked
 
 
 def _previous_manifest(out: Path) -> ArtifactsManifest | None:

@@ -79,6 +79,45 @@ def test_rerun_reuses_and_force_redoes(tmp_path, tiny_checkpoint, small_shapes):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
 
 
+def test_re_export_keeps_the_engines_and_only_changed_graphs_need_new_plans(
+    export_tiny, tiny_checkpoint, small_shapes, tmp_path
+):
+    """An export re-run into a folder with engines (an idempotent deploy script) links them into the new
+    folder: unchanged graphs keep their plans; a changed graph's plan is refused until rebuilt, alone."""
+    import shutil
+
+    from common.engine_manifest import check_engines_usable, engines_dir, read_engine_manifest
+    from common.errors import ArtifactsError
+    from common.tensorrt_env import Platform
+    from engines.build import build_engines
+    from export.run import export_artifacts
+    from tests.fake_trt import FakeTrt
+
+    platform = Platform("tensorrt", FakeTrt.__version__, gpu="GPU-X", compute_capability="9.0")
+    folder = tmp_path / "a"
+    shutil.copytree(export_tiny("fp32"), folder, ignore=shutil.ignore_patterns("engines"))
+    build_engines(artifacts=folder, target="tensorrt", trt=FakeTrt(), platform=platform, log=lambda m: None)
+    plans = engines_dir(folder, "tensorrt")
+    inodes = {p.name: p.stat().st_ino for p in plans.iterdir()}
+    logs = []
+    export_artifacts(model=str(tiny_checkpoint), out=folder, precision="fp32", shapes=small_shapes, log=logs.append)
+    assert "exported" not in logs[-1]  # every graph reused ...
+    assert {p.name: p.stat().st_ino for p in plans.iterdir()} == inodes  # ... and every engine file kept, linked
+    assert any(line.startswith(f"kept {len(inodes)} engine files") for line in logs), logs
+    check_engines_usable(read_engine_manifest(folder, "tensorrt"), read_manifest(folder), platform, folder)
+    # The VAE re-exported at fp16: its plan no longer matches and is refused, then rebuilt on its own.
+    export_artifacts(model=str(tiny_checkpoint), out=folder, precision="fp16", components=("vae",),
+                     shapes=small_shapes, skip_check=True, log=lambda m: None)  # fmt: skip
+    with pytest.raises(ArtifactsError, match="built from other vae ONNX files"):
+        check_engines_usable(read_engine_manifest(folder, "tensorrt"), read_manifest(folder), platform, folder)
+    logs.clear()
+    build_engines(artifacts=folder, target="tensorrt", trt=FakeTrt(), platform=platform, log=logs.append)
+    assert [line for line in logs if ": building (" in line] == [
+        f"[1/1] vae: building (onnx_sha256 changed) from {folder / 'vae.onnx'}"
+    ]
+    check_engines_usable(read_engine_manifest(folder, "tensorrt"), read_manifest(folder), platform, folder)
+
+
 def test_onnx_runtime_output_of_exported_graph_is_what_report_says(export_tiny):
     """Re-run one graph independently, so the report is not trusted blindly."""
     import onnxruntime as ort
