@@ -245,9 +245,11 @@ def main(argv=None) -> int:
     print(f"wrote {target}/config.pbtxt and {target}/1/model.py")
     platform = engines_platform(args.artifacts) if args.backend != "ort" else None
     if platform:
+        label = LABELS[platform.target]
+        gpu = "that GPU model" if platform.gpu is not None else "a GPU of one of those compute capabilities"
         print(
-            f"engines: {LABELS[platform.target]} {platform.tensorrt} on {engines_gpu(platform)}: the serving image needs that TensorRT "
-            "and that GPU model (docs/serving.md)"
+            f"engines: {label} {platform.tensorrt} on {engines_gpu(platform)}: the serving image needs that {label} "
+            f"and {gpu} (docs/serving.md)"
         )
     return 0
 
