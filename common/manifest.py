@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from common.errors import ArtifactsError
@@ -69,12 +69,7 @@ class Source:
     weights_fingerprint: str
 
     def to_json(self) -> dict:
-        return {
-            "checkpoint": self.checkpoint,
-            "model": self.model,
-            "config_sha256": self.config_sha256,
-            "weights_fingerprint": self.weights_fingerprint,
-        }
+        return asdict(self)
 
     def key_payload(self) -> dict:
         """What a graph depends on: not the name it was asked for by (`tiny` and its folder are one checkpoint)."""
@@ -103,13 +98,8 @@ class TokenizerRecord:
 
     def reading(self) -> dict:
         """How the export read the tokenizer (`PromptTokenizer.record()`'s fields that were recorded)."""
-        fields = {
-            "padding_side": self.padding_side,
-            "truncation_side": self.truncation_side,
-            "pad_id": self.pad_id,
-            "pipeline_class": self.pipeline_class,
-        }
-        return {key: value for key, value in fields.items() if value is not None}
+        fields = ("padding_side", "truncation_side", "pad_id", "pipeline_class")
+        return {name: getattr(self, name) for name in fields if getattr(self, name) is not None}
 
     def to_json(self) -> dict:
         return {"folder": self.folder, "files": dict(self.files), **self.reading()}
