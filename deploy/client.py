@@ -79,7 +79,7 @@ def fetch(
 
     `images`: reference image files for a model served from editing artifacts, sent as their bytes.
     """
-    from runtime.generate import prepare_out, save_image
+    from runtime.generate import check_out, make_out, save_image
 
     if not 0 <= seed < 2**63:
         raise UsageError(f"--seed {seed} must be in [0, 2**63)")
@@ -88,7 +88,7 @@ def fetch(
         if not path.expanduser().is_file():
             raise UsageError(f"--image {path} does not exist; pass an image file (PNG, JPEG, WebP, ...)")
     reference_images = [path.expanduser().read_bytes() for path in images]
-    out = prepare_out(out)
+    out = check_out(out)
     drawn, sidecars = infer(
         url,
         model,
@@ -105,7 +105,7 @@ def fetch(
         if images:  # the sidecar runtime.generate writes names the --image files
             sidecar = {**sidecar, "images": [str(p) for p in images]}
         stem = f"000-{sidecar['image_index']:02d}-seed{sidecar['seed']}"
-        written.append(save_image(out, stem, image, sidecar))
+        written.append(save_image(make_out(out), stem, image, sidecar))
         print(f"wrote {written[-1]} ({sidecar['timings'].get('total_s', 0):.2f} s on the server)", file=sys.stderr)
     return written
 

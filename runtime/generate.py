@@ -48,13 +48,26 @@ def validate(*, steps: int, guidance: float, num_images: int, seed: int) -> None
         raise UsageError(f"--seed {seed} must be in [0, 2**63)")
 
 
-def prepare_out(out: Path) -> Path:
+def check_out(out: Path) -> Path:
+    """`out` as a folder images can be written to, refused in one line if not. Nothing is created:
+    the folder is made with the first image (`make_out`), so a refused or failed run leaves none."""
     out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; pass a folder for the images")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        where = "" if existing == out else f" ({existing} is a file)"
+        raise UsageError(f"--out {out} is a file{where}; pass a folder for the images")
+    # Tried rather than trusting permission bits: root passes os.access even on read-only mounts.
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=existing))
+    except OSError as exc:
+        raise UsageError(f"--out {out} is not writable ({exc.strerror}); choose a writable folder") from None
+    return out
+
+
+def make_out(out: Path) -> Path:
+    """Create the `check_out`-ed folder, just before the first image is written into it."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=out))
     except OSError as exc:
         raise UsageError(f"--out {out} is not writable ({exc.strerror}); choose a writable folder") from None
     return out
@@ -126,10 +139,9 @@ def generate_images(request: GenerateRequest, log=None) -> list[Path]:
             multiple_of=opened.geometry.pixels_per_token,
             log=log,
         )
-    # The output folder is made only once the artifacts and the reference images are known good:
-    # a refused request leaves no empty folder behind.
-    out = prepare_out(out)
-    remove_stale_staging(out, log=log)  # half-written images of a killed run
+    out = check_out(out)
+    if out.is_dir():
+        remove_stale_staging(out, log=log)  # half-written images of a killed run
     chosen = select_backend(backend, opened.folder, opened.manifest, low_vram=low_vram, log=log)
     runtime = Flux2Runtime(opened, chosen)
     warning = runtime.guidance_warning(guidance)
@@ -168,7 +180,8 @@ def generate_images(request: GenerateRequest, log=None) -> list[Path]:
                 "manifest_sha256": opened.manifest_sha256,
                 "timings": timings.as_dict(),
             }
-            written.append(save_image(out, stem, to_uint8(image), sidecar))
+            # The folder is made with the first image: a run refused or failed before it leaves none.
+            written.append(save_image(make_out(out), stem, to_uint8(image), sidecar))
             log(f"wrote {written[-1]} ({timings.stages['total']:.2f} s, {chosen.name}, {opened.precision})")
     chosen.close()
     return written

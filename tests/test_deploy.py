@@ -347,8 +347,10 @@ def test_client_without_a_server_is_one_line(tmp_path):
     from deploy.local_server import free_ports
 
     (port,) = free_ports(1)
-    result = run_cli("-m", "deploy.client", "--url", f"127.0.0.1:{port}", "--prompt", "x", "--out", str(tmp_path))
+    out = tmp_path / "images"
+    result = run_cli("-m", "deploy.client", "--url", f"127.0.0.1:{port}", "--prompt", "x", "--out", str(out))
     assert_one_line_error(result, f"127.0.0.1:{port}")
+    assert not out.exists()  # made with the first image only
 
 
 def test_deploy_modules_import_in_the_project_env():

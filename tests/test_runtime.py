@@ -165,6 +165,10 @@ def test_generate_errors(export_tiny, tmp_path):
     assert_one_line_error(
         _generate("--artifacts", good, "--prompt", "x", "--backend", "cuda", "--out", str(tmp_path / "o")), "'cuda'"
     )
+    assert_one_line_error(
+        _generate("--artifacts", good, "--prompt", "x", "--out", str(blocker / "sub")), str(blocker), "is a file"
+    )
+    assert not (tmp_path / "o").exists()  # the folder is made with the first image: no refusal left one
 
 
 def test_incomplete_and_incompatible_artifacts(export_tiny, tmp_path):
@@ -184,7 +188,7 @@ def test_incomplete_and_incompatible_artifacts(export_tiny, tmp_path):
     assert_one_line_error(
         _generate("--artifacts", str(broken), "--prompt", "x", "--out", str(tmp_path / "o")), "version 99", "--force"
     )
-    assert not list((tmp_path / "o").glob("*.png")) if (tmp_path / "o").exists() else True
+    assert not (tmp_path / "o").exists()
 
 
 def test_bf16_on_ort_cpu_is_refused_with_the_fix(export_tiny, tmp_path):
@@ -192,6 +196,7 @@ def test_bf16_on_ort_cpu_is_refused_with_the_fix(export_tiny, tmp_path):
         "--artifacts", str(export_tiny("bf16")), "--prompt", "x", "--backend", "ort", "--out", str(tmp_path / "o")
     )
     assert_one_line_error(result, "bf16", "--backend torch")
+    assert not (tmp_path / "o").exists()
 
 
 def test_prompt_and_guidance_reach_the_tiny_image(export_tiny):
