@@ -155,16 +155,28 @@ def _prepare_out(out: Path) -> None:
         raise UsageError(
             f"--out {out} is a non-empty folder that is not an artifacts folder; choose an empty or new folder"
         )
+    # Checked, not created: the parent folders are made when the export starts writing
+    # (`_make_parent`), so a request refused later (a wrong --model) leaves no folders behind.
     parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot create output folder {parent} ({exc.strerror}); choose a writable --out") from None
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"cannot create output folder {parent}: {existing} is a file; choose a writable --out")
     # Try it rather than trust permission bits: root passes os.access even on read-only mounts.
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent))
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=existing))
     except OSError as exc:
-        raise UsageError(f"output folder {parent} is not writable ({exc.strerror}); choose a writable --out") from None
+        raise UsageError(
+            f"output folder {existing} is not writable ({exc.strerror}); choose a writable --out"
+        ) from None
+
+
+def _make_parent(out: Path) -> None:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot create output folder {out.parent} ({exc.strerror}); choose a writable --out"
+        ) from None
 
 
 def export_artifacts(*, log=None, **request) -> ArtifactsManifest:
@@ -233,6 +245,7 @@ def _run_export(job: ExportJob, log=None) -> ArtifactsManifest:
 
     reference = ReferenceInputs(checkpoint, geometry, shapes)
     entries, reports, rows = {}, {}, []
+    _make_parent(out)
     with folder_lock(out, "export"), atomic_dir(out) as staging:
         remove_stale_staging(out.parent, name=out.name, log=log)  # what a killed export of `out` left
         (staging / "reports").mkdir()

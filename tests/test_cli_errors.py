@@ -27,9 +27,9 @@ def _export(out, *extra, model="tiny"):
 
 
 def test_missing_checkpoint(tmp_path):
-    result = _export(tmp_path / "out", model=tmp_path / "nope")
+    result = _export(tmp_path / "new" / "out", model=tmp_path / "nope")
     assert_one_line_error(result, str(tmp_path / "nope"), "does not exist")
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "new").exists()  # not even the parent of --out was made
 
 
 def test_folder_that_is_not_flux2(tmp_path):
