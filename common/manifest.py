@@ -210,7 +210,7 @@ class ArtifactsManifest:
         }
 
     @classmethod
-    def from_json(cls, data: dict, path: Path, *, fix: str = "re-run export with --force") -> ArtifactsManifest:
+    def from_json(cls, data: dict, path: Path, *, fix: str) -> ArtifactsManifest:
         """The manifest in `data` (read from `path`); ArtifactsError naming the field when one is missing or malformed."""
         return parse_manifest(
             path,

@@ -78,7 +78,7 @@ def reference_pipeline(checkpoint: Path, *, dtype: str = "float32", device: str 
         ),
         "tokenizer": load_reference_tokenizer(root / "tokenizer"),
     }
-    if pipeline_class == "Flux2KleinPipeline":
+    if pipeline_class == Family.KLEIN:
         parts["is_distilled"] = bool(model_index.get("is_distilled", False))
     pipe = getattr(diffusers, pipeline_class)(**parts)
     if device is None:

@@ -154,7 +154,7 @@ class PromptTokenizer:
 
     def untruncated_length(self, prompt: str) -> int:
         """How many tokens the formatted prompt has before truncation (a server refuses what would be cut)."""
-        if self.pipeline_class == "Flux2KleinPipeline":
+        if self.pipeline_class == Family.KLEIN:
             text = self.render(klein_messages(prompt), add_generation_prompt=True, enable_thinking=False)
             extra = self._tokenizer.num_special_tokens_to_add(False)
             return len(self._tokenizer.encode(text, add_special_tokens=False).ids) + extra

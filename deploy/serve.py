@@ -84,24 +84,11 @@ def _die_with_parent() -> None:
 
 
 def serve(
-    *,
-    repository: Path,
-    http_port: int = 8000,
-    grpc_port: int = 8001,
-    metrics_port: int = 8002,
-    triton_env: Path | None = None,
-    log_verbose: int = 0,
-    exit_timeout_s: int = 300,
+    *, repository: Path, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002, **options
 ) -> int:
-    command, env = server_command(
-        repository,
-        http_port=http_port,
-        grpc_port=grpc_port,
-        metrics_port=metrics_port,
-        triton_env=triton_env,
-        log_verbose=log_verbose,
-        exit_timeout_s=exit_timeout_s,
-    )
+    """Run tritonserver in the foreground, forwarding SIGTERM/SIGINT; `options` as `server_command`'s."""
+    ports = {"http_port": http_port, "grpc_port": grpc_port, "metrics_port": metrics_port}
+    command, env = server_command(repository, **ports, **options)
     print(f"serving {repository}: http :{http_port}, grpc :{grpc_port}, metrics :{metrics_port}", file=sys.stderr)
     # Its own process group: a terminal's Ctrl-C reaches the server once, through `forward`.
     server = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent, process_group=0)
@@ -135,16 +122,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--exit-timeout-s", type=int, default=300, help="on SIGTERM, seconds for requests in flight (default 300)"
     )
-    args = parser.parse_args(argv)
-    return serve(
-        repository=args.repository,
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port,
-        triton_env=args.triton_env,
-        log_verbose=args.log_verbose,
-        exit_timeout_s=args.exit_timeout_s,
-    )
+    return serve(**vars(parser.parse_args(argv)))  # the flags are serve's keyword arguments
 
 
 def cli() -> None:

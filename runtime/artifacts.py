@@ -19,13 +19,19 @@ class Artifacts:
     folder: Path
     manifest: ArtifactsManifest
     manifest_sha256: str
-    geometry: Geometry
-    shapes: Shapes
     specs: dict[str, ComponentSpec]
 
     @property
     def precision(self) -> str:
         return self.manifest.precision
+
+    @property
+    def geometry(self) -> Geometry:
+        return self.manifest.geometry
+
+    @property
+    def shapes(self) -> Shapes:
+        return self.manifest.shapes
 
     def scheduler_json(self) -> dict:
         return json.loads((self.folder / self.manifest.scheduler_config).read_text(encoding="utf-8"))
@@ -68,8 +74,7 @@ def open_artifacts(folder: str | Path, *, verify: bool = False, log=None) -> Art
             f"artifacts {folder} are incomplete: scheduler_config.json is missing; re-run export with --force"
         )
     verify_artifacts(folder, manifest, force=verify, log=log)
-    geometry = manifest.geometry
-    specs = component_specs(geometry, shapes)
+    specs = component_specs(manifest.geometry, shapes)
     for component in required:
         declared = [(t.name, t.shape) for t in components[component].inputs]
         if declared != [(t.name, t.shape) for t in specs[component].inputs]:
@@ -77,4 +82,4 @@ def open_artifacts(folder: str | Path, *, verify: bool = False, log=None) -> Art
                 f"artifacts {folder}: the {component} inputs in the manifest {declared} differ from what this flux2-trt "
                 "derives from the same configs; re-export with this version (--force)"
             )
-    return Artifacts(folder, manifest, manifest_hash(folder), geometry, shapes, specs)
+    return Artifacts(folder, manifest, manifest_hash(folder), specs)
