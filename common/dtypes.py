@@ -1,4 +1,4 @@
-"""Every dtype correspondence in one place: precision names, numpy/ml_dtypes, torch, ONNX element types.
+"""Every dtype correspondence in one place: numpy/ml_dtypes, torch, ONNX element types (precisions: common.precision).
 
 Heavy libraries (torch, onnx, onnx_ir) are imported inside the functions that need them, so the
 runtime can use the numpy side without them.
@@ -8,19 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-# The compute dtype of each precision, by name. FP8 graphs keep everything that is not an FP8
-# linear in bf16, so PyTorch references for fp8 artifacts run at bf16.
-COMPUTE_DTYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp8": "bfloat16"}
-
 # onnx.TensorProto element types of the graph I/O dtypes the manifest records (numpy names).
 ONNX_ELEMENT_TYPE = {"float32": 1, "int64": 7, "float16": 10, "bfloat16": 16}
-
-
-def torch_dtype(precision: str):
-    """The torch dtype a PyTorch module runs in for `precision` (fp32 | fp16 | bf16 | fp8)."""
-    import torch
-
-    return getattr(torch, COMPUTE_DTYPE[precision])
 
 
 def numpy_of_onnx(data_type: int) -> np.dtype:

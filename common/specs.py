@@ -1,4 +1,4 @@
-"""One declaration per component: names, shapes, dtypes and tolerances of each graph's inputs/outputs.
+"""The one source of each graph's inputs and outputs: names, shapes and dtypes.
 
 Everything is derived here from a checkpoint's configs (`Geometry`) plus the target image size and
 sequence length (`Shapes`). Export traces with these shapes, the verifier feeds them, the runtime
@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass
 
 from common.family import Family
 
-PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 COMPONENTS = ("text_encoder", "transformer", "vae")
 # Only artifacts exported with reference images (`Shapes.reference_images` > 0) have this graph.
 EDITING_COMPONENTS = ("vae_encoder",)
@@ -26,46 +25,6 @@ EDITING_COMPONENTS = ("vae_encoder",)
 DEFAULT_HEIGHT = 1024
 DEFAULT_WIDTH = 1024
 DEFAULT_MAX_SEQUENCE_LENGTH = 512
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    max_rel_l2: float
-    min_cosine: float
-
-    def judge(self, actual, expected) -> dict:
-        """compare()'s metrics plus `passed`: finite, within rel L2 and above cosine. The one judgement."""
-        from common.metrics import compare
-
-        metrics = compare(actual, expected)
-        metrics["passed"] = bool(
-            metrics["finite"] and metrics["rel_l2"] <= self.max_rel_l2 and metrics["cosine"] >= self.min_cosine
-        )
-        return metrics
-
-    def describe(self, name: str, metrics: dict) -> str:
-        """One failing (or passing) output, with the bounds it was held to."""
-        text = (
-            f"rel_l2 {metrics['rel_l2']:.3g} (max {self.max_rel_l2:g}), cosine {metrics['cosine']:.6f} "
-            f"(min {self.min_cosine:g}), max_abs {metrics['max_abs']:.3g}"
-        )
-        if not metrics["finite"]:  # an activation left the precision's range, or the weights hold NaN/Inf
-            return f"{name}: NON-FINITE values ({metrics['non_finite']} inf/nan), {text}"
-        return f"{name}: {text}"
-
-
-# Against the fp32 PyTorch module on realistic inputs. bf16 keeps 8 mantissa bits (~4e-3 per
-# rounding), fp16 keeps 11 (~5e-4); errors compound through the layers, hence these bounds.
-TOLERANCES = {
-    "fp32": Tolerance(max_rel_l2=1e-4, min_cosine=0.99999),
-    "fp16": Tolerance(max_rel_l2=1e-2, min_cosine=0.9999),
-    "bf16": Tolerance(max_rel_l2=3e-2, min_cosine=0.999),
-    # The FP8 transformer (E4M3 linears, the rest bf16). Measured with the fp32 twin on the tiny
-    # default: rel L2 2.8e-3 with NVIDIA's exclusions, 5.3e-2 (cosine 0.9986) with every linear in
-    # FP8; one E4M3 Q/DQ linear alone is ~3e-2 off. The bound admits the all-FP8 graph and catches a
-    # misplaced scale or transposition (cosine near 0).
-    "fp8": Tolerance(max_rel_l2=1e-1, min_cosine=0.99),
-}
 
 
 @dataclass(frozen=True)

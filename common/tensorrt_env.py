@@ -26,9 +26,6 @@ LABELS = {"tensorrt": "TensorRT", "rtx": "TensorRT-RTX"}
 # (Turing) only on request. No 9.0: Hopper is not a TensorRT-RTX target.
 RTX_COMPUTE_CAPABILITIES = ("7.5", "8.0", "8.6", "8.9", "12.0", "12.1")
 RTX_DEFAULT_COMPUTE_CAPABILITIES = ("8.0", "8.6", "8.9", "12.0", "12.1")
-# FP8 tensor cores start with Ada (8.9); TensorRT-RTX refuses to compile FP8 for sm80 (measured:
-# "Cannot compile for target(s) sm80, because the model contains HW-specific datatypes: fp8_e4m3").
-FP8_MIN_COMPUTE_CAPABILITY = "8.9"
 
 
 def cc_tuple(capability: str) -> tuple[int, int]:
@@ -38,9 +35,9 @@ def cc_tuple(capability: str) -> tuple[int, int]:
 
 def runnable_compute_capabilities(capabilities, precision: str) -> tuple[str, ...]:
     """The GPUs an RTX engine of `precision` built for `capabilities` can run on."""
-    if precision != "fp8":
-        return tuple(capabilities)
-    return tuple(c for c in capabilities if cc_tuple(c) >= cc_tuple(FP8_MIN_COMPUTE_CAPABILITY))
+    from common.precision import precision as declared
+
+    return tuple(c for c in capabilities if declared(precision).runs_on(cc_tuple(c)))
 
 
 def import_trt(target: str):

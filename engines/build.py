@@ -29,9 +29,9 @@ from common.engine_manifest import (
 from common.errors import Flux2TrtError, UsageError
 from common.integrity import verify_artifacts
 from common.manifest import key_of, read_manifest, sha256_file
+from common.precision import precision as declared
 from common.staging import folder_lock, remove_stale_staging
 from common.tensorrt_env import (
-    FP8_MIN_COMPUTE_CAPABILITY,
     RTX_COMPUTE_CAPABILITIES,
     RTX_DEFAULT_COMPUTE_CAPABILITIES,
     TARGETS,
@@ -185,13 +185,14 @@ def _platform(target: str, trt, build: BuildConfig) -> Platform:
 def _check_precision_fits(target: str, build: BuildConfig, precision: str) -> None:
     if build.compute_capabilities and target != "rtx":
         raise UsageError("--compute-capability applies to --target rtx; TensorRT builds for the GPU it runs on")
-    if precision == "fp8" and build.compute_capabilities:
-        old = [c for c in build.compute_capabilities if cc_tuple(c) < cc_tuple(FP8_MIN_COMPUTE_CAPABILITY)]
-        if old:
-            raise UsageError(
-                f"--compute-capability {','.join(c.replace('.', '') for c in old)} cannot run fp8 engines "
-                f"(FP8 needs compute capability {FP8_MIN_COMPUTE_CAPABILITY} or newer); drop it or export at bf16"
-            )
+    declaration = declared(precision)
+    old = [c for c in build.compute_capabilities or () if not declaration.runs_on(cc_tuple(c))]
+    if old:
+        raise UsageError(
+            f"--compute-capability {','.join(c.replace('.', '') for c in old)} cannot run {precision} engines "
+            f"({str(precision).upper()} needs compute capability {declaration.min_compute_capability} or newer); drop it or "
+            f"export at {declaration.traced}"
+        )
 
 
 def _timing_cache_input(timing_cache: Path | None, api, log) -> tuple[bytes | None, dict | None]:

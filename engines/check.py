@@ -19,6 +19,7 @@ from common.cli import OneLineParser, run_cli
 from common.dtypes import ONNX_ELEMENT_TYPE
 from common.errors import ArtifactsError, EngineCompatibilityError
 from common.manifest import ComponentRecord, read_manifest
+from common.precision import precision as declared
 from engines import graph_checks
 from engines.ops_table import load_table
 from engines.qdq import check_fp8_qdq
@@ -139,7 +140,7 @@ def run_parse(folder: Path, out) -> list:
     manifest = read_manifest(folder)
     reports = parse_artifacts(api, Path(folder), manifest)
     expected = {
-        name: sum(1 for r in report.get("layers", []) if r["precision"] == "fp8")
+        name: sum(1 for r in report.get("layers", []) if declared(r["precision"]).quantized)
         for name, report in read_fp8_layers(folder).items()
     }
     print(format_parse_table(reports, f"{api.label} {api.version}", expected), file=out)

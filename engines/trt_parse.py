@@ -26,10 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.manifest import ArtifactsManifest
+from common.precision import precision as declared
 from engines.graph_checks import Finding
 
-# The component's compute precision -> TensorRT's DataType name its matrix multiplies must have.
-MATMUL_TYPES = {"fp16": "HALF", "bf16": "BF16", "fp8": "BF16"}
 FP8_INPUT_MARK = ".input_fp8"
 
 
@@ -94,7 +93,7 @@ def parse_component(
 
 def matmul_findings(layers, precision: str, kept_float32=()) -> list[Finding]:
     """Matrix multiplies not in the graph's precision, except those the export lists as float32 on purpose."""
-    want = MATMUL_TYPES.get(precision)
+    want = declared(precision).trt_matmul_type
     if want is None:
         return []  # fp32: nothing narrower was promised
     allowed = set(kept_float32)
@@ -137,8 +136,8 @@ def _feeds_fp8_matmul(quantize, consumers) -> bool:
 
 def fp8_findings(layers, fp8_report: dict, report: ParseReport) -> list[Finding]:
     records = fp8_report.get("layers", [])
-    fp8_paths = {r["path"] for r in records if r["precision"] == "fp8"}
-    kept = {r["path"] for r in records if r["precision"] != "fp8"}
+    fp8_paths = {r["path"] for r in records if declared(r["precision"]).quantized}
+    kept = {r["path"] for r in records if not declared(r["precision"]).quantized}
     consumers = _consumers(layers)
     found, quantized = [], Counter()
     quantizes = [q for q in layers if q.type.name == "QUANTIZE" and q.get_output_type(0).name == "FP8"]

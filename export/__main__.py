@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 
 from common.cli import OneLineParser, parse_csv, parse_int_csv, run_cli
-from common.specs import COMPONENTS, DEFAULT_HEIGHT, DEFAULT_MAX_SEQUENCE_LENGTH, DEFAULT_WIDTH, PRECISIONS, Shapes
+from common.precision import PRECISION_NAMES as PRECISIONS
+from common.specs import COMPONENTS, DEFAULT_HEIGHT, DEFAULT_MAX_SEQUENCE_LENGTH, DEFAULT_WIDTH, Shapes
 from export.fp8 import run as fp8_export
 
 

@@ -28,11 +28,12 @@ from common.manifest import (
     sha256_file,
 )
 from common.named_checkpoints import resolve_model
+from common.precision import PRECISION_NAMES as PRECISIONS
+from common.precision import PRECISIONS as DECLARED
+from common.precision import TOLERANCES
 from common.specs import (
     COMPONENTS,
     EDITING_COMPONENTS,
-    PRECISIONS,
-    TOLERANCES,
     ComponentSpec,
     Geometry,
     Shapes,
@@ -278,7 +279,11 @@ def _run_export(job: ExportJob, log=None) -> ArtifactsManifest:
             )
             reused = None if force else _reusable(previous, out, component, key)
             if reused is None:  # refused before writing, not after streaming most of a file that cannot fit
-                ensure_space(out, expected_bytes(checkpoint, component, precision), f"the {component} graph")
+                ensure_space(
+                    out,
+                    expected_bytes(checkpoint, component, _component_precision(precision, fp8, component)),
+                    f"the {component} graph",
+                )
             if reused is not None:
                 entry, report = reused
                 for name in entry.files:
@@ -532,3 +537,8 @@ def _summary_table(rows, precision: str, out: Path) -> str:
             f"{component:<13}{status:<10}{mib:>9.2f}  {str(report['method'] or '-'):<26}{numbers}  {check:<6}{seconds:>7.1f}"
         )
     return "\n".join(lines)
+
+
+def _component_precision(name: str, fp8, component: str):
+    folder = DECLARED[name]
+    return folder.of_component(component, bool(fp8) and fp8.component_precision(component) == folder.name)

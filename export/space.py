@@ -16,11 +16,10 @@ import struct
 from math import prod
 from pathlib import Path
 
+from common.precision import Precision
+from common.precision import precision as declared
 from export.checkpoint import Checkpoint, weight_files
 
-# Bytes per stored element in the exported graph. fp8 writes the bf16 graph first, then its
-# rewrite beside it (export.fp8.run): 2 + 1 per element at the peak.
-BYTES_PER_ELEMENT = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 3}
 SLACK = 64 * 2**20
 
 
@@ -31,6 +30,7 @@ def _elements(path: Path) -> int:
     return sum(prod(entry["shape"]) for name, entry in header.items() if name != "__metadata__")
 
 
-def expected_bytes(checkpoint: Checkpoint, component: str, precision: str) -> int:
+def expected_bytes(checkpoint: Checkpoint, component: str, precision: str | Precision) -> int:
+    """`precision` is the component's own (`Precision.of_component`): an fp8 folder's VAE is bf16."""
     files = weight_files(checkpoint.weights_dir(component))
-    return sum(_elements(path) for path in files) * BYTES_PER_ELEMENT[precision] + SLACK
+    return sum(_elements(path) for path in files) * declared(precision).bytes_per_element + SLACK

@@ -19,10 +19,9 @@ import numpy as np
 
 from common.atomic import atomic_write_json
 from common.cli import OneLineParser, run_cli
-from common.dtypes import COMPUTE_DTYPE
 from common.errors import UsageError
 from common.metrics import psnr, ssim
-from common.specs import TOLERANCES
+from common.precision import precision as declared
 
 CHECK_PROMPT = "A photograph of a red fox sitting in fresh snow at dawn, soft light, shallow depth of field."
 
@@ -89,14 +88,14 @@ def run_check(
     # With --backend ort the refusal is an error; with auto, select_backend falls back to torch.
     # Either way a bf16/fp8 check on a machine without TensorRT or onnxruntime-gpu runs the
     # PyTorch modules, and the report says so.
-    requested = "auto" if backend == "ort" and precision in ("bf16", "fp8") else backend
+    requested = "auto" if backend == "ort" and not declared(precision).ort_cpu_runs else backend
     chosen = select_backend(requested, opened.folder, opened.manifest, checkpoint=checkpoint, log=log)
     if chosen.name.startswith("torch") and backend != "torch":
         notes.append(
             f"ONNX Runtime's CPU provider cannot run {precision} graphs: ran the torch backend at "
-            f"{'bf16 (it has no FP8)' if precision == 'fp8' else precision} instead; the {precision} ONNX graphs "
-            "themselves were checked at export time (reports/export_check.json"
-            + (", reports/fp8_check.json)" if precision == "fp8" else ")")
+            f"{'bf16 (it has no FP8)' if declared(precision).quantized else precision} instead; the {precision} ONNX "
+            "graphs themselves were checked at export time (reports/export_check.json"
+            + (", reports/fp8_check.json)" if declared(precision).quantized else ")")
         )
         log(f"note: {notes[-1]}")
     kind = "torch" if chosen.name.startswith("torch") else "onnx"
@@ -144,8 +143,10 @@ def run_check(
             call["image"] = [reference.image for reference in prepared]
         ref_image = pipe(**call).images[0]
     floor_psnr = None
-    if precision != "fp32":
-        same_precision = _reference_pipeline(checkpoint, opened.geometry.pipeline_class, COMPUTE_DTYPE[precision])
+    if not declared(precision).is_float32:
+        same_precision = _reference_pipeline(
+            checkpoint, opened.geometry.pipeline_class, declared(precision).compute_dtype
+        )
         with torch.no_grad():
             floor_image = same_precision(
                 **{**call, "generator": torch.Generator().manual_seed(seed), "callback_on_step_end": None}
@@ -211,7 +212,7 @@ def run_check(
     decoded = reference.run("vae", {"packed_latents": final["latents"]})["image"]
     ref_decoded = to_image(decoded.float().cpu().numpy())[0]
 
-    tolerance = TOLERANCES.get(precision, TOLERANCES["bf16"])
+    tolerance = declared(precision).tolerance
     components = {
         "text_encoder": tolerance.judge(ours_embeds, ref_embeds.float().cpu().numpy()),
         "transformer": tolerance.judge(ours_velocity, ref_velocity.float().cpu().numpy()),
@@ -275,7 +276,7 @@ def format_table(report: dict) -> str:
     )
     if e.get("diffusers_same_precision_psnr_db") is not None:
         lines.append(
-            f"{'':<14}(diffusers at {COMPUTE_DTYPE[report['precision']]} is {e['diffusers_same_precision_psnr_db']:.2f} dB from float32; "
+            f"{'':<14}(diffusers at {declared(report['precision']).compute_dtype} is {e['diffusers_same_precision_psnr_db']:.2f} dB from float32; "
             f"bound = that - {FLOOR_MARGIN_DB:g} dB, at least {MIN_PSNR_REDUCED:g} dB)"
         )
     lines.append(f"overall: {'PASS' if report['passed'] else 'FAIL'}")

@@ -234,7 +234,8 @@ def test_export_reference_flags(tmp_path, capsys, flags, needle):
 @pytest.mark.parametrize("precision", ["fp16", "bf16", "fp8"])
 def test_every_precision_exports_references_within_its_bounds(editing, tmp_path, precision):
     """fp16 graphs in ONNX Runtime, bf16 in onnx's reference evaluator, FP8 through its fp32 twin, as for text to image."""
-    from common.specs import TOLERANCES, Shapes
+    from common.precision import TOLERANCES
+    from common.specs import Shapes
     from engines.check import check_artifacts
     from export.fp8.calibrate import CalibrationSettings
     from export.fp8.run import Fp8Options

@@ -22,7 +22,8 @@ import pytest
 from common.errors import ArtifactsError, UsageError, VerificationError
 from common.integrity import STAMP_NAME
 from common.metrics import compare
-from common.specs import TOLERANCES, Shapes
+from common.precision import TOLERANCES
+from common.specs import Shapes
 from common.staging import folder_lock, owner_tag, remove_stale_staging
 from tests.support import REPO
 

@@ -361,7 +361,7 @@ def test_real_engines_match_onnx_runtime(export_tiny, tmp_path):
     import shutil
 
     from common.manifest import read_manifest
-    from common.specs import TOLERANCES
+    from common.precision import TOLERANCES
     from engines.build import build_engines
     from export.verify.onnx_run import compare, run_graph
 

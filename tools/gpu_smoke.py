@@ -9,7 +9,7 @@ engines, then runs each component on the same realistic inputs the export check 
   - the PyTorch module at the same precision on the GPU, and at fp32 on the CPU (the reference),
 
 and prints relative L2 and PSNR of the engine against each. It fails (exit 1) when the engine
-misses the export check's bound against fp32 PyTorch (common.specs.TOLERANCES).
+misses the export check's bound against fp32 PyTorch (common.precision).
 
 It sits outside the packages because it uses all three (export, engines, runtime), which must
 not import one another.
@@ -28,7 +28,9 @@ import numpy as np  # noqa: E402
 from common.cli import OneLineParser, run_cli  # noqa: E402
 from common.errors import ArtifactsError, VerificationError  # noqa: E402
 from common.metrics import compare, psnr  # noqa: E402
-from common.specs import PRECISIONS, TOLERANCES, Shapes  # noqa: E402
+from common.precision import PRECISION_NAMES as PRECISIONS  # noqa: E402
+from common.precision import TOLERANCES  # noqa: E402
+from common.specs import Shapes  # noqa: E402
 
 SMOKE_SHAPES = Shapes(height=256, width=256, max_sequence_length=128)
 

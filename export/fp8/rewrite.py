@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from common.dtypes import numpy_of_onnx
+from common.precision import PRECISIONS
+from common.precision import precision as declared
 from export.writing.external_data import TensorReader, copy_with_external_data, flat_chunks
 
 FP8_E4M3_MAX = 448.0
@@ -77,8 +79,9 @@ def is_excluded(path: str, patterns: tuple[str, ...]) -> bool:
 
 
 def plan_precisions(paths, exclude: tuple[str, ...]) -> dict[str, str]:
-    """Module path -> "fp8" or "bf16" (excluded)."""
-    return {path: ("bf16" if is_excluded(path, exclude) else "fp8") for path in paths}
+    """Module path -> "fp8", or the precision fp8 graphs are traced at ("bf16") for an excluded one."""
+    fp8 = PRECISIONS["fp8"]
+    return {path: (fp8.traced.name if is_excluded(path, exclude) else fp8.name) for path in paths}
 
 
 def _module_path(node, module_prefix: str) -> str | None:
@@ -151,7 +154,12 @@ def quantize_e4m3(values: np.ndarray, scale: np.ndarray) -> np.ndarray:
 @dataclass
 class LayerRecord:
     path: str
-    precision: str  # "fp8" | "bf16"
+    precision: str  # "fp8" | "bf16" (excluded)
+
+    @property
+    def quantized(self) -> bool:
+        return declared(self.precision).quantized
+
     weight_shape: tuple[int, ...]  # as stored in the graph: [in, out] where the optimizer pre-transposed it
     calls: int
     input_amax: float | None = None
@@ -190,7 +198,7 @@ def quantize_graph(
     for use in uses:
         by_path.setdefault(use.path, []).append(use)
     plan = plan_precisions(by_path, exclude)
-    missing = [p for p, precision in plan.items() if precision == "fp8" and p not in input_amax]
+    missing = [p for p, name in plan.items() if declared(name).quantized and p not in input_amax]
     if missing:
         raise Fp8GraphError(f"no calibrated input amax for {len(missing)} FP8 layer(s), e.g. {missing[:3]}")
 
@@ -208,7 +216,7 @@ def quantize_graph(
         weight_proto = initializers[first.weight]
         record = LayerRecord(path, plan[path], tuple(weight_proto.dims), len(path_uses))
         records.append(record)
-        if plan[path] != "fp8":
+        if not declared(plan[path]).quantized:
             record.reason = f"excluded by {next(p for p in exclude if is_excluded(path, (p,)))!r}"
             continue
         if len({u.weight for u in path_uses}) != 1:

@@ -29,7 +29,7 @@ from common.atomic import atomic_write_json
 from common.cli import parse_csv
 from common.errors import Flux2TrtError, UsageError, VerificationError
 from common.manifest import sha256_file
-from common.specs import TOLERANCES
+from common.precision import TOLERANCES
 from export.fp8.calibrate import DEVICES, CalibrationSettings, load_prompts
 from export.fp8.rewrite import DEFAULT_TEXT_ENCODER_EXCLUDE, DEFAULT_TRANSFORMER_EXCLUDE, is_excluded
 

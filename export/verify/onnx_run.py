@@ -13,17 +13,19 @@ from pathlib import Path
 import numpy as np
 
 from common.metrics import compare  # noqa: F401  (re-exported for callers of export.verify.onnx_run)
+from common.precision import ORT_CPU, REFERENCE_EVALUATOR, Precision
+from common.precision import precision as declared
 
 # Above this many bytes of weights the reference evaluator would take too long on a CPU.
 REFERENCE_EVALUATOR_MAX_BYTES = 64 * 1024 * 1024
 
 
-def method_for(precision: str, weight_bytes: int) -> str | None:
-    if precision in ("fp32", "fp16"):
-        return "onnxruntime-cpu"
-    if weight_bytes <= REFERENCE_EVALUATOR_MAX_BYTES:
-        return "onnx-reference-evaluator"
-    return None
+def method_for(precision: str | Precision, weight_bytes: int) -> str | None:
+    """How a graph of `precision` (a traced one: fp32, fp16 or bf16) is run here; None: too large."""
+    method = declared(precision).cpu_check
+    if method == REFERENCE_EVALUATOR and weight_bytes > REFERENCE_EVALUATOR_MAX_BYTES:
+        return None
+    return method
 
 
 # numpy reduces bfloat16 arrays in bfloat16: a mean over 4096 values stalls once the running sum
@@ -65,7 +67,7 @@ def _bf16_accumulating_ops():
 
 
 def run_graph(path: Path, feeds: dict[str, np.ndarray], method: str) -> dict[str, np.ndarray]:
-    if method == "onnxruntime-cpu":
+    if method == ORT_CPU:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -73,7 +75,7 @@ def run_graph(path: Path, feeds: dict[str, np.ndarray], method: str) -> dict[str
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         names = [o.name for o in session.get_outputs()]
         return dict(zip(names, session.run(names, feeds)))
-    if method == "onnx-reference-evaluator":
+    if method == REFERENCE_EVALUATOR:
         import onnx
         from onnx.reference import ReferenceEvaluator
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.dtypes import torch_dtype
+from common.precision import precision as declared
 from common.specs import ComponentSpec, Geometry, Shapes
 from common.tokenizer import PromptTokenizer
 from export import checkpoint as ckpt
@@ -61,7 +61,7 @@ def check_reference_pil_images(shapes: Shapes) -> list:
 
 def build_graph_module(component: str, checkpoint: ckpt.Checkpoint, geometry: Geometry, shapes: Shapes, precision: str):
     """The exportable module for `component` with weights in `precision`."""
-    dtype = torch_dtype(precision)
+    dtype = declared(precision).torch_dtype()
     if component == "text_encoder":
         return TextEncoderGraph(ckpt.load_language_model(checkpoint, geometry, dtype), geometry.text_out_layers).eval()
     if component == "transformer":

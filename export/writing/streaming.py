@@ -39,8 +39,9 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from common.dtypes import numpy_view, torch_dtype, torch_of_ir
+from common.dtypes import numpy_view, torch_of_ir
 from common.errors import CheckpointError, Flux2TrtError
+from common.precision import precision as declared
 from common.specs import ComponentSpec, Geometry, Shapes
 from export import checkpoint as ckpt
 from export.writing.trace import check_graph, data_file_name, example_inputs, trace
@@ -157,7 +158,7 @@ def build_weightless_graph(
     from export.graphs.vae_encoder import VaeEncoderGraph
 
     folder = checkpoint.weights_dir(component)
-    model, rename = _empty_model(component, checkpoint, geometry, torch_dtype(precision))
+    model, rename = _empty_model(component, checkpoint, geometry, declared(precision).torch_dtype())
     wanted = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
     refs = checkpoint_weights(folder, wanted, rename)
     missing = [name for name, _ in model.named_parameters() if name not in refs]

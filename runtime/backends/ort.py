@@ -13,6 +13,7 @@ import numpy as np
 
 from common.errors import ArtifactsError, UsageError
 from common.manifest import ArtifactsManifest
+from common.precision import precision as declared
 
 
 def ort_providers() -> list[str]:
@@ -41,7 +42,7 @@ class OrtBackend:
         self.providers = providers or ort_providers()
         self.name = "ort-cuda" if self.providers[0] == "CUDAExecutionProvider" else "ort-cpu"
         self.low_vram = low_vram
-        if self.name == "ort-cpu" and self.precision in ("bf16", "fp8"):
+        if self.name == "ort-cpu" and not declared(self.precision).ort_cpu_runs:
             raise UsageError(
                 f"ONNX Runtime's CPU provider cannot run {self.precision} graphs ({self.artifacts}); "
                 "use --backend torch here (PyTorch modules at bf16; it has no FP8), or --backend trt on a GPU node"

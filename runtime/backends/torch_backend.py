@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common.dtypes import COMPUTE_DTYPE, torch_dtype
 from common.errors import ArtifactsError
 from common.manifest import ArtifactsManifest
+from common.precision import precision as declared
 
 
 class TorchBackend:
@@ -34,7 +34,7 @@ class TorchBackend:
         self.precision = manifest.precision
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.name = f"torch-{self.device.type}"
-        self.dtype = torch_dtype(self.precision)
+        self.dtype = declared(self.precision).torch_dtype()
         self.checkpoint = Path(checkpoint or manifest.source.checkpoint).expanduser()
         if not (self.checkpoint / "model_index.json").is_file():
             raise ArtifactsError(
@@ -69,7 +69,7 @@ class TorchBackend:
             from common.reference_pipeline import reference_pipeline
 
             self._pipe = reference_pipeline(
-                self.checkpoint, dtype=COMPUTE_DTYPE[self.precision], device=str(self.device)
+                self.checkpoint, dtype=declared(self.precision).compute_dtype, device=str(self.device)
             )
         return self._pipe
 
