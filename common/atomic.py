@@ -61,14 +61,35 @@ def atomic_dir(target: Path):
     track(staging)
     try:
         yield staging
-        retired = None
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{owner_tag()}-", dir=target.parent))
-            os.rename(target, retired / "old")
-        os.rename(staging, target)
-        if retired is not None:
-            shutil.rmtree(retired, ignore_errors=True)
+        replace_dir(staging, target)
     finally:
         untrack(staging)
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def replace_dir(staging: Path, target: Path) -> None:
+    """Put the finished folder `staging` at `target` (a sibling), replacing what was there.
+
+    The old folder is first renamed aside into a hidden owned sibling, so `target` is at every moment
+    either the old folder or the new one; the old one is then removed.
+    """
+    retired = None
+    if target.exists():
+        retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{owner_tag()}-", dir=target.parent))
+        os.rename(target, retired / "old")
+    os.rename(staging, target)
+    if retired is not None:
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+def writable_error(folder: Path) -> str | None:
+    """None when a file can be created in the existing folder `folder`, else the reason (strerror).
+
+    Tried rather than read from permission bits: root passes os.access even on read-only mounts.
+    """
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=folder))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None

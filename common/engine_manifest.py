@@ -24,7 +24,7 @@ from common.manifest import (
     tensors_to_json,
 )
 from common.specs import TensorSpec
-from common.tensorrt_env import LABELS, Platform, runnable_compute_capabilities
+from common.tensorrt_env import LABELS, TARGETS, Platform, runnable_compute_capabilities
 
 ENGINES_DIR = "engines"
 ENGINE_MANIFEST_NAME = "manifest.json"
@@ -124,6 +124,11 @@ class EngineManifest:
 
 def engines_dir(artifacts: Path, target: str) -> Path:
     return Path(artifacts) / ENGINES_DIR / target
+
+
+def targets_with_engines(artifacts: Path) -> list[str]:
+    """The targets (tensorrt, then rtx: the trt backend's order) whose engine manifest `artifacts` holds."""
+    return [t for t in TARGETS if (engines_dir(artifacts, t) / ENGINE_MANIFEST_NAME).is_file()]
 
 
 def build_command(artifacts: Path, target: str) -> str:

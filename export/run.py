@@ -7,13 +7,12 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from common.atomic import atomic_dir, atomic_write_json
+from common.atomic import atomic_dir, atomic_write_json, writable_error
 from common.engine_manifest import ENGINES_DIR
 from common.errors import Flux2TrtError, UsageError, VerificationError
 from common.integrity import record_verified
@@ -162,13 +161,8 @@ def _prepare_out(out: Path) -> None:
     existing = next(p for p in (parent, *parent.parents) if p.exists())
     if not existing.is_dir():
         raise UsageError(f"cannot create output folder {parent}: {existing} is a file; choose a writable --out")
-    # Try it rather than trust permission bits: root passes os.access even on read-only mounts.
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=existing))
-    except OSError as exc:
-        raise UsageError(
-            f"output folder {existing} is not writable ({exc.strerror}); choose a writable --out"
-        ) from None
+    if reason := writable_error(existing):
+        raise UsageError(f"output folder {existing} is not writable ({reason}); choose a writable --out")
 
 
 def _make_parent(out: Path) -> None:
