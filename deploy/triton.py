@@ -18,8 +18,8 @@ from common.cli import OneLineParser, run_cli
 from common.errors import UsageError
 from common.tensorrt_env import LABELS, Platform
 from deploy.request import DEFAULT_MAX_IMAGES
+from runtime.backends.select import SERVED_BACKENDS
 
-BACKENDS = ("auto", "trt", "ort")
 DEVICES = ("auto", "gpu", "cpu")
 MODEL_TEMPLATE = Path(__file__).with_name("model.py")
 
@@ -156,8 +156,8 @@ def write_repository(
     """Write REPO/<name>/ (replacing an earlier one atomically); returns the model folder."""
     from runtime.artifacts import open_artifacts
 
-    if backend not in BACKENDS:
-        raise UsageError(f"--backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend not in SERVED_BACKENDS:
+        raise UsageError(f"--backend {backend!r} is not one of {', '.join(SERVED_BACKENDS)}")
     if device not in DEVICES:
         raise UsageError(f"--device {device!r} is not one of {', '.join(DEVICES)}")
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):

@@ -10,6 +10,8 @@ from common.manifest import ArtifactsManifest
 from runtime.backends import Backend
 
 BACKENDS = ("auto", "trt", "ort", "torch")
+# What a Triton model may run: the server's Python-backend environment carries no torch/diffusers.
+SERVED_BACKENDS = ("auto", "trt", "ort")
 
 
 def _trt_status(artifacts: Path) -> tuple[bool, str]:
