@@ -32,10 +32,6 @@ _CONFIG_FILES = {"transformer": "config.json", "vae": "config.json", "text_encod
 LANGUAGE_MODEL_PREFIXES = (r"^model\.language_model\.", r"^language_model\.model\.", r"^model\.")
 
 
-# Graphs whose weights live in another component's folder.
-GRAPH_WEIGHTS_FOLDER = {"vae_encoder": "vae"}
-
-
 @dataclass(frozen=True)
 class Checkpoint:
     root: Path
@@ -69,10 +65,6 @@ class Checkpoint:
 
     def component_dir(self, component: str) -> Path:
         return self.root / component
-
-    def weights_dir(self, graph: str) -> Path:
-        """The checkpoint folder a graph's weights come from: the VAE encoder graph reads vae/."""
-        return self.component_dir(GRAPH_WEIGHTS_FOLDER.get(graph, graph))
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:

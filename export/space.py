@@ -19,6 +19,7 @@ from pathlib import Path
 from common.precision import Precision
 from common.precision import precision as declared
 from export.checkpoint import Checkpoint, weight_files
+from export.components import COMPONENTS
 
 SLACK = 64 * 2**20
 
@@ -32,5 +33,5 @@ def _elements(path: Path) -> int:
 
 def expected_bytes(checkpoint: Checkpoint, component: str, precision: str | Precision) -> int:
     """`precision` is the component's own (`Precision.of_component`): an fp8 folder's VAE is bf16."""
-    files = weight_files(checkpoint.weights_dir(component))
+    files = weight_files(COMPONENTS[component].weights_dir(checkpoint))
     return sum(_elements(path) for path in files) * declared(precision).bytes_per_element + SLACK

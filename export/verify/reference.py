@@ -11,17 +11,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
-from common.precision import precision as declared
 from common.specs import ComponentSpec, Geometry, Shapes
 from common.tokenizer import PromptTokenizer
 from export import checkpoint as ckpt
-from export.graphs.text_encoder import TextEncoderGraph
-from export.graphs.transformer import transformer_graph
-from export.graphs.vae import VaeDecoderGraph
-from export.graphs.vae_encoder import VaeEncoderGraph
+from export.components import COMPONENTS
 
 CHECK_PROMPT = "A photograph of a red fox sitting in fresh snow at dawn, soft light, shallow depth of field."
 # Rows of a batch get different prompts, so a graph that mixes rows fails the check. Row 1 is the
@@ -59,18 +56,9 @@ def check_reference_pil_images(shapes: Shapes) -> list:
     return [Image.fromarray(image) for image in as_uint8]
 
 
-def build_graph_module(component: str, checkpoint: ckpt.Checkpoint, geometry: Geometry, shapes: Shapes, precision: str):
+def build_graph_module(component: str, checkpoint: ckpt.Checkpoint, geometry: Geometry, shapes: Shapes, precision):
     """The exportable module for `component` with weights in `precision`."""
-    dtype = declared(precision).torch_dtype()
-    if component == "text_encoder":
-        return TextEncoderGraph(ckpt.load_language_model(checkpoint, geometry, dtype), geometry.text_out_layers).eval()
-    if component == "transformer":
-        return transformer_graph(ckpt.load_transformer(checkpoint, dtype), geometry, shapes).eval()
-    if component == "vae":
-        return VaeDecoderGraph(ckpt.load_vae(checkpoint, dtype), geometry, shapes).eval()
-    if component == "vae_encoder":
-        return VaeEncoderGraph(ckpt.load_vae(checkpoint, dtype), geometry, shapes).eval()
-    raise ValueError(component)
+    return COMPONENTS[component].graph_module(checkpoint, geometry, shapes, precision)
 
 
 @dataclass
@@ -79,6 +67,8 @@ class ReferenceInputs:
     geometry: Geometry
     shapes: Shapes
     _prompt_embeds: np.ndarray | None = field(default=None, repr=False)
+    sigma: ClassVar[float] = CHECK_SIGMA
+    guidance: ClassVar[float] = CHECK_GUIDANCE
 
     def token_inputs(self) -> tuple[np.ndarray, np.ndarray]:
         tokenizer = PromptTokenizer(
@@ -90,37 +80,24 @@ class ReferenceInputs:
         ids, mask = tokenizer.encode(prompts)
         return ids, mask
 
-    def prompt_embeds(self, text_encoder_fp32=None) -> np.ndarray:
+    def prompt_embeds(self) -> np.ndarray:
+        """The check prompts' embeddings by the fp32 PyTorch text encoder (computed once)."""
         import torch
 
         if self._prompt_embeds is None:
-            module = text_encoder_fp32 or build_graph_module(
-                "text_encoder", self.checkpoint, self.geometry, self.shapes, "fp32"
-            )
+            module = build_graph_module("text_encoder", self.checkpoint, self.geometry, self.shapes, "fp32")
             ids, mask = self.token_inputs()
             with torch.no_grad():
                 self._prompt_embeds = module(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
         return self._prompt_embeds
 
-    def feeds(self, spec: ComponentSpec, text_encoder_fp32=None) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng(CHECK_SEED)
-        b = self.shapes.batch_size
-        if spec.name == "text_encoder":
-            ids, mask = self.token_inputs()
-            return {"input_ids": ids, "attention_mask": mask}
-        if spec.name == "transformer":
-            feeds = {"hidden_states": rng.standard_normal(spec.inputs[0].shape).astype(np.float32)}
-            if self.shapes.reference_images:
-                feeds["reference_latents"] = rng.standard_normal(spec.inputs[1].shape).astype(np.float32)
-            feeds |= {
-                "encoder_hidden_states": self.prompt_embeds(text_encoder_fp32),
-                "timestep": np.full((b,), CHECK_SIGMA, np.float32),
-            }
-            if self.geometry.guidance_embeds:
-                feeds["guidance"] = np.full((b,), CHECK_GUIDANCE, np.float32)
-            return feeds
-        if spec.name == "vae":
-            return {"packed_latents": rng.standard_normal(spec.inputs[0].shape).astype(np.float32)}
-        if spec.name == "vae_encoder":
-            return {"reference_images": check_reference_images(spec.inputs[0].shape)}
-        raise ValueError(spec.name)
+    def rng(self) -> np.random.Generator:
+        """A fresh generator per graph: each graph's random inputs are the same whatever ran before."""
+        return np.random.default_rng(CHECK_SEED)
+
+    def reference_images(self, shape: tuple[int, ...]) -> np.ndarray:
+        return check_reference_images(shape)
+
+    def feeds(self, spec: ComponentSpec) -> dict[str, np.ndarray]:
+        """The inputs `spec`'s graph is checked on (the component's own declaration makes them)."""
+        return COMPONENTS[spec.name].feeds(self, spec)

@@ -1,0 +1,179 @@
+"""One declaration per exportable graph: where its weights live and how its module is made.
+
+Each `Component` says which checkpoint folder holds its weights, how its model is built (loaded
+with weights for the plain path, empty for streaming), which wrapper turns that model into the
+graph's module (`export/graphs/`) and under which attribute the wrapper keeps it (so the prefix
+of the graph's initializer names), which reference inputs check it, and whether the quantizing
+rewrites (FP8 linears) apply. Names, shapes and dtypes of each graph's inputs and outputs stay in
+`common/specs.py`, the one source every package reads.
+
+Export, streaming, the FP8 rewrite and the numerics check read these records; none of them asks
+`if component == ...`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from common.precision import Precision
+from common.precision import precision as declared
+from common.specs import ComponentSpec, Geometry, Shapes
+from export import checkpoint as ckpt
+from export.graphs.text_encoder import TextEncoderGraph
+from export.graphs.transformer import transformer_graph
+from export.graphs.vae import VaeDecoderGraph
+from export.graphs.vae_encoder import VaeEncoderGraph
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str
+    weights_folder: str  # the checkpoint subfolder its weights come from
+    wrapper_attribute: str  # where the model sits inside its graph module: the initializer names' prefix
+    load: Callable  # (checkpoint, geometry, torch dtype) -> the model with its weights
+    empty: Callable  # (checkpoint, geometry, torch dtype) -> (the model without weights, checkpoint key rename)
+    wrap: Callable  # (model, geometry, shapes) -> the exportable graph module
+    feeds: Callable  # (export.verify.reference.ReferenceInputs, spec) -> the inputs the check runs
+    quantizable: bool = False  # the quantizing rewrites (FP8 linears) apply to its nn.Linear layers
+    # Its graph can stand in for the pipeline's own module: a quantized one is also checked end to
+    # end, as an image through diffusers' pipeline.
+    drives_pipeline: bool = False
+
+    @property
+    def initializer_prefix(self) -> str:
+        return self.wrapper_attribute + "."
+
+    def weights_dir(self, checkpoint: ckpt.Checkpoint):
+        return checkpoint.component_dir(self.weights_folder)
+
+    def graph_module(self, checkpoint: ckpt.Checkpoint, geometry: Geometry, shapes: Shapes, precision: str | Precision):
+        """The exportable module with its weights, computing in `precision`'s dtype."""
+        model = self.load(checkpoint, geometry, declared(precision).torch_dtype())
+        return self.wrap(model, geometry, shapes).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Models without weights, constructed as `from_pretrained` constructs them (streaming export)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype):
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _rename_language_model_key(key: str) -> str:
+    # As transformers applies `key_mapping` in `checkpoint.load_language_model`: each pattern in
+    # turn, on the result of the previous one.
+    for pattern in ckpt.LANGUAGE_MODEL_PREFIXES:
+        key = re.sub(pattern, "", key, count=1)
+    return key
+
+
+def _empty_language_model(checkpoint: ckpt.Checkpoint, geometry: Geometry, dtype):
+    from accelerate import init_empty_weights
+    from transformers import AutoModel
+
+    config = ckpt.language_model_config(checkpoint, geometry)
+    with init_empty_weights(include_buffers=False):
+        return AutoModel.from_config(config, dtype=dtype), _rename_language_model_key
+
+
+def _empty_diffusers(class_name: str, folder: str):
+    def empty(checkpoint: ckpt.Checkpoint, geometry: Geometry, dtype):
+        import diffusers
+        from accelerate import init_empty_weights
+
+        cls = getattr(diffusers, class_name)
+        config = cls.load_config(checkpoint.component_dir(folder))
+        with _default_dtype(dtype), init_empty_weights(include_buffers=False):
+            return cls.from_config(config), None
+
+    return empty
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference inputs of each graph (export.verify.reference.ReferenceInputs holds the shared ones)
+
+
+def _text_encoder_feeds(inputs, spec: ComponentSpec) -> dict[str, np.ndarray]:
+    ids, mask = inputs.token_inputs()
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _transformer_feeds(inputs, spec: ComponentSpec) -> dict[str, np.ndarray]:
+    rng = inputs.rng()
+    b = inputs.shapes.batch_size
+    feeds = {"hidden_states": rng.standard_normal(spec.inputs[0].shape).astype(np.float32)}
+    if inputs.shapes.reference_images:
+        feeds["reference_latents"] = rng.standard_normal(spec.inputs[1].shape).astype(np.float32)
+    feeds |= {"encoder_hidden_states": inputs.prompt_embeds(), "timestep": np.full((b,), inputs.sigma, np.float32)}
+    if inputs.geometry.guidance_embeds:
+        feeds["guidance"] = np.full((b,), inputs.guidance, np.float32)
+    return feeds
+
+
+def _vae_feeds(inputs, spec: ComponentSpec) -> dict[str, np.ndarray]:
+    return {"packed_latents": inputs.rng().standard_normal(spec.inputs[0].shape).astype(np.float32)}
+
+
+def _vae_encoder_feeds(inputs, spec: ComponentSpec) -> dict[str, np.ndarray]:
+    return {"reference_images": inputs.reference_images(spec.inputs[0].shape)}
+
+
+COMPONENTS: dict[str, Component] = {
+    c.name: c
+    for c in (
+        Component(
+            "text_encoder",
+            weights_folder="text_encoder",
+            wrapper_attribute="language_model",
+            load=ckpt.load_language_model,
+            empty=_empty_language_model,
+            wrap=lambda model, geometry, shapes: TextEncoderGraph(model, geometry.text_out_layers),
+            feeds=_text_encoder_feeds,
+            quantizable=True,  # with --text-encoder-precision fp8
+        ),
+        Component(
+            "transformer",
+            weights_folder="transformer",
+            wrapper_attribute="model",
+            load=lambda checkpoint, geometry, dtype: ckpt.load_transformer(checkpoint, dtype),
+            empty=_empty_diffusers("Flux2Transformer2DModel", "transformer"),
+            wrap=transformer_graph,
+            feeds=_transformer_feeds,
+            quantizable=True,
+            drives_pipeline=True,
+        ),
+        Component(
+            "vae",
+            weights_folder="vae",
+            wrapper_attribute="vae",
+            load=lambda checkpoint, geometry, dtype: ckpt.load_vae(checkpoint, dtype),
+            empty=_empty_diffusers("AutoencoderKLFlux2", "vae"),
+            wrap=VaeDecoderGraph,
+            feeds=_vae_feeds,
+        ),
+        # Image editing: the VAE's encoder, from the same vae/ weights.
+        Component(
+            "vae_encoder",
+            weights_folder="vae",
+            wrapper_attribute="vae",
+            load=lambda checkpoint, geometry, dtype: ckpt.load_vae(checkpoint, dtype),
+            empty=_empty_diffusers("AutoencoderKLFlux2", "vae"),
+            wrap=VaeEncoderGraph,
+            feeds=_vae_encoder_feeds,
+        ),
+    )
+}
