@@ -41,3 +41,11 @@ class NonFiniteError(Flux2TrtError):
     """A stage produced NaN or Inf: the weights are damaged or the arithmetic overflowed."""
 
     exit_code = 1
+
+
+class InternalError(Exception):
+    """A broken invariant of flux2-trt itself, not something the user can fix.
+
+    Deliberately not a Flux2TrtError: `run_cli` lets it through with its traceback, which is what a
+    bug report needs.
+    """

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from common.atomic import atomic_dir, atomic_write_json, writable_error
 from common.engine_manifest import ENGINES_DIR
-from common.errors import Flux2TrtError, UsageError, VerificationError
+from common.errors import Flux2TrtError, UsageError
 from common.integrity import record_verified
 from common.manifest import (
     MANIFEST_NAME,
@@ -27,13 +27,12 @@ from common.manifest import (
     sha256_file,
 )
 from common.named_checkpoints import resolve_model
-from common.precision import PRECISION_NAMES as PRECISIONS
-from common.precision import PRECISIONS as DECLARED
-from common.precision import TOLERANCES
+from common.precision import DEFAULT as DEFAULT_PRECISION
+from common.precision import Precision
+from common.precision import precision as declared
 from common.specs import (
     COMPONENTS,
     EDITING_COMPONENTS,
-    ComponentSpec,
     Geometry,
     Shapes,
     component_specs,
@@ -42,8 +41,11 @@ from common.staging import folder_lock, remove_stale_staging
 from common.storage import ensure_space, is_storage_error, storage_error
 from common.tokenizer import TOKENIZER_FILES, PromptTokenizer
 from export import checkpoint as ckpt
+from export.component_export import ComponentJob, export_component
+from export.fp8 import run as fp8_export
+from export.fp8.run import Fp8Options
 from export.space import expected_bytes
-from export.writing.trace import data_file_name, example_inputs, export_graph
+from export.verify.reference import ReferenceInputs
 
 # Bump when the graphs this code writes change for the same inputs: it invalidates cached exports.
 # 2: the VAE upsamples in float32 (no bf16 Resize for TensorRT); 3: timestep rounding as the pipeline;
@@ -68,7 +70,7 @@ class ExportJob:
 
     model: str | Path
     out: Path
-    precision: str = "fp32"
+    precision: str = DEFAULT_PRECISION
     components: tuple[str, ...] = COMPONENTS
     shapes: Shapes = field(default_factory=Shapes)
     text_encoder_layers: tuple[int, ...] | None = None
@@ -77,23 +79,6 @@ class ExportJob:
     fp8: object = None  # export.fp8.run.Fp8Options for precision fp8
     # True traces without weights and streams them from the checkpoint into the ONNX file
     # (`export.writing.streaming`); False loads the modules and exports them as they are.
-    stream: bool = True
-
-
-@dataclass(frozen=True)
-class ComponentJob:
-    """One graph of an export: everything `_export_component` (and the FP8 path) needs to write and check it."""
-
-    component: str
-    spec: ComponentSpec
-    key: str
-    checkpoint: ckpt.Checkpoint
-    geometry: Geometry
-    shapes: Shapes
-    precision: str
-    reference: object  # export.verify.reference.ReferenceInputs
-    staging: Path
-    skip_check: bool
     stream: bool = True
 
 
@@ -108,8 +93,7 @@ def validate_request(
     reference_images: int = 0,
     reference_size: tuple[int, int] = (0, 0),
 ) -> None:
-    if precision not in PRECISIONS:
-        raise UsageError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    declared(precision)  # an unknown name is refused, naming every precision
     known = COMPONENTS + (EDITING_COMPONENTS if reference_images else ())
     unknown = [c for c in components if c not in known]
     if unknown or not components:
@@ -193,23 +177,41 @@ def run_export(job: ExportJob, log=None) -> ArtifactsManifest:
         raise storage_error(exc, "export", Path(job.out).expanduser().absolute()) from None
 
 
-def _run_export(job: ExportJob, log=None) -> ArtifactsManifest:
-    log = log or (lambda message: print(message, file=sys.stderr))
-    model, precision, components, shapes = job.model, job.precision, job.components, job.shapes
-    force, skip_check, stream, fp8 = job.force, job.skip_check, job.stream, job.fp8
-    if precision == "fp8" and fp8 is None:
-        from export.fp8.run import Fp8Options
+@dataclass(frozen=True)
+class ExportPlan:
+    """What an export will do, decided before anything is written: checkpoint, shapes, one job per graph."""
 
-        fp8 = Fp8Options()
-    out = Path(job.out).expanduser().absolute()
+    out: Path
+    precision: Precision  # the folder's
+    checkpoint: ckpt.Checkpoint
+    geometry: Geometry
+    shapes: Shapes
+    source: Source
+    versions: dict
+    jobs: tuple  # export.component_export.ComponentJob, staging left to fill in
+    previous: ArtifactsManifest | None
+    force: bool
+
+
+def _normalised(job: ExportJob) -> tuple[tuple[str, ...], Shapes]:
+    """(components, shapes) as the export records them: references' size explicit, their encoder included."""
+    components, shapes = job.components, job.shapes
     if shapes.reference_images:
         # The size is recorded, never left to "the output size" on reading.
         reference_height, reference_width = shapes.reference_size
         shapes = dataclasses.replace(shapes, reference_height=reference_height, reference_width=reference_width)
         if "vae" in components and "vae_encoder" not in components:
             components = (*components, "vae_encoder")
+    return components, shapes
+
+
+def plan_export(job: ExportJob) -> ExportPlan:
+    """Validate the request and read the checkpoint's configs; refuse in one line before any writing."""
+    folder_precision = declared(job.precision)
+    fp8 = job.fp8 if job.fp8 is not None or not folder_precision.quantized else Fp8Options()
+    components, shapes = _normalised(job)
     validate_request(
-        precision=precision,
+        precision=folder_precision.name,
         components=components,
         height=shapes.height,
         width=shapes.width,
@@ -218,107 +220,82 @@ def _run_export(job: ExportJob, log=None) -> ArtifactsManifest:
         reference_images=shapes.reference_images,
         reference_size=shapes.reference_size,
     )
+    out = Path(job.out).expanduser().absolute()
     _prepare_out(out)
-    checkpoint = ckpt.open_checkpoint(resolve_model(model))
+    checkpoint = ckpt.open_checkpoint(resolve_model(job.model))
     geometry = checkpoint.geometry(job.text_encoder_layers)
     if shapes.height % geometry.pixels_per_token or shapes.width % geometry.pixels_per_token:
         raise UsageError(
             f"--height/--width {shapes.height}x{shapes.width} must be multiples of {geometry.pixels_per_token} "
             f"for the VAE in {checkpoint.root / 'vae'}"
         )
-    specs = component_specs(geometry, shapes)
-    versions = library_versions()
+    if folder_precision.quantized:
+        fp8_export.check_options(fp8, checkpoint, geometry, components)
     source = Source(
         checkpoint=str(checkpoint.root),
-        model=str(model),
+        model=str(job.model),
         config_sha256=checkpoint.config_hash(),
         weights_fingerprint=checkpoint.weights_fingerprint(),
     )
-    previous = _previous_manifest(out)
-
-    from export.verify.reference import ReferenceInputs
-
+    versions = library_versions()
+    specs = component_specs(geometry, shapes)
+    keyed = {
+        "precision": folder_precision.name,
+        "geometry": geometry.to_json(),
+        "source": source.key_payload(),
+        "versions": versions,
+        "code": EXPORT_CODE_VERSION,
+        "checked": not job.skip_check,
+        "streamed": job.stream,
+    }
+    if shapes.reference_images:
+        # K and the reference size fix the transformer's RoPE tables beyond its input shapes
+        # (2 x 64x64 and 1 x 128x64 give the same token count); absent at K = 0.
+        keyed["references"] = [shapes.reference_images, *shapes.reference_size]
     reference = ReferenceInputs(checkpoint, geometry, shapes)
-    entries, reports, rows = {}, {}, []
+    jobs = tuple(
+        ComponentJob(
+            component=component,
+            spec=specs[component],
+            key=key_of(
+                {
+                    **keyed,
+                    "component": component,
+                    "spec": specs[component].to_json(),
+                    **({"fp8": fp8.key_payload(component)} if folder_precision.quantized else {}),
+                }
+            ),
+            checkpoint=checkpoint,
+            geometry=geometry,
+            shapes=shapes,
+            precision=folder_precision.of_component(component, fp8 is not None and fp8.quantizes_text_encoder),
+            folder_precision=folder_precision,
+            reference=reference,
+            staging=Path(),  # the export's staging folder, given when it is made
+            skip_check=job.skip_check,
+            stream=job.stream,
+            fp8=fp8,
+        )
+        for component in components
+    )
+    return ExportPlan(
+        out, folder_precision, checkpoint, geometry, shapes, source, versions, jobs, _previous_manifest(out), job.force
+    )
+
+
+def _run_export(job: ExportJob, log=None) -> ArtifactsManifest:
+    log = log or (lambda message: print(message, file=sys.stderr))
+    plan = plan_export(job)
+    out, rows = plan.out, []
     _make_parent(out)
     with folder_lock(out, "export"), atomic_dir(out) as staging:
         remove_stale_staging(out.parent, name=out.name, log=log)  # what a killed export of `out` left
         (staging / "reports").mkdir()
-        for component in components:
-            spec = specs[component]
-            key = key_of(
-                {
-                    "component": component,
-                    "precision": precision,
-                    "spec": spec.to_json(),
-                    "geometry": geometry.to_json(),
-                    "source": source.key_payload(),
-                    "versions": versions,
-                    "code": EXPORT_CODE_VERSION,
-                    "checked": not skip_check,
-                    **({"fp8": fp8.key_payload(component)} if precision == "fp8" else {}),
-                    "streamed": stream,
-                    # K and the reference size fix the transformer's RoPE tables beyond its input
-                    # shapes (2 x 64x64 and 1 x 128x64 give the same token count); absent at K = 0.
-                    **(
-                        {"references": [shapes.reference_images, *shapes.reference_size]}
-                        if shapes.reference_images
-                        else {}
-                    ),
-                }
-            )
+        for component_job in plan.jobs:
             started = time.perf_counter()
-            component_job = ComponentJob(
-                component, spec, key, checkpoint, geometry, shapes, precision, reference, staging, skip_check, stream
-            )
-            reused = None if force else _reusable(previous, out, component, key)
-            if reused is None:  # refused before writing, not after streaming most of a file that cannot fit
-                ensure_space(
-                    out,
-                    expected_bytes(checkpoint, component, _component_precision(precision, fp8, component)),
-                    f"the {component} graph",
-                )
-            if reused is not None:
-                entry, report = reused
-                for name in entry.files:
-                    os.link(out / name, staging / name)
-                status = "reused"
-            elif precision == "fp8":
-                from export.fp8 import run as fp8_export
-
-                entry, report = fp8_export.export_component(component_job, fp8, export_bf16=_export_component)
-                status = "exported"
-            else:
-                entry, report = _export_component(component_job)
-                status = "exported"
-            entries[component] = entry
-            reports[component] = report
-            rows.append((component, status, entry, report, time.perf_counter() - started))
-
-        tokenizer_files = _copy_tokenizer(checkpoint, staging)
-        shutil.copy2(checkpoint.root / "scheduler" / "scheduler_config.json", staging / "scheduler_config.json")
-        manifest = ArtifactsManifest(
-            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            precision=precision,
-            source=source,
-            geometry=geometry,
-            shapes=shapes,
-            versions=versions,
-            tokenizer=TokenizerRecord(
-                folder="tokenizer",
-                files=tokenizer_files,
-                # How it pads and truncates: the runtime refuses a tokenizer that disagrees (issue 12).
-                **PromptTokenizer(staging / "tokenizer", shapes.max_sequence_length, geometry.pipeline_class).record(),
-            ),
-            scheduler_config="scheduler_config.json",
-            components=entries,
-        )
-        atomic_write_json(staging / "reports" / "export_check.json", {"precision": precision, "components": reports})
-        if precision == "fp8":
-            from export.fp8 import run as fp8_export
-
-            fp8_export.write_reports(staging / "reports", reports)
-        atomic_write_json(staging / MANIFEST_NAME, manifest.to_json())
+            entry, report, status = _produce(plan, dataclasses.replace(component_job, staging=staging))
+            rows.append((component_job.component, status, entry, report, time.perf_counter() - started))
+        manifest = _record(plan, staging, rows)
         kept = _keep_engines(out, staging)
         if kept:
             log(
@@ -328,7 +305,52 @@ def _run_export(job: ExportJob, log=None) -> ArtifactsManifest:
     # Every file was hashed just now (reused ones by _reusable): the first use need not re-hash. After
     # the rename, as removing the previous folder changes the link count, hence the ctime, of reused files.
     record_verified(out, manifest.files())
-    log(_summary_table(rows, precision, out))
+    log(_summary_table(rows, plan.precision.name, out))
+    return manifest
+
+
+def _produce(plan: ExportPlan, job: ComponentJob) -> tuple[ComponentRecord, dict, str]:
+    """(entry, report, "reused" | "exported") for one graph: linked from the previous export, or written."""
+    reused = None if plan.force else _reusable(plan.previous, plan.out, job.component, job.key)
+    if reused is not None:
+        entry, report = reused
+        for name in entry.files:
+            os.link(plan.out / name, job.staging / name)
+        return entry, report, "reused"
+    # Refused before writing, not after streaming most of a file that cannot fit.
+    ensure_space(plan.out, expected_bytes(plan.checkpoint, job.component, job.precision), f"the {job.component} graph")
+    entry, report = export_component(job)
+    return entry, report, "exported"
+
+
+def _record(plan: ExportPlan, staging: Path, rows) -> ArtifactsManifest:
+    """The tokenizer, scheduler config, reports and manifest beside the graphs in `staging`."""
+    checkpoint, shapes, geometry = plan.checkpoint, plan.shapes, plan.geometry
+    tokenizer_files = _copy_tokenizer(checkpoint, staging)
+    shutil.copy2(checkpoint.root / "scheduler" / "scheduler_config.json", staging / "scheduler_config.json")
+    manifest = ArtifactsManifest(
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        precision=plan.precision.name,
+        source=plan.source,
+        geometry=geometry,
+        shapes=shapes,
+        versions=plan.versions,
+        tokenizer=TokenizerRecord(
+            folder="tokenizer",
+            files=tokenizer_files,
+            # How it pads and truncates: the runtime refuses a tokenizer that disagrees (issue 12).
+            **PromptTokenizer(staging / "tokenizer", shapes.max_sequence_length, geometry.pipeline_class).record(),
+        ),
+        scheduler_config="scheduler_config.json",
+        components={component: entry for component, _, entry, _, _ in rows},
+    )
+    reports = {component: report for component, _, _, report, _ in rows}
+    atomic_write_json(
+        staging / "reports" / "export_check.json", {"precision": plan.precision.name, "components": reports}
+    )
+    if plan.precision.quantized:
+        fp8_export.write_reports(staging / "reports", reports)
+    atomic_write_json(staging / MANIFEST_NAME, manifest.to_json())
     return manifest
 
 
@@ -382,126 +404,6 @@ def _reusable(previous: ArtifactsManifest | None, out: Path, component: str, key
     return entry, report
 
 
-def _export_component(job: ComponentJob):
-    component, spec, key, checkpoint, geometry = job.component, job.spec, job.key, job.checkpoint, job.geometry
-    shapes, precision, reference, staging = job.shapes, job.precision, job.reference, job.staging
-    skip_check, stream = job.skip_check, job.stream
-    import numpy as np
-    import torch
-    from tqdm import tqdm
-
-    from export.verify.onnx_run import method_for, run_graph
-    from export.verify.reference import build_graph_module
-
-    stages = ([] if stream else ["load"]) + ["export", "hash"] + ([] if skip_check else ["verify"])
-    bar = tqdm(total=len(stages), desc=f"{component:<12} {precision}", unit="step", file=sys.stderr, leave=True)
-    try:
-        onnx_name = f"{component}.onnx"
-        module = None
-        if stream:
-            from export.writing.streaming import export_streaming
-
-            bar.set_postfix_str("tracing without weights, streaming them into ONNX")
-            facts = export_streaming(component, checkpoint, geometry, shapes, precision, spec, staging / onnx_name)
-        else:
-            bar.set_postfix_str("loading weights")
-            module = build_graph_module(component, checkpoint, geometry, shapes, precision)
-            bar.update()
-            bar.set_postfix_str("tracing and writing ONNX")
-            facts = export_graph(module, example_inputs(spec), spec, staging / onnx_name)
-        bar.update()
-
-        kept_float32 = _float32_matmuls(staging / onnx_name, component, precision)
-        bar.set_postfix_str("sha256")
-        files = [onnx_name] + ([data_file_name(onnx_name)] if (staging / data_file_name(onnx_name)).exists() else [])
-        digests = {name: sha256_file(staging / name) for name in files}
-        sizes = {name: (staging / name).stat().st_size for name in files}
-        bar.update()
-
-        report = {"method": None, "outputs": {}, "tolerance": dataclasses.asdict(TOLERANCES[precision]), "passed": None}
-        if skip_check:
-            report["note"] = "numerics check skipped (--skip-check)"
-        else:
-            bar.set_postfix_str("checking against PyTorch fp32")
-            weight_bytes = sizes.get(data_file_name(onnx_name), 0)
-            method = method_for(precision, weight_bytes)
-            report["method"] = method
-            if method is None:
-                report["note"] = (
-                    f"{precision} graph with {weight_bytes} bytes of weights is too large for onnx's reference "
-                    "evaluator on a CPU and ONNX Runtime's CPU provider has no bf16 kernels: not checked here"
-                )
-            else:
-                if precision == "fp32" and module is not None:
-                    reference_module = module
-                else:
-                    del module
-                    reference_module = build_graph_module(component, checkpoint, geometry, shapes, "fp32")
-                feeds = reference.feeds(spec)
-                args = [torch.from_numpy(feeds[t.name]) for t in spec.inputs]
-                with torch.no_grad():
-                    expected = reference_module(*args)
-                expected = {spec.outputs[0].name: expected.numpy()}
-                for name, value in expected.items():
-                    if bad := int(value.size - np.count_nonzero(np.isfinite(value))):
-                        raise VerificationError(
-                            f"{component}: PyTorch fp32 on the checkpoint's own weights gives {bad} NaN/Inf values in "
-                            f"{name}; the weights in {checkpoint.component_dir(component)} are damaged: restore them"
-                        )
-                module = reference_module = None  # free the PyTorch weights before the graph runs
-                actual = run_graph(staging / onnx_name, feeds, method)
-                tolerance = TOLERANCES[precision]
-                for name, value in expected.items():
-                    report["outputs"][name] = tolerance.judge(actual[name], value)
-                report["passed"] = all(m["passed"] for m in report["outputs"].values())
-                if not report["passed"]:
-                    worst = ", ".join(tolerance.describe(n, m) for n, m in report["outputs"].items())
-                    raise VerificationError(
-                        f"{component} {precision} graph does not match PyTorch fp32 ({method}): {worst}"
-                    )
-            bar.update()
-    finally:
-        bar.close()
-    entry = ComponentRecord(
-        file=onnx_name,
-        files=tuple(files),
-        sha256=digests,
-        bytes=sizes,
-        key=key,
-        precision=precision,
-        opset=int(facts["opset"]),
-        nodes=int(facts["nodes"]),
-        inputs=spec.inputs,
-        outputs=spec.outputs,
-        float32_matmuls=tuple(kept_float32) if precision in ("fp16", "bf16") else None,
-    )
-    return entry, report
-
-
-def _float32_matmuls(path: Path, component: str, precision: str) -> list[str]:
-    """The matrix multiplies an fp16/bf16 graph keeps in float32, all of them on purpose, or the export fails.
-
-    Recorded in the manifest, so that `engines.check` can hold TensorRT's network to "every other
-    matrix multiply in the graph's precision".
-    """
-    if precision not in ("fp16", "bf16"):
-        return []
-    import onnx
-
-    from common.onnx_checks import FLOAT32_MATMUL_SCOPES, float32_matmuls
-
-    found = float32_matmuls(onnx.load(str(path), load_external_data=False))
-    stray = [
-        f"{name} ({scope or 'no scope'})" for name, scope in found if not any(s in scope for s in FLOAT32_MATMUL_SCOPES)
-    ]
-    if stray:
-        raise Flux2TrtError(
-            f"the {precision} {component} graph {path.name} computes matrix multiplies in float32 outside attention: "
-            f"{', '.join(stray[:5])}; this is an exporter bug, please report it with the checkpoint's configs"
-        )
-    return [name for name, _ in found]
-
-
 def _copy_tokenizer(checkpoint: ckpt.Checkpoint, staging: Path) -> dict[str, str]:
     source = checkpoint.root / "tokenizer"
     target = staging / "tokenizer"
@@ -531,8 +433,3 @@ def _summary_table(rows, precision: str, out: Path) -> str:
             f"{component:<13}{status:<10}{mib:>9.2f}  {str(report['method'] or '-'):<26}{numbers}  {check:<6}{seconds:>7.1f}"
         )
     return "\n".join(lines)
-
-
-def _component_precision(name: str, fp8, component: str):
-    folder = DECLARED[name]
-    return folder.of_component(component, bool(fp8) and fp8.component_precision(component) == folder.name)

@@ -31,27 +31,22 @@ So peak memory is the traced graph plus one chunk, whatever the model size and p
 
 from __future__ import annotations
 
-import contextlib
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx_ir as ir
 
 from common.dtypes import numpy_view, torch_of_ir
-from common.errors import CheckpointError, Flux2TrtError
+from common.errors import CheckpointError, InternalError
 from common.precision import precision as declared
 from common.specs import ComponentSpec, Geometry, Shapes
 from export import checkpoint as ckpt
+from export.components import COMPONENTS
 from export.writing.trace import check_graph, data_file_name, example_inputs, trace
 
 # Bytes of target-precision data a streamed weight holds at once while it is written.
 CHUNK_BYTES = 32 * 2**20
-
-# Where each component's model sits inside its exportable wrapper (the initializer name prefix).
-WRAPPER_ATTRIBUTE = {"text_encoder": "language_model", "transformer": "model", "vae": "vae", "vae_encoder": "vae"}
-# The checkpoint folder each component's weights come from: both VAE graphs read vae/.
 
 
 @dataclass(frozen=True)
@@ -71,14 +66,6 @@ class WeightlessGraph:
     fake_mode: object  # the FakeTensorMode those tensors belong to; example inputs are made in it
     buffers: dict  # initializer name -> real torch.Tensor (buffers and derived tables)
     weights: dict  # initializer name -> WeightRef
-
-
-def _rename_language_model_key(key: str) -> str:
-    # As transformers applies `key_mapping` in `checkpoint.load_language_model`: each pattern in
-    # turn, on the result of the previous one.
-    for pattern in ckpt.LANGUAGE_MODEL_PREFIXES:
-        key = re.sub(pattern, "", key, count=1)
-    return key
 
 
 def _open_safetensors(file: Path):
@@ -115,50 +102,15 @@ def read_tensor(ref: WeightRef):
         return handle.get_tensor(ref.key)
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype):
-    import torch
-
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def _empty_model(component: str, checkpoint: ckpt.Checkpoint, geometry: Geometry, dtype):
-    """The component's model with meta parameters and real buffers, constructed as `from_pretrained` does."""
-    from accelerate import init_empty_weights
-
-    folder = checkpoint.weights_dir(component)
-    if component == "text_encoder":
-        from transformers import AutoModel
-
-        config = ckpt.language_model_config(checkpoint, geometry)
-        with init_empty_weights(include_buffers=False):
-            return AutoModel.from_config(config, dtype=dtype), _rename_language_model_key
-    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
-
-    cls = Flux2Transformer2DModel if component == "transformer" else AutoencoderKLFlux2
-    config = cls.load_config(folder)
-    with _default_dtype(dtype), init_empty_weights(include_buffers=False):
-        return cls.from_config(config), None
-
-
 def build_weightless_graph(
     component: str, checkpoint: ckpt.Checkpoint, geometry: Geometry, shapes: Shapes, precision: str
 ) -> WeightlessGraph:
     """The exportable module of `component` holding no weights, and the sources of its initializers."""
     import torch
 
-    from export.graphs.text_encoder import TextEncoderGraph
-    from export.graphs.transformer import transformer_graph
-    from export.graphs.vae import VaeDecoderGraph
-    from export.graphs.vae_encoder import VaeEncoderGraph
-
-    folder = checkpoint.weights_dir(component)
-    model, rename = _empty_model(component, checkpoint, geometry, declared(precision).torch_dtype())
+    declaration = COMPONENTS[component]
+    folder = declaration.weights_dir(checkpoint)
+    model, rename = declaration.empty(checkpoint, geometry, declared(precision).torch_dtype())
     wanted = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
     refs = checkpoint_weights(folder, wanted, rename)
     missing = [name for name, _ in model.named_parameters() if name not in refs]
@@ -176,18 +128,9 @@ def build_weightless_graph(
                 if name not in module._non_persistent_buffers_set and full in refs:
                     buffer.copy_(read_tensor(refs[full]))
     model.eval()
-    if component == "text_encoder":
-        graph = TextEncoderGraph(model, geometry.text_out_layers)
-    elif component == "transformer":
-        graph = transformer_graph(model, geometry, shapes)
-    elif component == "vae_encoder":
-        graph = VaeEncoderGraph(model, geometry, shapes)
-    else:
-        graph = VaeDecoderGraph(model, geometry, shapes)
-    graph.eval()
+    graph = declaration.wrap(model, geometry, shapes).eval()
     buffers = {name: buffer.detach().clone() for name, buffer in graph.named_buffers()}
-    prefix = WRAPPER_ATTRIBUTE[component] + "."
-    weights = {prefix + name: refs[name] for name, _ in model.named_parameters()}
+    weights = {declaration.initializer_prefix + name: refs[name] for name, _ in model.named_parameters()}
     return WeightlessGraph(module=graph, fake_mode=_make_fake(graph), buffers=buffers, weights=weights)
 
 
@@ -243,8 +186,8 @@ class StreamedWeight(ir.LazyTensor):
 
     def _check_open(self) -> None:
         if self.sealed:
-            raise Flux2TrtError(
-                f"internal error: weight {self.ref.key} of {self.ref.file} was read while the graph was being "
+            raise InternalError(
+                f"weight {self.ref.key} of {self.ref.file} was read while the graph was being "
                 "optimised; the streaming export would hold every weight in memory"
             )
 
@@ -315,8 +258,8 @@ def attach_weights(model, hollow: WeightlessGraph, *, eager_max_elements: int) -
         if name in hollow.buffers:
             tensor = hollow.buffers[name]
             if tuple(tensor.shape) != shape or tensor.dtype != dtype:
-                raise Flux2TrtError(
-                    f"internal error: buffer {name} is {tensor.dtype}{list(tensor.shape)}, the graph wants {dtype}{list(shape)}"
+                raise InternalError(
+                    f"buffer {name} is {tensor.dtype}{list(tensor.shape)}, the graph wants {dtype}{list(shape)}"
                 )
             value.const_value = _ir_tensor(tensor, name)
         elif name in hollow.weights:
@@ -332,8 +275,8 @@ def attach_weights(model, hollow: WeightlessGraph, *, eager_max_elements: int) -
                 value.const_value = StreamedWeight(ref, dtype, name=name)
                 streamed.append(value.const_value)
         else:
-            raise Flux2TrtError(
-                f"internal error: graph initializer {name} is neither a weight nor a buffer of the module; "
+            raise InternalError(
+                f"graph initializer {name} is neither a weight nor a buffer of the module; "
                 "the streaming export cannot give it a value"
             )
     return streamed

@@ -8,7 +8,7 @@ import logging
 import warnings
 from pathlib import Path
 
-from common.errors import Flux2TrtError
+from common.errors import InternalError
 from common.onnx_checks import dynamic_dims, external_data_files, float64_uses
 from common.specs import ComponentSpec
 
@@ -77,6 +77,6 @@ def check_graph(path: Path, spec: ComponentSpec) -> dict:
     if data_files - {data_file_name(path.name)}:
         problems.append(f"external data in {sorted(data_files)}, expected only {data_file_name(path.name)}")
     if problems:
-        raise Flux2TrtError(f"exported {spec.name} graph {path} is not deployable: {'; '.join(problems)}")
+        raise InternalError(f"exported {spec.name} graph {path} is not deployable: {'; '.join(problems)}")
     onnx.checker.check_model(str(path), full_check=False)
     return {"opset": OPSET, "nodes": len(model.graph.node)}

@@ -1,0 +1,132 @@
+"""The one numerics check of a written graph against the fp32 PyTorch module, for every precision.
+
+The precision's declaration (`common.precision`) says how its graphs run on a CPU: fp32 and fp16
+in ONNX Runtime, bf16 in onnx's reference evaluator (small graphs only), FP8 Q/DQ through its
+float32 twin in ONNX Runtime plus, where small enough, the bf16 graph itself in the reference
+evaluator, and for the transformer an image through diffusers' pipeline. Whatever the path, the
+outputs are judged by the precision's tolerance and the report has one shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from common.errors import VerificationError
+from common.precision import FP32_TWIN, REFERENCE_EVALUATOR, Precision
+from common.specs import ComponentSpec
+from export.components import COMPONENTS
+from export.verify.onnx_run import REFERENCE_EVALUATOR_MAX_BYTES, method_for, run_graph
+
+# The fp32 twin doubles the bf16 weights in memory; beyond this it is not run on a CPU here.
+TWIN_MAX_BYTES = 4 * 1024**3
+
+
+@dataclass(frozen=True)
+class CheckTarget:
+    """A written graph and what it is checked against."""
+
+    path: Path  # the .onnx file
+    spec: ComponentSpec
+    precision: Precision  # the graph's own (an fp8 folder's VAE is bf16)
+    traced_bytes: int  # bytes of weights at the traced precision (the FP8 rewrite's input for fp8)
+    checkpoint: object  # export.checkpoint.Checkpoint
+    geometry: object
+    shapes: object
+    reference: object  # export.verify.reference.ReferenceInputs
+
+
+def new_report(precision: Precision) -> dict:
+    return {"method": None, "outputs": {}, "tolerance": dataclasses.asdict(precision.tolerance), "passed": None}
+
+
+def verify_graph(target: CheckTarget, report: dict, held: list | None = None) -> None:
+    """Fill `report` with the check of `target`; raise VerificationError when it misses the bounds.
+
+    `held` may hand over the fp32 PyTorch module the caller loaded (the plain fp32 export): it is
+    taken out of the list, so it is freed before the graph runs.
+    """
+    if target.precision.cpu_check == FP32_TWIN:
+        _verify_twin(target, report)
+        return
+    method = method_for(target.precision, target.traced_bytes)
+    report["method"] = method
+    if method is None:
+        report["note"] = (
+            f"{target.precision} graph with {target.traced_bytes} bytes of weights is too large for onnx's reference "
+            "evaluator on a CPU and ONNX Runtime's CPU provider has no bf16 kernels: not checked here"
+        )
+        return
+    feeds, expected = _expected(target, held or [])
+    actual = run_graph(target.path, feeds, method)
+    tolerance = target.precision.tolerance
+    report["outputs"] = {name: tolerance.judge(actual[name], value) for name, value in expected.items()}
+    report["passed"] = all(m["passed"] for m in report["outputs"].values())
+    if not report["passed"]:
+        worst = ", ".join(tolerance.describe(n, m) for n, m in report["outputs"].items())
+        raise VerificationError(
+            f"{target.spec.name} {target.precision} graph does not match PyTorch fp32 ({method}): {worst}"
+        )
+
+
+def _expected(target: CheckTarget, held: list) -> tuple[dict, dict]:
+    """(feeds, {output: fp32 PyTorch value}); refuses NaN/Inf from the checkpoint's own weights."""
+    import torch
+
+    component = COMPONENTS[target.spec.name]
+    feeds = target.reference.feeds(target.spec)
+    module = held.pop() if held else component.graph_module(target.checkpoint, target.geometry, target.shapes, "fp32")
+    with torch.no_grad():
+        value = module(*[torch.from_numpy(feeds[t.name]) for t in target.spec.inputs]).numpy()
+    expected = {target.spec.outputs[0].name: value}
+    for name, array in expected.items():
+        if bad := int(array.size - np.count_nonzero(np.isfinite(array))):
+            raise VerificationError(
+                f"{target.spec.name}: PyTorch fp32 on the checkpoint's own weights gives {bad} NaN/Inf values in "
+                f"{name}; the weights in {component.weights_dir(target.checkpoint)} are damaged: restore them"
+            )
+    return feeds, expected
+
+
+def _verify_twin(target: CheckTarget, report: dict) -> None:
+    """A Q/DQ graph: its float32 twin in ONNX Runtime, the graph itself where the evaluator can."""
+    from export.fp8.twin import end_to_end, fp32_twin, ort_session
+
+    if target.traced_bytes * 2 > TWIN_MAX_BYTES:
+        report["note"] = f"{target.traced_bytes} bytes of bf16 weights: the fp32 twin is too large to run on a CPU here"
+        return
+    feeds, expected = _expected(target, [])
+    ((output, value),) = expected.items()
+    tolerance = target.precision.tolerance
+    with tempfile.TemporaryDirectory(prefix="flux2-fp8-twin-") as folder:
+        twin = Path(folder) / target.path.name
+        fp32_twin(target.path, twin)
+        (actual,) = ort_session(twin).run([output], feeds)
+        report["method"] = FP32_TWIN
+        report["outputs"] = {output: tolerance.judge(actual, value)}
+        passed = report["outputs"][output]["passed"]
+        if target.traced_bytes <= REFERENCE_EVALUATOR_MAX_BYTES:
+            actual = run_graph(target.path, feeds, REFERENCE_EVALUATOR)[output]
+            report["bf16_graph"] = {"method": REFERENCE_EVALUATOR, "outputs": {output: tolerance.judge(actual, value)}}
+            passed &= report["bf16_graph"]["outputs"][output]["passed"]
+        else:
+            report["bf16_graph"] = {"method": None, "note": "too large for onnx's reference evaluator here"}
+        report["passed"] = bool(passed)
+        if COMPONENTS[target.spec.name].drives_pipeline:
+            print("fp8: end-to-end check against the bf16 pipeline", file=sys.stderr)
+            report["end_to_end"] = end_to_end(target.checkpoint, target.geometry, target.shapes, twin)
+    if not report["passed"]:
+        worst = []
+        for label, outputs in (
+            ("fp32 twin", report["outputs"]),
+            ("bf16 graph", report["bf16_graph"].get("outputs", {})),
+        ):
+            worst += [tolerance.describe(f"{label} {name}", metrics) for name, metrics in outputs.items()]
+        raise VerificationError(
+            f"{target.spec.name} {target.precision} graph does not match PyTorch fp32: {'; '.join(worst)}"
+        )
