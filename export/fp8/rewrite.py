@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import ast
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -172,6 +172,23 @@ class LayerRecord:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
 
 
+@dataclass
+class _Edits:
+    """What the rewrite inserts, gathered per linear and applied to the graph at the end."""
+
+    graph: object  # the onnx.GraphProto being rewritten
+    reader: TensorReader
+    zero_point: object  # the shared FLOAT8E4M3FN zero point initializer
+    new_nodes: dict = field(default_factory=dict)  # node name -> nodes to insert before it
+    fp8_weights: dict = field(default_factory=dict)  # original weight name -> (fp8 name, scale)
+    new_initializers: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.initializers = {t.name: t for t in self.graph.initializer}
+        self.nodes_by_name = {node.name: node for node in self.graph.node}
+        self.weight_users = _count_users(self.graph)
+
+
 def quantize_graph(
     source: Path,
     target: Path,
@@ -191,92 +208,20 @@ def quantize_graph(
 
     source, target = Path(source), Path(target)
     model = onnx.load(str(source), load_external_data=False)
-    uses = find_linear_uses(model, module_prefix)
-    if not uses:
-        raise Fp8GraphError(f"{source} has no nn.Linear nodes the exporter labelled; cannot place FP8 Q/DQ")
-    by_path: dict[str, list[LinearUse]] = {}
-    for use in uses:
-        by_path.setdefault(use.path, []).append(use)
-    plan = plan_precisions(by_path, exclude)
-    missing = [p for p, name in plan.items() if declared(name).quantized and p not in input_amax]
-    if missing:
-        raise Fp8GraphError(f"no calibrated input amax for {len(missing)} FP8 layer(s), e.g. {missing[:3]}")
-
-    initializers = {t.name: t for t in model.graph.initializer}
-    reader = TensorReader(source.parent)
-    nodes_by_name = {node.name: node for node in model.graph.node}
-    weight_users = _count_users(model)
-    new_nodes: dict[str, list] = {}  # MatMul node name -> nodes to insert before it
-    fp8_weights: dict[str, tuple[str, np.ndarray]] = {}  # original weight name -> (fp8 name, scale)
-    new_initializers = []
+    by_path, plan = _plan_linears(model, source, input_amax, exclude, module_prefix)
     zero_point = helper.make_tensor("fp8_zero_point", TensorProto.FLOAT8E4M3FN, [], [0.0])
+    edits = _Edits(model.graph, TensorReader(source.parent), zero_point)
     records = []
     for path, path_uses in by_path.items():
-        first = path_uses[0]
-        weight_proto = initializers[first.weight]
+        weight_proto = edits.initializers[path_uses[0].weight]
         record = LayerRecord(path, plan[path], tuple(weight_proto.dims), len(path_uses))
         records.append(record)
-        if not declared(plan[path]).quantized:
+        if record.quantized:
+            _quantize_linear(record, path_uses, input_amax[path], edits)
+        else:
             record.reason = f"excluded by {next(p for p in exclude if is_excluded(path, (p,)))!r}"
-            continue
-        if len({u.weight for u in path_uses}) != 1:
-            raise Fp8GraphError(f"linear {path} uses different weight initializers: {[u.weight for u in path_uses]}")
-        # MatMul and Gemm take A and B of one type, and Transpose/Identity keep it: the weight's
-        # type is the activation's, which the scales must have.
-        compute_type = weight_proto.data_type
-        scale_dtype = numpy_of_onnx(compute_type)
-        weight = reader.array(weight_proto)
-        record.weight_amax = abs_max(weight)
-        weight_scale = scale_for(record.weight_amax, scale_dtype)
-        record.weight_scale = float(weight_scale.astype(np.float32))
-        record.input_amax = float(input_amax[path])
-        input_scale = scale_for(record.input_amax, scale_dtype)
-        record.input_scale = float(input_scale.astype(np.float32))
-
-        fp8_name = f"{path}.weight_fp8"
-        fp8_weights[first.weight] = (fp8_name, weight_scale)
-        w_scale_name, x_scale_name = f"{path}.weight_scale", f"{path}.input_scale"
-        new_initializers.append(_scalar(w_scale_name, weight_scale, compute_type))
-        new_initializers.append(_scalar(x_scale_name, input_scale, compute_type))
-        del weight
-
-        # The DQ sits directly on the initializer; a Transpose between it and the MatMul is
-        # kept (TensorRT propagates DQ through Transpose). Shared weights are not expected.
-        if weight_users.get(first.weight, 0) != len(path_uses):
-            raise Fp8GraphError(f"weight {first.weight} of linear {path} is also used outside that linear")
-        weight_dq = f"{path}.weight_dequantized"
-        weight_dq_node = _node("DequantizeLinear", [fp8_name, w_scale_name, zero_point.name], weight_dq, path)
-        for index, use in enumerate(path_uses):
-            suffix = f".{index}" if len(path_uses) > 1 else ""
-            q_out, dq_out = f"{path}.input_fp8{suffix}", f"{path}.input_dequantized{suffix}"
-            node = nodes_by_name[use.node]
-            new_nodes.setdefault(use.node, []).extend(
-                [
-                    _node("QuantizeLinear", [use.activation, x_scale_name, zero_point.name], q_out, path),
-                    _node("DequantizeLinear", [q_out, x_scale_name, zero_point.name], dq_out, path),
-                ]
-            )
-            node.input[0] = dq_out
-            # The weight DQ goes right before the first node that reads the weight (the MatMul,
-            # or the Transpose in front of it), keeping the node list topologically sorted.
-            weight_consumer = nodes_by_name[use.via[-1]] if use.via else node
-            weight_consumer.input[0 if use.via else 1] = weight_dq
-            if index == 0:
-                new_nodes.setdefault(weight_consumer.name, []).insert(0, weight_dq_node)
-
-    if new_nodes:
-        ordered = []
-        for node in model.graph.node:
-            ordered.extend(new_nodes.get(node.name, ()))
-            ordered.append(node)
-        del model.graph.node[:]
-        model.graph.node.extend(ordered)
-        model.graph.initializer.append(zero_point)
-        model.graph.initializer.extend(new_initializers)
-    for info in model.graph.value_info:  # a renamed weight's type entry follows it (it would name nothing)
-        if info.name in fp8_weights:
-            info.name = fp8_weights[info.name][0]
-            info.type.tensor_type.elem_type = TensorProto.FLOAT8E4M3FN
+    _apply(model, edits)
+    fp8_weights = edits.fp8_weights
 
     def transform(tensor, tensors: TensorReader):
         # Quantized while writing (read a second time), so only one weight is in memory at once.
@@ -292,9 +237,93 @@ def quantize_graph(
     return records
 
 
-def _count_users(model) -> dict[str, int]:
+def _plan_linears(model, source: Path, input_amax, exclude, module_prefix: str):
+    """({module path: its uses}, {module path: precision}); refuses a graph the rewrite cannot place."""
+    uses = find_linear_uses(model, module_prefix)
+    if not uses:
+        raise Fp8GraphError(f"{source} has no nn.Linear nodes the exporter labelled; cannot place FP8 Q/DQ")
+    by_path: dict[str, list[LinearUse]] = {}
+    for use in uses:
+        by_path.setdefault(use.path, []).append(use)
+    plan = plan_precisions(by_path, exclude)
+    missing = [p for p, name in plan.items() if declared(name).quantized and p not in input_amax]
+    if missing:
+        raise Fp8GraphError(f"no calibrated input amax for {len(missing)} FP8 layer(s), e.g. {missing[:3]}")
+    return by_path, plan
+
+
+def _quantize_linear(record: LayerRecord, path_uses: list[LinearUse], input_amax: float, edits: _Edits) -> None:
+    """Scales for one FP8 linear, its weight's DQ and a Q/DQ pair on each of its inputs."""
+    path, first = record.path, path_uses[0]
+    if len({u.weight for u in path_uses}) != 1:
+        raise Fp8GraphError(f"linear {path} uses different weight initializers: {[u.weight for u in path_uses]}")
+    weight_proto = edits.initializers[first.weight]
+    # MatMul and Gemm take A and B of one type, and Transpose/Identity keep it: the weight's
+    # type is the activation's, which the scales must have.
+    compute_type = weight_proto.data_type
+    scale_dtype = numpy_of_onnx(compute_type)
+    weight = edits.reader.array(weight_proto)
+    record.weight_amax = abs_max(weight)
+    weight_scale = scale_for(record.weight_amax, scale_dtype)
+    record.weight_scale = float(weight_scale.astype(np.float32))
+    record.input_amax = float(input_amax)
+    input_scale = scale_for(record.input_amax, scale_dtype)
+    record.input_scale = float(input_scale.astype(np.float32))
+    del weight
+
+    fp8_name = f"{path}.weight_fp8"
+    edits.fp8_weights[first.weight] = (fp8_name, weight_scale)
+    w_scale_name, x_scale_name = f"{path}.weight_scale", f"{path}.input_scale"
+    edits.new_initializers.append(_scalar(w_scale_name, weight_scale, compute_type))
+    edits.new_initializers.append(_scalar(x_scale_name, input_scale, compute_type))
+    # The DQ sits directly on the initializer; a Transpose between it and the MatMul is
+    # kept (TensorRT propagates DQ through Transpose). Shared weights are not expected.
+    if edits.weight_users.get(first.weight, 0) != len(path_uses):
+        raise Fp8GraphError(f"weight {first.weight} of linear {path} is also used outside that linear")
+    zero = edits.zero_point.name
+    weight_dq = f"{path}.weight_dequantized"
+    weight_dq_node = _node("DequantizeLinear", [fp8_name, w_scale_name, zero], weight_dq, path)
+    for index, use in enumerate(path_uses):
+        suffix = f".{index}" if len(path_uses) > 1 else ""
+        q_out, dq_out = f"{path}.input_fp8{suffix}", f"{path}.input_dequantized{suffix}"
+        node = edits.nodes_by_name[use.node]
+        edits.new_nodes.setdefault(use.node, []).extend(
+            [
+                _node("QuantizeLinear", [use.activation, x_scale_name, zero], q_out, path),
+                _node("DequantizeLinear", [q_out, x_scale_name, zero], dq_out, path),
+            ]
+        )
+        node.input[0] = dq_out
+        # The weight DQ goes right before the first node that reads the weight (the MatMul,
+        # or the Transpose in front of it), keeping the node list topologically sorted.
+        weight_consumer = edits.nodes_by_name[use.via[-1]] if use.via else node
+        weight_consumer.input[0 if use.via else 1] = weight_dq
+        if index == 0:
+            edits.new_nodes.setdefault(weight_consumer.name, []).insert(0, weight_dq_node)
+
+
+def _apply(model, edits: _Edits) -> None:
+    """Insert the gathered nodes in order, add the scales, retype the renamed weights' value_info."""
+    from onnx import TensorProto
+
+    if edits.new_nodes:
+        ordered = []
+        for node in model.graph.node:
+            ordered.extend(edits.new_nodes.get(node.name, ()))
+            ordered.append(node)
+        del model.graph.node[:]
+        model.graph.node.extend(ordered)
+        model.graph.initializer.append(edits.zero_point)
+        model.graph.initializer.extend(edits.new_initializers)
+    for info in model.graph.value_info:  # a renamed weight's type entry follows it (it would name nothing)
+        if info.name in edits.fp8_weights:
+            info.name = edits.fp8_weights[info.name][0]
+            info.type.tensor_type.elem_type = TensorProto.FLOAT8E4M3FN
+
+
+def _count_users(graph) -> dict[str, int]:
     users: dict[str, int] = {}
-    for node in model.graph.node:
+    for node in graph.node:
         for name in node.input:
             users[name] = users.get(name, 0) + 1
     return users
