@@ -66,6 +66,23 @@ def run_cli(main, argv=None) -> int:
             signal.signal(signum, handler)
 
 
+def one_of(names, what: str):
+    """An argparse `type` accepting one of `names`; anything else fails naming the value and every choice.
+
+    Used with `choices=names` (so --help lists them): the type runs first, so the error is this
+    one line, "unknown precision 'fp9'; choose one of fp32, fp16, bf16, fp8", not argparse's quoted list.
+    """
+    names = tuple(names)
+
+    def check(value: str) -> str:
+        if value not in names:
+            raise argparse.ArgumentTypeError(f"unknown {what} {value!r}; choose one of {', '.join(names)}")
+        return value
+
+    check.__name__ = what  # argparse names the type in some messages
+    return check
+
+
 def parse_csv(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common.cli import OneLineParser, parse_csv, parse_int_csv, run_cli
-from common.precision import PRECISION_NAMES as PRECISIONS
+from common.cli import OneLineParser, one_of, parse_csv, parse_int_csv, run_cli
+from common.precision import DEFAULT, PRECISION_NAMES
 from common.specs import COMPONENTS, DEFAULT_HEIGHT, DEFAULT_MAX_SEQUENCE_LENGTH, DEFAULT_WIDTH, Shapes
 from export.fp8 import run as fp8_export
 
@@ -17,7 +17,13 @@ def main(argv=None) -> int:
         "--model", required=True, help="checkpoint folder (diffusers layout), or tiny, tiny-klein, tiny-klein-distilled"
     )
     parser.add_argument("--out", required=True, type=Path, help="artifacts folder to write")
-    parser.add_argument("--precision", default="fp32", help=f"one of {', '.join(PRECISIONS)} (default fp32)")
+    parser.add_argument(
+        "--precision",
+        default=DEFAULT,
+        type=one_of(PRECISION_NAMES, "precision"),
+        choices=PRECISION_NAMES,
+        help=f"one of {', '.join(PRECISION_NAMES)} (default {DEFAULT})",
+    )
     parser.add_argument(
         "--components", default=",".join(COMPONENTS), help=f"comma-separated subset of {','.join(COMPONENTS)}"
     )

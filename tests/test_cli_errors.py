@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 
+from common.precision import PRECISION_NAMES
 from tests.support import assert_one_line_error, run_cli
 
 
@@ -65,6 +66,8 @@ def test_corrupt_safetensors_header(tmp_path, tiny_checkpoint):
     ("flags", "needles"),
     [
         (("--precision", "int4"), ("'int4'", "fp32, fp16, bf16")),
+        # Every precision, from the one declaration (common.precision), in the one line.
+        (("--precision", "fp9"), ("unknown precision 'fp9'", ", ".join(PRECISION_NAMES))),
         (("--components", "transformer,unet"), ("unet", "text_encoder,transformer,vae")),
         (("--height", "1000"), ("--height 1000", "multiple of 16")),
         (("--width", "0"), ("--width 0",)),
