@@ -121,3 +121,73 @@ def test_console_scripts_go_through_run_cli():
         module, _, function = target.partition(":")
         source = inspect.getsource(getattr(importlib.import_module(module), function))
         assert "run_cli(main)" in source, f"{name} -> {target} bypasses common.cli.run_cli"
+
+
+PRODUCTION = ("common", "export", "engines", "runtime", "deploy")
+MAX_FUNCTION_LINES = 80
+MAX_PARAMETERS = 8
+
+
+def _functions(path: Path):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node
+
+
+def _parameter_count(function) -> int:
+    a = function.args
+    names = [p.arg for p in (*a.posonlyargs, *a.args, *a.kwonlyargs)]
+    names += [p.arg for p in (a.vararg, a.kwarg) if p is not None]
+    return len([n for n in names if n not in ("self", "cls")])
+
+
+def _oversized(paths) -> list[str]:
+    found = []
+    for path in paths:
+        for function in _functions(path):
+            lines = function.end_lineno - function.lineno + 1
+            parameters = _parameter_count(function)
+            if lines > MAX_FUNCTION_LINES or parameters > MAX_PARAMETERS:
+                found.append(
+                    f"{path.relative_to(REPO)}:{function.lineno} {function.name}: {lines} lines, {parameters} parameters"
+                )
+    return found
+
+
+def test_production_functions_are_short_and_take_few_parameters():
+    paths = [p for package in PRODUCTION for p in sorted((REPO / package).rglob("*.py"))]
+    assert _oversized(paths) == []
+
+
+def test_the_size_rule_sees_a_long_function(tmp_path, monkeypatch):
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "long.py").write_text(f"def long(a, b, c, d, e, f, g, h, i):\n{body}\n", encoding="utf-8")
+    monkeypatch.setattr(__import__("tests.test_layout").test_layout, "REPO", tmp_path)
+    assert _oversized([tmp_path / "long.py"]) == [f"long.py:1 long: {MAX_FUNCTION_LINES + 1} lines, 9 parameters"]
+
+
+def _precision_comparisons(path: Path) -> list[str]:
+    """Comparisons (==, !=, in, not in) with a precision's name as a string constant."""
+    from common.precision import PRECISION_NAMES
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if not isinstance(node, ast.Compare):
+            continue
+        operands = [node.left, *node.comparators]
+        constants = [c for o in operands for c in ([o, *getattr(o, "elts", [])]) if isinstance(c, ast.Constant)]
+        if any(c.value in PRECISION_NAMES for c in constants if isinstance(c.value, str)):
+            found.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    return found
+
+
+def test_precision_names_are_compared_only_in_their_declaration():
+    paths = [p for package in PRODUCTION for p in sorted((REPO / package).rglob("*.py"))]
+    found = [hit for path in paths if path != REPO / "common" / "precision.py" for hit in _precision_comparisons(path)]
+    assert found == []
+
+
+def test_the_precision_rule_sees_a_comparison(tmp_path, monkeypatch):
+    (tmp_path / "m.py").write_text('def f(p):\n    return p in ("bf16", "fp8") or p == "fp32"\n', encoding="utf-8")
+    monkeypatch.setattr(__import__("tests.test_layout").test_layout, "REPO", tmp_path)
+    assert _precision_comparisons(tmp_path / "m.py") == ["m.py:2", "m.py:2"]
