@@ -82,15 +82,16 @@ def main() -> int:
         export_artifacts(model="tiny", out=args.artifacts, precision="fp32")
 
     from deploy.local_server import LocalServer
-    from deploy.triton import write_repository
+    from deploy.triton import ModelSettings, write_repository
 
     n, c, steps = args.requests, args.concurrency, args.steps
     local = InProcess(args.artifacts)
     shapes = local.runtime.artifacts.shapes
     failed = differing = 0
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as scratch:
+        settings = ModelSettings(backend="ort", max_queue=n)
         repository = write_repository(
-            artifacts=args.artifacts, repository=Path(scratch) / "repository", backend="ort", max_queue=n
+            artifacts=args.artifacts, repository=Path(scratch) / "repository", settings=settings
         ).parent
         server = LocalServer(repository, triton_env=args.triton_env)
         with server:
