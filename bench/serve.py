@@ -52,11 +52,11 @@ class InProcess:
 
 def ask(url: str, seed: int, steps: int) -> tuple[np.ndarray | None, float]:
     from deploy.client import ServerError, infer
+    from deploy.request import GenerationRequest
 
     started = time.perf_counter()
     try:
-        images, _ = infer(url, "flux2", prompt=PROMPT, seed=seed, steps=steps, guidance=4.0, num_images=1,
-                          negative_prompt="")  # fmt: skip
+        images, _ = infer(url, "flux2", GenerationRequest(PROMPT, seed=seed, steps=steps, guidance=4.0))
     except ServerError as exc:
         print(f"failed: {exc}", file=sys.stderr)
         return None, time.perf_counter() - started
