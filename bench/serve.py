@@ -52,11 +52,11 @@ class InProcess:
 
 def ask(url: str, seed: int, steps: int) -> tuple[np.ndarray | None, float]:
     from deploy.client import ServerError, infer
+    from deploy.request import GenerationRequest
 
     started = time.perf_counter()
     try:
-        images, _ = infer(url, "flux2", prompt=PROMPT, seed=seed, steps=steps, guidance=4.0, num_images=1,
-                          negative_prompt="")  # fmt: skip
+        images, _ = infer(url, "flux2", GenerationRequest(PROMPT, seed=seed, steps=steps, guidance=4.0))
     except ServerError as exc:
         print(f"failed: {exc}", file=sys.stderr)
         return None, time.perf_counter() - started
@@ -82,15 +82,16 @@ def main() -> int:
         export_artifacts(model="tiny", out=args.artifacts, precision="fp32")
 
     from deploy.local_server import LocalServer
-    from deploy.triton import write_repository
+    from deploy.triton import ModelSettings, write_repository
 
     n, c, steps = args.requests, args.concurrency, args.steps
     local = InProcess(args.artifacts)
     shapes = local.runtime.artifacts.shapes
     failed = differing = 0
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as scratch:
+        settings = ModelSettings(backend="ort", max_queue=n)
         repository = write_repository(
-            artifacts=args.artifacts, repository=Path(scratch) / "repository", backend="ort", max_queue=n
+            artifacts=args.artifacts, repository=Path(scratch) / "repository", settings=settings
         ).parent
         server = LocalServer(repository, triton_env=args.triton_env)
         with server:

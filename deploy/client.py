@@ -8,14 +8,14 @@ from pathlib import Path
 
 from common.cli import OneLineParser, run_cli
 from common.errors import Flux2TrtError, UsageError
-from deploy.request import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from deploy.request import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationRequest
 
 
 class ServerError(Flux2TrtError):
     """The server answered an error (bad request, overload, failure) or could not be reached."""
 
 
-def request_inputs(module, *, prompt, seed, steps, guidance, num_images, negative_prompt, reference_images=()):
+def request_inputs(module, request: GenerationRequest, reference_images=()):
     """The model's inputs as tritonclient InferInput objects (`module`: tritonclient.http or .grpc).
 
     `reference_images`: the files' bytes as they are on disk; the server decodes and fits them.
@@ -23,14 +23,14 @@ def request_inputs(module, *, prompt, seed, steps, guidance, num_images, negativ
     import numpy as np
 
     values = {
-        "prompt": np.array([[prompt.encode()]], dtype=np.object_),
-        "seed": np.array([[seed]], dtype=np.int64),
-        "steps": np.array([[steps]], dtype=np.int32),
-        "guidance": np.array([[guidance]], dtype=np.float64),
-        "num_images": np.array([[num_images]], dtype=np.int32),
+        "prompt": np.array([[request.prompt.encode()]], dtype=np.object_),
+        "seed": np.array([[request.seed]], dtype=np.int64),
+        "steps": np.array([[request.steps]], dtype=np.int32),
+        "guidance": np.array([[request.guidance]], dtype=np.float64),
+        "num_images": np.array([[request.num_images]], dtype=np.int32),
     }
-    if negative_prompt:
-        values["negative_prompt"] = np.array([[negative_prompt.encode()]], dtype=np.object_)
+    if request.negative_prompt:
+        values["negative_prompt"] = np.array([[request.negative_prompt.encode()]], dtype=np.object_)
     if reference_images:
         values["reference_images"] = np.array([list(reference_images)], dtype=np.object_)
     from tritonclient.utils import np_to_triton_dtype
@@ -43,7 +43,7 @@ def request_inputs(module, *, prompt, seed, steps, guidance, num_images, negativ
     return inputs
 
 
-def infer(url: str, model: str, *, timeout_s: float = 600.0, **values):
+def infer(url: str, model: str, request: GenerationRequest, *, reference_images=(), timeout_s: float = 600.0):
     """One request over HTTP; returns (images uint8 [K, H, W, 3], sidecars as dicts)."""
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
@@ -51,7 +51,7 @@ def infer(url: str, model: str, *, timeout_s: float = 600.0, **values):
     try:
         with httpclient.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s) as client:
             outputs = [httpclient.InferRequestedOutput(name, binary_data=True) for name in ("image", "sidecar")]
-            result = client.infer(model, request_inputs(httpclient, **values), outputs=outputs)
+            result = client.infer(model, request_inputs(httpclient, request, reference_images), outputs=outputs)
     except InferenceServerException as exc:
         status = f"HTTP {exc.status()}: " if exc.status() else ""
         raise ServerError(f"server {url} model {model} answered {status}{exc.message()}") from None
@@ -63,24 +63,21 @@ def infer(url: str, model: str, *, timeout_s: float = 600.0, **values):
 
 
 def fetch(
+    request: GenerationRequest,
     *,
     url: str,
     model: str = "flux2",
-    prompt: str,
-    seed: int = 0,
-    steps: int = DEFAULT_STEPS,
-    guidance: float = DEFAULT_GUIDANCE,
-    num_images: int = 1,
-    negative_prompt: str = "",
     out: Path = Path("out"),
     images: list[Path] | None = None,
 ) -> list[Path]:
     """Write `000-<image>-seed<seed>.png` + `.json` per image into `out`, as runtime.generate names them.
 
-    `images`: reference image files for a model served from editing artifacts, sent as their bytes.
+    `request`: what the server's model reads (deploy.request's record of it). `images`: reference
+    image files for a model served from editing artifacts, sent as their bytes.
     """
     from runtime.generate import check_out, make_out, save_image
 
+    seed = request.seed
     if not 0 <= seed < 2**63:
         raise UsageError(f"--seed {seed} must be in [0, 2**63)")
     images = [Path(p) for p in images or []]
@@ -89,17 +86,7 @@ def fetch(
             raise UsageError(f"--image {path} does not exist; pass an image file (PNG, JPEG, WebP, ...)")
     reference_images = [path.expanduser().read_bytes() for path in images]
     out = check_out(out)
-    drawn, sidecars = infer(
-        url,
-        model,
-        prompt=prompt,
-        seed=seed,
-        steps=steps,
-        guidance=guidance,
-        num_images=num_images,
-        negative_prompt=negative_prompt,
-        reference_images=reference_images,
-    )
+    drawn, sidecars = infer(url, model, request, reference_images=reference_images)
     written = []
     for image, sidecar in zip(drawn, sidecars, strict=True):
         if images:  # the sidecar runtime.generate writes names the --image files
@@ -129,18 +116,15 @@ def main(argv=None) -> int:
         help="reference image for a model served from editing artifacts; repeat for several",
     )
     args = parser.parse_args(argv)
-    fetch(
-        url=args.url,
-        model=args.model,
+    request = GenerationRequest(
         prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
         seed=args.seed,
         steps=args.steps,
         guidance=args.guidance,
         num_images=args.num_images,
-        negative_prompt=args.negative_prompt,
-        out=args.out,
-        images=args.image,
     )
+    fetch(request, url=args.url, model=args.model, out=args.out, images=args.image)
     return 0
 
 

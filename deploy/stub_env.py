@@ -28,6 +28,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from common.atomic import atomic_dir
 from common.cli import OneLineParser, run_cli
 from common.errors import UsageError
 
@@ -102,10 +103,7 @@ def build_env(out: Path, *, log=print) -> dict:
         raise UsageError(f"nvidia-pytriton has no Python-backend stub for Python {facts['version']} ({stub})")
     # The Python backend looks for its stub beside itself: assemble a backends folder as pytriton does.
     backends = out / "triton-backends"
-    if backends.exists():
-        shutil.rmtree(backends)
-    shutil.copytree(dist / "backends", backends)
-    shutil.copy2(stub, backends / "python" / "triton_python_backend_stub")
+    _assemble_backends(dist / "backends", stub, backends)
     record = {
         "requirements_sha256": _requirements_hash(),
         "tritonserver": str(dist / "bin" / "tritonserver"),
@@ -118,6 +116,14 @@ def build_env(out: Path, *, log=print) -> dict:
     (out / RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     log(f"triton env ready: {record['tritonserver']}")
     return record
+
+
+def _assemble_backends(source: Path, stub: Path, backends: Path) -> None:
+    """`source` (the wheel's backends) with `stub` in its python backend, replacing `backends` atomically:
+    an interrupted refresh leaves the previous folder, never a python backend without its stub."""
+    with atomic_dir(backends) as staging:
+        shutil.copytree(source, staging, dirs_exist_ok=True)
+        shutil.copy2(stub, staging / "python" / "triton_python_backend_stub")
 
 
 def _write_pth(out: Path, record: dict) -> None:

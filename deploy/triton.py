@@ -8,20 +8,56 @@ which reads its settings from the config's parameters). `tritonserver --model-re
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
+from common.atomic import atomic_dir
 from common.cli import OneLineParser, run_cli
+from common.engine_manifest import targets_with_engines
 from common.errors import UsageError
+from common.specs import Shapes
 from common.tensorrt_env import LABELS, Platform
 from deploy.request import DEFAULT_MAX_IMAGES
 from runtime.backends.select import SERVED_BACKENDS
 
 DEVICES = ("auto", "gpu", "cpu")
 MODEL_TEMPLATE = Path(__file__).with_name("model.py")
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """How Triton serves one model: the generator's flags, with their defaults (the command line's too)."""
+
+    name: str = "flux2"
+    backend: str = "auto"  # one of runtime.backends.select.SERVED_BACKENDS
+    device: str = "auto"  # one of DEVICES: the instances' kind (auto: the GPU where engines run)
+    instances: int = 1  # model instances, each loading the engines once
+    max_queue: int = 16  # requests waiting before Triton answers 503
+    timeout_s: float = 300.0  # seconds a request may wait in the queue before 503
+    max_images: int = DEFAULT_MAX_IMAGES  # images one request may ask for
+
+    def check(self) -> None:
+        """UsageError, naming the flag, for a setting Triton or the model would refuse."""
+        if self.backend not in SERVED_BACKENDS:
+            raise UsageError(f"--backend {self.backend!r} is not one of {', '.join(SERVED_BACKENDS)}")
+        if self.device not in DEVICES:
+            raise UsageError(f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", self.name):
+            raise UsageError(f"--name {self.name!r} must be letters, digits, '_', '-', '.' (a Triton model name)")
+        for flag, value, low in (
+            ("--instances", self.instances, 1),
+            ("--max-queue", self.max_queue, 1),
+            ("--max-images", self.max_images, 1),
+        ):
+            if value < low:
+                raise UsageError(f"{flag} {value} must be >= {low}")
+        if not self.timeout_s > 0:
+            raise UsageError(f"--timeout-s {self.timeout_s} must be > 0 (seconds a request may wait in the queue)")
+
+
+DEFAULTS = ModelSettings()
 
 
 def instance_kind(device: str, backend: str, artifacts: Path) -> str:
@@ -31,16 +67,8 @@ def instance_kind(device: str, backend: str, artifacts: Path) -> str:
     return "KIND_CPU"
 
 
-def _engine_targets(artifacts: Path) -> list[str]:
-    """The targets (tensorrt, then rtx: the trt backend's order) with engines built in `artifacts`."""
-    from common.engine_manifest import ENGINE_MANIFEST_NAME, engines_dir
-    from common.tensorrt_env import TARGETS
-
-    return [t for t in TARGETS if (engines_dir(artifacts, t) / ENGINE_MANIFEST_NAME).is_file()]
-
-
 def _has_engines(artifacts: Path) -> bool:
-    return bool(_engine_targets(artifacts))
+    return bool(targets_with_engines(artifacts))
 
 
 def engines_platform(artifacts: Path) -> Platform | None:
@@ -49,7 +77,7 @@ def engines_platform(artifacts: Path) -> Platform | None:
         return None
     from common.engine_manifest import read_engine_manifest
 
-    target = _engine_targets(artifacts)[0]
+    target = targets_with_engines(artifacts)[0]
     platforms = {record.platform for record in read_engine_manifest(artifacts, target).engines.values()}
     if len(platforms) != 1:
         listed = sorted(json.dumps(p.to_json(), sort_keys=True) for p in platforms)
@@ -71,27 +99,14 @@ def _quoted(text: str) -> str:
 
 
 def render_config(
-    *,
-    name: str,
-    artifacts: Path,
-    backend: str,
-    batch_size: int,
-    height: int,
-    width: int,
-    kind: str,
-    instances: int,
-    max_queue: int,
-    timeout_s: float,
-    max_images: int,
-    platform: Platform | None = None,
-    reference_images: int = 0,
+    settings: ModelSettings, *, artifacts: Path, shapes: Shapes, kind: str, platform: Platform | None = None
 ) -> str:
     """config.pbtxt: inputs, outputs, instances, dynamic batching with a queue policy that refuses fast.
 
     Artifacts exported with K reference images also take `reference_images`: the K image files' bytes
     (PNG, JPEG, ...), decoded and fitted on the server as runtime.generate reads --image files.
     """
-    parameters = {"artifacts": str(artifacts), "backend": backend, "max_images": str(max_images)}
+    parameters = {"artifacts": str(artifacts), "backend": settings.backend, "max_images": str(settings.max_images)}
     if platform:  # for the reader: which TensorRT the serving image must carry (docs/serving.md)
         parameters["engines_target"] = platform.target
         parameters["engines_tensorrt"] = platform.tensorrt
@@ -99,19 +114,19 @@ def render_config(
     parameter_text = ",\n".join(
         f"  {{ key: {_quoted(k)} value: {{ string_value: {_quoted(v)} }} }}" for k, v in parameters.items()
     )
-    timeout_us = int(round(timeout_s * 1e6))
-    references = ""
-    if reference_images:  # any length here, so that a wrong count gets the model's one-line 400, naming both
+    timeout_us = int(round(settings.timeout_s * 1e6))
+    references, count = "", shapes.reference_images
+    if count:  # any length here, so that a wrong count gets the model's one-line 400, naming both
         references = (
-            f",\n  # {reference_images} encoded image file(s) (PNG, JPEG, ...), as runtime.generate's --image reads them"
+            f",\n  # {count} encoded image file(s) (PNG, JPEG, ...), as runtime.generate's --image reads them"
             '\n  { name: "reference_images" data_type: TYPE_STRING dims: [ -1 ] }'
         )
     return f"""# Written by `python -m deploy.triton`; see docs/serving.md.
-name: {_quoted(name)}
+name: {_quoted(settings.name)}
 backend: "python"
 # One row per request; rows of one batch are drawn one request after another (the runtime draws
 # one prompt per call), so the batch size only lets Triton hand an instance the engines' batch.
-max_batch_size: {batch_size}
+max_batch_size: {shapes.batch_size}
 input [
   {{ name: "prompt" data_type: TYPE_STRING dims: [ 1 ] }},
   {{ name: "negative_prompt" data_type: TYPE_STRING dims: [ 1 ] optional: true }},
@@ -121,10 +136,10 @@ input [
   {{ name: "num_images" data_type: TYPE_INT32 dims: [ 1 ] optional: true }}{references}
 ]
 output [
-  {{ name: "image" data_type: TYPE_UINT8 dims: [ -1, {height}, {width}, 3 ] }},
+  {{ name: "image" data_type: TYPE_UINT8 dims: [ -1, {shapes.height}, {shapes.width}, 3 ] }},
   {{ name: "sidecar" data_type: TYPE_STRING dims: [ -1 ] }}
 ]
-instance_group [ {{ count: {instances} kind: {kind} }} ]
+instance_group [ {{ count: {settings.instances} kind: {kind} }} ]
 dynamic_batching {{
   # Past max_queue_size waiting requests, or after the timeout in the queue, Triton answers 503 at
   # once: overload is refused fast instead of left to time out at the client.
@@ -132,7 +147,7 @@ dynamic_batching {{
     timeout_action: REJECT
     default_timeout_microseconds: {timeout_us}
     allow_timeout_override: true
-    max_queue_size: {max_queue}
+    max_queue_size: {settings.max_queue}
   }}
 }}
 parameters [
@@ -141,79 +156,32 @@ parameters [
 """
 
 
-def write_repository(
-    *,
-    artifacts: Path,
-    repository: Path,
-    name: str = "flux2",
-    backend: str = "auto",
-    device: str = "auto",
-    instances: int = 1,
-    max_queue: int = 16,
-    timeout_s: float = 300.0,
-    max_images: int = DEFAULT_MAX_IMAGES,
-) -> Path:
+def write_repository(*, artifacts: Path, repository: Path, settings: ModelSettings = DEFAULTS) -> Path:
     """Write REPO/<name>/ (replacing an earlier one atomically); returns the model folder."""
     from runtime.artifacts import open_artifacts
 
-    if backend not in SERVED_BACKENDS:
-        raise UsageError(f"--backend {backend!r} is not one of {', '.join(SERVED_BACKENDS)}")
-    if device not in DEVICES:
-        raise UsageError(f"--device {device!r} is not one of {', '.join(DEVICES)}")
-    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
-        raise UsageError(f"--name {name!r} must be letters, digits, '_', '-', '.' (a Triton model name)")
-    for flag, value, low in (
-        ("--instances", instances, 1),
-        ("--max-queue", max_queue, 1),
-        ("--max-images", max_images, 1),
-    ):
-        if value < low:
-            raise UsageError(f"{flag} {value} must be >= {low}")
-    if not timeout_s > 0:
-        raise UsageError(f"--timeout-s {timeout_s} must be > 0 (seconds a request may wait in the queue)")
-    if backend == "trt" and not _has_engines(artifacts):
+    settings.check()
+    if settings.backend == "trt" and not _has_engines(artifacts):
         raise UsageError(
             f"--backend trt needs engines in {Path(artifacts) / 'engines'}; "
             f"run `python -m engines.build --artifacts {artifacts}` first, or use --backend ort"
         )
     opened = open_artifacts(artifacts)  # one-line error for a missing or damaged folder
     folder = opened.folder.resolve()
-    platform = engines_platform(folder) if backend != "ort" else None
-    config = render_config(
-        name=name,
-        artifacts=folder,
-        backend=backend,
-        batch_size=opened.shapes.batch_size,
-        height=opened.shapes.height,
-        width=opened.shapes.width,
-        kind=instance_kind(device, backend, folder),
-        instances=instances,
-        max_queue=max_queue,
-        timeout_s=timeout_s,
-        max_images=max_images,
-        platform=platform,
-        reference_images=opened.shapes.reference_images,
-    )
+    platform = engines_platform(folder) if settings.backend != "ort" else None
+    kind = instance_kind(settings.device, settings.backend, folder)
+    config = render_config(settings, artifacts=folder, shapes=opened.shapes, kind=kind, platform=platform)
     repository = Path(repository).expanduser()
     if repository.exists() and not repository.is_dir():
         raise UsageError(f"--repository {repository} is a file; pass a folder")
     repository.mkdir(parents=True, exist_ok=True)
-    target = repository / name
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=repository))
-    try:
+    target = repository / settings.name
+    # Staged in a hidden sibling inside the repository (a leading '.', as before), so that a server
+    # polling the repository never takes the half-written folder for a model.
+    with atomic_dir(target) as staging:
         (staging / "1").mkdir()
         (staging / "config.pbtxt").write_text(config, encoding="utf-8")
         shutil.copyfile(MODEL_TEMPLATE, staging / "1" / "model.py")
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{name}-old-", dir=repository))
-            os.replace(target, old / name)
-            os.replace(staging, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return target
 
 
@@ -223,17 +191,29 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--artifacts", required=True, type=Path, help="folder written by `python -m export`")
     parser.add_argument("--repository", required=True, type=Path, help="model repository to write into")
-    parser.add_argument("--name", default="flux2", help="model name (default flux2)")
-    parser.add_argument("--backend", default="auto", help="auto | trt | ort (default auto)")
-    parser.add_argument("--device", default="auto", help="auto | gpu | cpu: instance kind (auto: gpu with engines)")
-    parser.add_argument("--instances", type=int, default=1, help="model instances (engines loaded once each)")
-    parser.add_argument("--max-queue", type=int, default=16, help="requests waiting before 503 (default 16)")
-    parser.add_argument("--timeout-s", type=float, default=300.0, help="seconds in the queue before 503 (default 300)")
-    parser.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES, help="images per request at most")
+    parser.add_argument("--name", default=DEFAULTS.name, help=f"model name (default {DEFAULTS.name})")
+    parser.add_argument("--backend", default=DEFAULTS.backend, help=f"auto | trt | ort (default {DEFAULTS.backend})")
+    parser.add_argument(
+        "--device", default=DEFAULTS.device, help="auto | gpu | cpu: instance kind (auto: gpu with engines)"
+    )
+    parser.add_argument(
+        "--instances", type=int, default=DEFAULTS.instances, help="model instances (engines loaded once each)"
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=DEFAULTS.max_queue,
+        help=f"requests waiting before 503 (default {DEFAULTS.max_queue})",
+    )
+    parser.add_argument(
+        "--timeout-s",
+        type=float,
+        default=DEFAULTS.timeout_s,
+        help=f"seconds in the queue before 503 (default {DEFAULTS.timeout_s:g})",
+    )
+    parser.add_argument("--max-images", type=int, default=DEFAULTS.max_images, help="images per request at most")
     args = parser.parse_args(argv)
-    target = write_repository(
-        artifacts=args.artifacts,
-        repository=args.repository,
+    settings = ModelSettings(
         name=args.name,
         backend=args.backend,
         device=args.device,
@@ -242,6 +222,7 @@ def main(argv=None) -> int:
         timeout_s=args.timeout_s,
         max_images=args.max_images,
     )
+    target = write_repository(artifacts=args.artifacts, repository=args.repository, settings=settings)
     print(f"wrote {target}/config.pbtxt and {target}/1/model.py")
     platform = engines_platform(args.artifacts) if args.backend != "ort" else None
     if platform:

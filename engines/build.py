@@ -15,6 +15,7 @@ import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.atomic import atomic_write_bytes
 from common.cli import OneLineParser, run_cli
@@ -28,7 +29,7 @@ from common.engine_manifest import (
 )
 from common.errors import Flux2TrtError, UsageError
 from common.integrity import verify_artifacts
-from common.manifest import key_of, read_manifest, sha256_file
+from common.manifest import ComponentRecord, key_of, read_manifest, sha256_file
 from common.precision import precision as declared
 from common.staging import folder_lock, remove_stale_staging
 from common.tensorrt_env import (
@@ -38,6 +39,9 @@ from common.tensorrt_env import (
     Platform,
     cc_tuple,
 )
+
+if TYPE_CHECKING:
+    from engines.trt_build import TrtApi
 
 # Bump when the build code changes what a plan is for the same inputs: it invalidates cached plans.
 ENGINE_CODE_VERSION = 2
@@ -168,11 +172,22 @@ def _resolve_target(requested: str, log) -> str | None:
 
 
 def _platform(target: str, trt, build: BuildConfig) -> Platform:
+    """What this machine builds for: its GPU (tensorrt), or the compute capabilities asked for (rtx)."""
     if target == "tensorrt":
         from common.tensorrt_env import present_gpu
 
         gpu, capability = present_gpu()
         return Platform(target, trt.__version__, gpu=gpu, compute_capability=capability)
+    if build.strip_weights:
+        from common.tensorrt_env import gpu_status
+
+        present, why = gpu_status()
+        if not present:
+            raise UsageError(
+                f"--strip-weights: TensorRT-RTX {trt.__version__} compiles refittable plans only with a CUDA GPU "
+                f"present ({why}; measured: its kernel compiler fails its CUDA check); build them on a GPU node "
+                f"or leave --strip-weights out"
+            )
     requested = build.compute_capabilities
     return Platform(
         target,
@@ -195,19 +210,178 @@ def _check_precision_fits(target: str, build: BuildConfig, precision: str) -> No
         )
 
 
-def _timing_cache_input(timing_cache: Path | None, api, log) -> tuple[bytes | None, dict | None]:
-    """(bytes to start from or None, what the manifest records about the cache)."""
-    if timing_cache is None:
-        return None, None
-    if not timing_cache.parent.is_dir():
-        raise UsageError(f"--timing-cache {timing_cache}: folder {timing_cache.parent} does not exist")
-    if not api.has_timing_cache:
+@dataclass
+class TimingCache:
+    """The --timing-cache file through one build: the bytes each plan starts from, and what the
+    manifest records about it (a new dict when that changes, so records already made keep theirs)."""
+
+    path: Path | None
+    data: bytes | None  # None: no timing cache; b"": start an empty one
+    record: dict | None
+
+    @classmethod
+    def open(cls, path: Path | None, api, log) -> TimingCache:
+        if path is None:
+            return cls(None, None, None)
+        path = Path(path).expanduser().absolute()
+        if not path.parent.is_dir():
+            raise UsageError(f"--timing-cache {path}: folder {path.parent} does not exist")
+        if not api.has_timing_cache:
+            log(
+                f"timing cache {path} discarded: {api.label} {api.version} has no timing cache (its timing-cache "
+                f"calls are deprecated no-ops); building without one"
+            )
+            return cls(path, None, {"file": str(path), "used": False})
+        return cls(path, path.read_bytes() if path.is_file() else b"", {"file": str(path), "used": True})
+
+    def rejected(self, api, log) -> None:
         log(
-            f"timing cache {timing_cache} discarded: {api.label} {api.version} has no timing cache (its timing-cache "
-            f"calls are deprecated no-ops); building without one"
+            f"timing cache {self.path} discarded: {api.label} {api.version} rejected it (another GPU or "
+            f"version, or damaged); a fresh cache was used and is written back"
         )
-        return None, {"file": str(timing_cache), "used": False}
-    return (timing_cache.read_bytes() if timing_cache.is_file() else b""), {"file": str(timing_cache), "used": True}
+        self.record = {**self.record, "discarded": True}
+
+    def update(self, data: bytes | None) -> None:
+        if data is not None:
+            self.data = data
+            atomic_write_bytes(self.path, data)
+
+
+def plan_file(component: str) -> str:
+    """The plan's file name in engines/<target>/."""
+    return f"{component}.plan"
+
+
+@dataclass(frozen=True)
+class EngineJob:
+    """One component of a build: what its plan is built from, and why it is built (None: reused)."""
+
+    number: int  # 1-based, for the [n/N] progress lines
+    component: str
+    onnx: ComponentRecord
+    wanted: PlanInputs
+    reason: str | None
+
+    @property
+    def plan_name(self) -> str:
+        return plan_file(self.component)
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """What one build does, decided before anything is built: the target, its module and platform,
+    and per component whether its recorded plan is reused."""
+
+    artifacts: Path
+    target: str
+    precision: str
+    api: TrtApi
+    platform: Platform
+    build: BuildConfig
+    timing_cache: TimingCache  # the one part that changes as plans are built
+    folder: Path  # engines/<target>
+    kept: dict[str, EngineRecord]  # the recorded engines of components the artifacts still hold
+    jobs: tuple[EngineJob, ...]
+
+    def manifest(self, engines: dict[str, EngineRecord]) -> EngineManifest:
+        return EngineManifest(target=self.target, precision=self.precision, engines=dict(engines))
+
+
+def _target_module(target: str, trt, log) -> tuple[str | None, object]:
+    """(target, module) to build with, or (None, None) after the one line that says why nothing is built."""
+    if trt is None:
+        target = _resolve_target(target, log)
+        if target is None:
+            return None, None
+        from common.tensorrt_env import import_trt
+
+        return target, import_trt(target)
+    if target not in TARGETS:
+        raise UsageError(f"a given trt module needs an explicit target ({', '.join(TARGETS)}), not {target!r}")
+    return target, trt
+
+
+def plan_build(
+    *, artifacts: Path, target: str, force: bool, build: BuildConfig, timing_cache: Path | None, log, trt, platform
+) -> BuildPlan | None:
+    """Resolve the target, check the artifacts and decide per component: build (and why) or reuse.
+
+    None when no target can build here (after logging why). Removes what a killed build left, and
+    checks every weight file, before anything is built.
+    """
+    from engines.trt_build import TrtApi
+
+    artifacts = Path(artifacts).expanduser().absolute()
+    manifest = read_manifest(artifacts)
+    target, trt = _target_module(target, trt, log)
+    if target is None:
+        return None
+    _check_precision_fits(target, build, manifest.precision)
+    platform = platform or _platform(target, trt, build)
+    api = TrtApi(trt, target)
+    cache = TimingCache.open(timing_cache, api, log)
+
+    verify_artifacts(artifacts, manifest, log=log)  # a damaged weight file would build a plan that draws garbage
+    folder = engines_dir(artifacts, target)
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(folder, log=log)  # plans half-written by a killed build
+    previous = _previous_engines(artifacts, target)
+    components = manifest.components
+    jobs = []
+    for number, (component, onnx_record) in enumerate(components.items(), start=1):
+        wanted = PlanInputs(component, onnx_record.sha256, platform, build.flags())
+        reason = "--force" if force else rebuild_reason(previous.get(component), wanted, folder / plan_file(component))
+        jobs.append(EngineJob(number, component, onnx_record, wanted, reason))
+    kept = {name: record for name, record in previous.items() if name in components}
+    return BuildPlan(artifacts, target, manifest.precision, api, platform, build, cache, folder, kept, tuple(jobs))
+
+
+def _engine_record(
+    job: EngineJob, platform: Platform, serialized: memoryview, seconds: float, timing_cache: dict | None
+) -> EngineRecord:
+    """What the manifest records about the plan just built for `job` (`serialized`: its bytes)."""
+    return EngineRecord(
+        plan=job.plan_name,
+        onnx=job.onnx.file,
+        onnx_sha256=job.wanted.onnx_sha256,
+        platform=platform,
+        flags=job.wanted.flags,
+        inputs=job.onnx.inputs,
+        outputs=job.onnx.outputs,
+        key=job.wanted.key,
+        plan_bytes=serialized.nbytes,
+        plan_sha256=hashlib.sha256(serialized).hexdigest(),
+        build_seconds=round(seconds, 2),
+        built=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        timing_cache=timing_cache,
+    )
+
+
+def _build_one(plan: BuildPlan, job: EngineJob, engines: dict[str, EngineRecord], log) -> tuple:
+    """Build `job`'s plan, write it and record it in `engines` and the manifest; returns its summary row."""
+    from engines.trt_build import build_plan
+
+    progress = f"[{job.number}/{len(plan.jobs)}] {job.component}"
+    api, cache = plan.api, plan.timing_cache
+    log(f"{progress}: building ({job.reason}) from {plan.artifacts / job.onnx.file}")
+    started = time.perf_counter()
+    built = build_plan(api, plan.artifacts / job.onnx.file, plan.build, job.onnx.inputs, cache.data, log)
+    seconds = time.perf_counter() - started
+    if built.timing_cache_discarded:
+        cache.rejected(api, log)
+    # Everything the manifest records is computed before the plan is written: after the write,
+    # only the (atomic) manifest write stands between the plan and its record.
+    view = memoryview(built.serialized)
+    engines[job.component] = _engine_record(job, plan.platform, view, seconds, cache.record)
+    atomic_write_bytes(plan.folder / job.plan_name, view)
+    # After every plan, so an interrupted build keeps the engines already finished.
+    write_engine_manifest(plan.artifacts, plan.manifest(engines))
+    updated_cache = built.timing_cache
+    del view, built  # a full-size plan is as large as the weights: free it before the next build
+    cache.update(updated_cache)
+    plan_bytes = engines[job.component].plan_bytes
+    log(f"{progress}: built in {seconds:.1f} s, {plan_bytes / 2**20:.1f} MiB")
+    return (job.component, "built", plan_bytes, seconds)
 
 
 def build_engines(
@@ -226,101 +400,32 @@ def build_engines(
     `trt` and `platform` default to the target's installed module and what it builds for; tests
     of the GPU-only parts pass a fake module with an explicit target.
     """
-    from engines.trt_build import TrtApi, build_plan
-
     log = log or (lambda message: print(message, flush=True))
     build = build or BuildConfig()
-    artifacts = Path(artifacts).expanduser().absolute()
-    manifest = read_manifest(artifacts)
-    if trt is None:
-        target = _resolve_target(target, log)
-        if target is None:
-            return None
-        from common.tensorrt_env import import_trt
-
-        trt = import_trt(target)
-    elif target not in TARGETS:
-        raise UsageError(f"a given trt module needs an explicit target ({', '.join(TARGETS)}), not {target!r}")
-    _check_precision_fits(target, build, manifest.precision)
-    if build.strip_weights and target == "rtx" and platform is None:
-        from common.tensorrt_env import gpu_status
-
-        present, why = gpu_status()
-        if not present:
-            raise UsageError(
-                f"--strip-weights: TensorRT-RTX {trt.__version__} compiles refittable plans only with a CUDA GPU "
-                f"present ({why}; measured: its kernel compiler fails its CUDA check); build them on a GPU node "
-                f"or leave --strip-weights out"
-            )
-    platform = platform or _platform(target, trt, build)
-    api = TrtApi(trt, target)
-    if timing_cache is not None:
-        timing_cache = Path(timing_cache).expanduser().absolute()
-    cache_bytes, cache_record = _timing_cache_input(timing_cache, api, log)
-
-    verify_artifacts(artifacts, manifest, log=log)  # a damaged weight file would build a plan that draws garbage
-    folder = engines_dir(artifacts, target)
-    folder.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(folder, log=log)  # plans half-written by a killed build
-    previous = _previous_engines(artifacts, target)
-    components = manifest.components
-    engines = {name: record for name, record in previous.items() if name in components}
-
-    def record():
-        return EngineManifest(target=target, precision=manifest.precision, engines=dict(engines))
-
-    log(f"{api.label} {api.version} for {platform.describe()}, flags {build.flags()}")
+    plan = plan_build(
+        artifacts=artifacts,
+        target=target,
+        force=force,
+        build=build,
+        timing_cache=timing_cache,
+        log=log,
+        trt=trt,
+        platform=platform,
+    )
+    if plan is None:
+        return None
+    engines = dict(plan.kept)
+    log(f"{plan.api.label} {plan.api.version} for {plan.platform.describe()}, flags {build.flags()}")
     rows = []
-    for number, (component, onnx_record) in enumerate(components.items(), start=1):
-        plan_name = f"{component}.plan"
-        wanted = PlanInputs(component, onnx_record.sha256, platform, build.flags())
-        reason = "--force" if force else rebuild_reason(previous.get(component), wanted, folder / plan_name)
-        if reason is None:
-            log(f"[{number}/{len(components)}] {component}: reused {folder / plan_name}")
-            rows.append((component, "reused", previous[component].plan_bytes, 0.0))
-            continue
-        log(f"[{number}/{len(components)}] {component}: building ({reason}) from {artifacts / onnx_record.file}")
-        started = time.perf_counter()
-        built = build_plan(api, artifacts / onnx_record.file, build, onnx_record.inputs, cache_bytes, log)
-        seconds = time.perf_counter() - started
-        if built.timing_cache_discarded:
-            log(
-                f"timing cache {timing_cache} discarded: {api.label} {api.version} rejected it (another GPU or "
-                f"version, or damaged); a fresh cache was used and is written back"
-            )
-            cache_record = {**cache_record, "discarded": True}
-        # Everything the manifest records is computed before the plan is written: after the write,
-        # only the (atomic) manifest write stands between the plan and its record.
-        view = memoryview(built.serialized)
-        engines[component] = EngineRecord(
-            plan=plan_name,
-            onnx=onnx_record.file,
-            onnx_sha256=wanted.onnx_sha256,
-            platform=platform,
-            flags=wanted.flags,
-            inputs=onnx_record.inputs,
-            outputs=onnx_record.outputs,
-            key=wanted.key,
-            plan_bytes=view.nbytes,
-            plan_sha256=hashlib.sha256(view).hexdigest(),
-            build_seconds=round(seconds, 2),
-            built=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            timing_cache=cache_record,
-        )
-        atomic_write_bytes(folder / plan_name, view)
-        # After every plan, so an interrupted build keeps the engines already finished.
-        write_engine_manifest(artifacts, record())
-        updated_cache = built.timing_cache
-        del view, built  # a full-size plan is as large as the weights: free it before the next build
-        if updated_cache is not None:
-            cache_bytes = updated_cache
-            atomic_write_bytes(timing_cache, cache_bytes)
-        plan_bytes = engines[component].plan_bytes
-        log(f"[{number}/{len(components)}] {component}: built in {seconds:.1f} s, {plan_bytes / 2**20:.1f} MiB")
-        rows.append((component, "built", plan_bytes, seconds))
-    write_engine_manifest(artifacts, record())
-    log(_summary(rows, folder))
-    return record()
+    for job in plan.jobs:
+        if job.reason is None:
+            log(f"[{job.number}/{len(plan.jobs)}] {job.component}: reused {plan.folder / job.plan_name}")
+            rows.append((job.component, "reused", engines[job.component].plan_bytes, 0.0))
+        else:
+            rows.append(_build_one(plan, job, engines, log))
+    write_engine_manifest(plan.artifacts, plan.manifest(engines))
+    log(_summary(rows, plan.folder))
+    return plan.manifest(engines)
 
 
 def _summary(rows, folder: Path) -> str:

@@ -203,12 +203,11 @@ def test_model_answers_a_cancelled_request_with_cancelled(model):
 
 
 def test_repository_holds_config_and_model(export_tiny, tmp_path):
-    from deploy.triton import write_repository
+    from deploy.triton import ModelSettings, write_repository
 
     artifacts = export_tiny("fp32")
-    target = write_repository(
-        artifacts=artifacts, repository=tmp_path / "repo", name="fox", instances=2, max_queue=3, timeout_s=1.5
-    )
+    settings = ModelSettings(name="fox", instances=2, max_queue=3, timeout_s=1.5)
+    target = write_repository(artifacts=artifacts, repository=tmp_path / "repo", settings=settings)
     config = (target / "config.pbtxt").read_text()
     assert 'name: "fox"' in config and "max_batch_size: 1" in config
     assert "dims: [ -1, 256, 256, 3 ]" in config  # the artifacts' image shape
@@ -216,7 +215,8 @@ def test_repository_holds_config_and_model(export_tiny, tmp_path):
     assert "max_queue_size: 3" in config and "default_timeout_microseconds: 1500000" in config
     assert f'string_value: "{artifacts.resolve()}"' in config
     assert (target / "1" / "model.py").read_bytes() == (REPO / "deploy" / "model.py").read_bytes()
-    again = write_repository(artifacts=artifacts, repository=tmp_path / "repo", name="fox")  # replaces it
+    # Written again with the default settings: it replaces the first.
+    again = write_repository(artifacts=artifacts, repository=tmp_path / "repo", settings=ModelSettings(name="fox"))
     assert "count: 1 kind: KIND_CPU" in (again / "config.pbtxt").read_text()
     assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["fox"]  # nothing partial left behind
 
@@ -239,8 +239,9 @@ def test_config_names_the_tensorrt_and_gpu_the_engines_need(export_tiny, tmp_pat
 
     from common.engine_manifest import EngineManifest, EngineRecord, write_engine_manifest
     from common.manifest import read_manifest
+    from common.specs import Shapes
     from common.tensorrt_env import Platform
-    from deploy.triton import engines_platform, render_config
+    from deploy.triton import ModelSettings, engines_platform, render_config
 
     artifacts = tmp_path / "artifacts"
     shutil.copytree(export_tiny("fp32"), artifacts)
@@ -254,19 +255,27 @@ def test_config_names_the_tensorrt_and_gpu_the_engines_need(export_tiny, tmp_pat
     (artifacts / "engines" / "tensorrt").mkdir(parents=True)
     write_engine_manifest(artifacts, EngineManifest("tensorrt", "fp32", engines))
     assert engines_platform(artifacts) == platform
-    config = render_config(name="m", artifacts=artifacts, backend="trt", batch_size=1, height=16, width=16,
-                           kind="KIND_GPU", instances=1, max_queue=1, timeout_s=1, max_images=1, platform=platform)  # fmt: skip
+    settings = ModelSettings(name="m", backend="trt", instances=1, max_queue=1, timeout_s=1, max_images=1)
+    config = render_config(settings, artifacts=artifacts, shapes=Shapes(batch_size=1, height=16, width=16),
+                           kind="KIND_GPU", platform=platform)  # fmt: skip
     assert '"engines_tensorrt" value: { string_value: "10.13.3" }' in config
     assert "kind: KIND_GPU" in config
 
 
 def test_only_editing_artifacts_declare_reference_images(tmp_path):
-    from deploy.triton import render_config
+    from common.specs import Shapes
+    from deploy.triton import ModelSettings, render_config
 
-    common = dict(name="m", artifacts=tmp_path, backend="ort", batch_size=1, height=16, width=16, kind="KIND_CPU",
-                  instances=1, max_queue=1, timeout_s=1, max_images=1)  # fmt: skip
-    plain = render_config(**common)
-    editing = render_config(**common, reference_images=2)
+    settings = ModelSettings(name="m", backend="ort", instances=1, max_queue=1, timeout_s=1, max_images=1)
+    plain = render_config(
+        settings, artifacts=tmp_path, shapes=Shapes(batch_size=1, height=16, width=16), kind="KIND_CPU"
+    )
+    editing = render_config(
+        settings,
+        artifacts=tmp_path,
+        shapes=Shapes(batch_size=1, height=16, width=16, reference_images=2),
+        kind="KIND_CPU",
+    )
     assert "reference_images" not in plain
     added = [line for line in editing.splitlines() if line not in plain.splitlines()]
     assert added == [

@@ -25,7 +25,7 @@ def served(tmp_path_factory):
 
     from common.specs import Shapes
     from deploy.local_server import LocalServer, processes_mentioning
-    from deploy.triton import write_repository
+    from deploy.triton import ModelSettings, write_repository
     from export.run import export_artifacts
 
     env = triton_env()
@@ -34,7 +34,7 @@ def served(tmp_path_factory):
     shapes = Shapes(height=128, width=128, max_sequence_length=128, reference_images=1)
     export_artifacts(model="tiny", out=artifacts, shapes=shapes, skip_check=True, log=lambda m: None)
     repository = root / "repository"
-    write_repository(artifacts=artifacts, repository=repository, name="flux2", backend="ort")
+    write_repository(artifacts=artifacts, repository=repository, settings=ModelSettings(name="flux2", backend="ort"))
     # A JPEG of another size than exported: the server decodes it and fits it to 128 x 128, as runtime.generate does.
     y, x = np.mgrid[0:200, 0:150]
     pixels = np.stack([x * 255 // 150, y * 255 // 200, (x + y) % 256], axis=-1).astype(np.uint8)

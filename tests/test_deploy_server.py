@@ -56,7 +56,7 @@ def _metric(text: str, name: str, **labels) -> float:
 def served(tmp_path_factory, export_tiny, variant_artifacts):
     from common.specs import Shapes
     from deploy.local_server import LocalServer, processes_mentioning
-    from deploy.triton import write_repository
+    from deploy.triton import ModelSettings, write_repository
     from export.run import export_artifacts
 
     env = _triton_env()
@@ -73,10 +73,13 @@ def served(tmp_path_factory, export_tiny, variant_artifacts):
     export_artifacts(model="tiny-klein", out=klein, shapes=Shapes(height=128, width=128, max_sequence_length=64),
                      skip_check=True, log=lambda m: None)  # fmt: skip
     repository = root / "repository"
-    write_repository(artifacts=tiny, repository=repository, name="flux2", backend="ort", max_queue=8)
-    write_repository(artifacts=tiny, repository=repository, name="flux2_q1", backend="ort", max_queue=1)
-    write_repository(artifacts=variant, repository=repository, name="variant", backend="ort")
-    write_repository(artifacts=klein, repository=repository, name="klein", backend="ort")
+    for artifacts, settings in (
+        (tiny, ModelSettings(name="flux2", backend="ort", max_queue=8)),
+        (tiny, ModelSettings(name="flux2_q1", backend="ort", max_queue=1)),
+        (variant, ModelSettings(name="variant", backend="ort")),
+        (klein, ModelSettings(name="klein", backend="ort")),
+    ):
+        write_repository(artifacts=artifacts, repository=repository, settings=settings)
     server = LocalServer(repository, triton_env=env)
     server.start()
     server.artifacts = {"flux2": tiny, "variant": variant, "klein": klein}
@@ -267,11 +270,12 @@ def test_artifacts_broken_after_generation_keep_the_server_from_ready(export_tin
     import shutil
 
     from deploy.local_server import LocalServer, processes_mentioning
-    from deploy.triton import write_repository
+    from deploy.triton import ModelSettings, write_repository
 
     artifacts = tmp_path / "artifacts"
     shutil.copytree(export_tiny("fp32"), artifacts)
-    repository = write_repository(artifacts=artifacts, repository=tmp_path / "repository", name="broken").parent
+    settings = ModelSettings(name="broken")
+    repository = write_repository(artifacts=artifacts, repository=tmp_path / "repository", settings=settings).parent
     (artifacts / "transformer.onnx").unlink()
     server = LocalServer(repository, triton_env=_triton_env())
     with pytest.raises(RuntimeError, match="exited with 1 before ready"):
