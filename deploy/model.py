@@ -33,7 +33,7 @@ class TritonPythonModel:
     def initialize(self, args):
         from common.errors import Flux2TrtError
         from runtime.artifacts import open_artifacts
-        from runtime.backends.select import select_backend
+        from runtime.backends.select import SERVED, select_backend
         from runtime.pipeline import Flux2Runtime
 
         self.config = json.loads(args["model_config"])
@@ -52,6 +52,7 @@ class TritonPythonModel:
                 self.artifacts.folder,
                 self.artifacts.manifest,
                 log=lambda message: self.logger.log_info(message),
+                policy=SERVED,
             )
         except Flux2TrtError as exc:  # a one-line reason in the server log, and the model stays unloaded
             raise pb_utils.TritonModelException(f"flux2 model {args['model_name']}: {exc}") from None

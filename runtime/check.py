@@ -69,7 +69,7 @@ def run_check(
     import torch
 
     from runtime.artifacts import open_artifacts
-    from runtime.backends.select import select_backend
+    from runtime.backends.select import CHECK, select_backend
     from runtime.backends.torch_backend import TorchBackend
     from runtime.pipeline import Flux2Runtime, Timings, initial_noise, to_image
 
@@ -85,11 +85,9 @@ def run_check(
         )
 
     notes = []
-    # With --backend ort the refusal is an error; with auto, select_backend falls back to torch.
-    # Either way a bf16/fp8 check on a machine without TensorRT or onnxruntime-gpu runs the
-    # PyTorch modules, and the report says so.
-    requested = "auto" if backend == "ort" and not declared(precision).ort_cpu_runs else backend
-    chosen = select_backend(requested, opened.folder, opened.manifest, checkpoint=checkpoint, log=log)
+    # A bf16/fp8 check on a machine where ONNX Runtime cannot run them (no onnxruntime-gpu) runs the
+    # PyTorch modules, with --backend ort as with auto (the CHECK policy), and the report says so.
+    chosen = select_backend(backend, opened.folder, opened.manifest, checkpoint=checkpoint, log=log, policy=CHECK)
     if chosen.name.startswith("torch") and backend != "torch":
         notes.append(
             f"ONNX Runtime's CPU provider cannot run {precision} graphs: ran the torch backend at "
