@@ -22,6 +22,7 @@ from common.cli import OneLineParser, run_cli
 from common.errors import UsageError
 from common.metrics import psnr, ssim
 from common.precision import precision as declared
+from runtime.backends.select import BACKENDS
 
 CHECK_PROMPT = "A photograph of a red fox sitting in fresh snow at dawn, soft light, shallow depth of field."
 
@@ -287,7 +288,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--artifacts", required=True, type=Path)
     parser.add_argument("--model", type=Path, default=None, help="source checkpoint (default: the one in the manifest)")
-    parser.add_argument("--backend", default="auto", help="auto | trt | ort | torch")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS, help="default auto: trt, else ort, else torch")
     parser.add_argument("--prompt", default=CHECK_PROMPT)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=4)

@@ -14,6 +14,7 @@ from common.cli import OneLineParser, run_cli
 from common.errors import UsageError
 from common.staging import remove_stale_staging
 from common.storage import is_storage_error, storage_error
+from runtime.backends.select import BACKENDS
 
 DEFAULT_STEPS = 50  # Flux2Pipeline's default
 DEFAULT_GUIDANCE = 4.0  # Flux2Pipeline's default
@@ -212,7 +213,7 @@ def main(argv=None) -> int:
         help="reference image for editing; repeat for several (artifacts exported with --reference-images K)",
     )
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    parser.add_argument("--backend", default="auto", help="auto | trt | ort | torch (default auto)")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS, help="default auto: trt, else ort, else torch")
     parser.add_argument("--low-vram", action="store_true", help="keep one component loaded at a time")
     parser.add_argument(
         "--out", type=Path, default=Path("out"), help="folder for PNGs and JSON sidecars (default out/)"
