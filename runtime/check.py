@@ -72,11 +72,13 @@ def run_check(
     from runtime.artifacts import open_artifacts
     from runtime.backends.select import CHECK, select_backend
     from runtime.backends.torch_backend import TorchBackend
-    from runtime.pipeline import Flux2Runtime, Timings, initial_noise, to_image
+    from runtime.pipeline import Flux2Runtime, Timings, check_seed, initial_noise, to_image
+    from runtime.reference_images import references_for
 
     log = log or (lambda message: print(message, file=sys.stderr))
     if steps < 1:
         raise UsageError(f"--steps {steps} must be >= 1")
+    check_seed(seed)
     opened = open_artifacts(artifacts)
     precision = opened.precision
     checkpoint = Path(model or opened.manifest.source.checkpoint).expanduser()
@@ -101,17 +103,7 @@ def run_check(
     runtime = Flux2Runtime(opened, chosen, check_finite=False)  # NaN/Inf are measured and reported below
     layers = tuple(opened.geometry.text_out_layers)
     shapes = opened.shapes
-    reference_array, prepared = None, []
-    if images or shapes.reference_images:
-        from runtime.reference_images import load_references
-
-        reference_array, prepared = load_references(
-            images or [],
-            count=shapes.reference_images,
-            size=shapes.reference_size,
-            multiple_of=opened.geometry.pixels_per_token,
-            log=log,
-        )
+    reference_array, prepared = references_for(opened, images or [], log=log)
 
     started = time.perf_counter()
     pipe = _reference_pipeline(checkpoint, opened.geometry.pipeline_class)

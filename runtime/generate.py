@@ -45,8 +45,9 @@ def validate(*, steps: int, guidance: float, num_images: int, seed: int) -> None
         raise UsageError(f"--guidance {guidance} must be a finite number (FLUX.2 [dev] uses 4.0)")
     if num_images < 1:
         raise UsageError(f"--num-images {num_images} must be >= 1")
-    if not 0 <= seed < 2**63:
-        raise UsageError(f"--seed {seed} must be in [0, 2**63)")
+    from runtime.pipeline import check_seed
+
+    check_seed(seed)
 
 
 def check_out(out: Path) -> Path:
@@ -127,19 +128,10 @@ def generate_images(request: GenerateRequest, log=None) -> list[Path]:
     from runtime.artifacts import open_artifacts
     from runtime.backends.select import select_backend
     from runtime.pipeline import Flux2Runtime, to_uint8
+    from runtime.reference_images import references_for
 
     opened = open_artifacts(artifacts, verify=verify, log=log)
-    references = None
-    if images or opened.shapes.reference_images:
-        from runtime.reference_images import load_references
-
-        references, _ = load_references(
-            images or [],
-            count=opened.shapes.reference_images,
-            size=opened.shapes.reference_size,
-            multiple_of=opened.geometry.pixels_per_token,
-            log=log,
-        )
+    references, _ = references_for(opened, images, log=log)
     out = check_out(out)
     if out.is_dir():
         remove_stale_staging(out, log=log)  # half-written images of a killed run

@@ -9,12 +9,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.errors import NonFiniteError
+from common.errors import NonFiniteError, UsageError
 from common.family import Family
 from common.tokenizer import PromptTokenizer
 from runtime.artifacts import Artifacts
 from runtime.backends import Backend
 from runtime.scheduler import SchedulerConfig, euler_step, flux2_schedule
+
+
+def check_seed(seed: int, name: str = "--seed", error: type = UsageError) -> None:
+    """The one seed rule: what a request's int64 seed tensor carries and `initial_noise` draws from."""
+    if not 0 <= seed < 2**63:
+        raise error(f"{name} {seed} must be in [0, 2**63)")
 
 
 def initial_noise(artifacts: Artifacts, seed: int, num_images: int) -> np.ndarray:
@@ -243,15 +249,16 @@ class Flux2Runtime:
         `cancelled()` (optional) is polled between denoising steps: a server stops work for a
         request its client gave up on.
         """
-        expected = self.artifacts.shapes.reference_images
-        given = 0 if reference_images is None else reference_images.shape[0]
-        if given != expected:
-            from common.errors import UsageError
+        from runtime.reference_images import CountWords, check_count
 
-            raise UsageError(
-                f"{given} reference image(s) given, but the artifacts {self.artifacts.folder} take {expected} "
-                f"(shapes are fixed at export); pass {expected} --image, or re-export with --reference-images {given}"
-            )
+        given = 0 if reference_images is None else reference_images.shape[0]
+        words = CountWords(
+            "reference image(s) given",
+            f"the artifacts {self.artifacts.folder} take",
+            "pass {expected} --image",
+            "re-export with",
+        )
+        check_count(given, self.artifacts.shapes.reference_images, words)
         timings = Timings()
         noise = initial_noise(self.artifacts, seed, num_images)
         references = None if reference_images is None else self.encode_references(reference_images, timings)
