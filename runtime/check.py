@@ -72,7 +72,7 @@ def run_check(
     from runtime.artifacts import open_artifacts
     from runtime.backends.select import CHECK, select_backend
     from runtime.backends.torch_backend import TorchBackend
-    from runtime.pipeline import Flux2Runtime, Timings, check_seed, initial_noise, to_image
+    from runtime.pipeline import Flux2Runtime, Sampling, Timings, check_seed, initial_noise, to_image
     from runtime.reference_images import references_for
 
     log = log or (lambda message: print(message, file=sys.stderr))
@@ -148,11 +148,8 @@ def run_check(
 
     timings = Timings()
     started = time.perf_counter()
-    _, our_image, _ = next(
-        runtime.generate(
-            prompt, seed=seed, steps=steps, guidance=guidance, progress=False, reference_images=reference_array
-        )
-    )
+    sampling = Sampling(prompt, seed, steps, guidance)
+    _, our_image, _ = next(runtime.generate(sampling, progress=False, reference_images=reference_array))
     runtime_seconds = time.perf_counter() - started
 
     # Per component, same inputs into both sides; graphs built for a batch of b get b copies of

@@ -127,7 +127,7 @@ def generate_images(request: GenerateRequest, log=None) -> list[Path]:
 
     from runtime.artifacts import open_artifacts
     from runtime.backends.select import select_backend
-    from runtime.pipeline import Flux2Runtime, to_uint8
+    from runtime.pipeline import Flux2Runtime, Sampling, to_uint8
     from runtime.reference_images import references_for
 
     opened = open_artifacts(artifacts, verify=verify, log=log)
@@ -145,16 +145,8 @@ def generate_images(request: GenerateRequest, log=None) -> list[Path]:
     written = []
     for prompt_index, prompt in enumerate(prompts):
         prompt_seed = seed + prompt_index
-        for image_index, image, timings in runtime.generate(
-            prompt,
-            seed=prompt_seed,
-            steps=steps,
-            guidance=guidance,
-            num_images=num_images,
-            progress=progress,
-            negative_prompt=negative_prompt,
-            reference_images=references,
-        ):
+        sampling = Sampling(prompt, prompt_seed, steps, guidance, num_images, negative_prompt)
+        for image_index, image, timings in runtime.generate(sampling, progress=progress, reference_images=references):
             stem = f"{prompt_index:03d}-{image_index:02d}-seed{prompt_seed}"
             sidecar = {
                 "prompt": prompt,

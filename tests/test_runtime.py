@@ -69,14 +69,12 @@ def test_second_image_of_a_seed_matches_diffusers_batch(export_tiny):
     from common.reference_pipeline import reference_pipeline
     from runtime.artifacts import open_artifacts
     from runtime.backends.ort import OrtBackend
-    from runtime.pipeline import Flux2Runtime
+    from runtime.pipeline import Flux2Runtime, Sampling
 
     artifacts = open_artifacts(export_tiny("fp32"))
     runtime = Flux2Runtime(artifacts, OrtBackend(artifacts.folder, artifacts.manifest))
-    ours = [
-        image
-        for _, image, _ in runtime.generate("a lighthouse", seed=3, steps=2, guidance=3.0, num_images=2, progress=False)
-    ]
+    sampling = Sampling("a lighthouse", seed=3, steps=2, guidance=3.0, num_images=2)
+    ours = [image for _, image, _ in runtime.generate(sampling, progress=False)]
     pipe = reference_pipeline(artifacts.manifest.source.checkpoint, device="cpu")
     pipe.set_progress_bar_config(disable=True)
     reference = pipe(prompt="a lighthouse", height=256, width=256, num_inference_steps=2, guidance_scale=3.0, num_images_per_prompt=2,
@@ -204,13 +202,13 @@ def test_prompt_and_guidance_reach_the_tiny_image(export_tiny):
     from common.metrics import psnr
     from runtime.artifacts import open_artifacts
     from runtime.backends.ort import OrtBackend
-    from runtime.pipeline import Flux2Runtime
+    from runtime.pipeline import Flux2Runtime, Sampling
 
     opened = open_artifacts(export_tiny("fp32"))
     runtime = Flux2Runtime(opened, OrtBackend(opened.folder, opened.manifest))
 
     def image(prompt, guidance):
-        return next(runtime.generate(prompt, seed=0, steps=4, guidance=guidance, progress=False))[1]
+        return next(runtime.generate(Sampling(prompt, seed=0, steps=4, guidance=guidance), progress=False))[1]
 
     fox = image("a red fox in the snow", 4.0)
     assert psnr(fox, image("a bowl of ramen, studio light", 4.0)) < 40
