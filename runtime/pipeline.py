@@ -61,7 +61,7 @@ def count_non_finite(array) -> int:
     import torch
 
     if array.device.type == "cpu" and array.dtype in (torch.float32, torch.float16):
-        # numpy's isfinite is ~50x faster than torch's on the CPU (0.04 vs 3 ms for [1, 4096, 128], one thread)
+        # numpy's isfinite is far faster than torch's on the CPU (measured: docs/faults.md)
         return count_non_finite(array.detach().numpy())
     finite = torch.isfinite(array)
     return 0 if bool(finite.all()) else int(finite.numel() - finite.sum().item())
