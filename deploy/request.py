@@ -83,6 +83,7 @@ def sidecar(request: GenerationRequest, image_index: int, *, runtime, backend: s
     cfg = runtime.uses_cfg(request.guidance)
     return {
         "prompt": request.prompt,
+        **runtime.prompt_fit(request.prompt),  # never truncated here: parse_request refuses what would be
         "seed": request.seed,
         "image_index": image_index,
         "steps": request.steps,

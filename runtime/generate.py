@@ -145,11 +145,18 @@ def generate_images(request: GenerateRequest, log=None) -> list[Path]:
     written = []
     for prompt_index, prompt in enumerate(prompts):
         prompt_seed = seed + prompt_index
+        fit = runtime.prompt_fit(prompt)
+        if fit["prompt_truncated"]:
+            log(
+                f"note: prompt {prompt_index} has {fit['prompt_tokens']} tokens once formatted; the artifacts take "
+                f"{opened.shapes.max_sequence_length} (max_sequence_length): the rest is cut, as diffusers does"
+            )
         sampling = Sampling(prompt, prompt_seed, steps, guidance, num_images, negative_prompt)
         for image_index, image, timings in runtime.generate(sampling, progress=progress, reference_images=references):
             stem = f"{prompt_index:03d}-{image_index:02d}-seed{prompt_seed}"
             sidecar = {
                 "prompt": prompt,
+                **fit,
                 "seed": prompt_seed,
                 "image_index": image_index,
                 "steps": steps,

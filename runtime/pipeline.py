@@ -172,6 +172,12 @@ class Flux2Runtime:
             return f"Guidance scale {guidance} is ignored for step-wise distilled models."
         return None
 
+    def prompt_fit(self, prompt: str) -> dict:
+        """How the prompt fits the exported length, as each image's sidecar records it: its token count
+        once formatted, and whether the graphs cut it (diffusers cuts it the same way)."""
+        counted = self.tokenizer.tokenize(prompt)
+        return {"prompt_tokens": counted.length, "prompt_truncated": counted.truncated}
+
     def encode_prompt(self, prompt: str | list[str], timings: Timings):
         """Embeddings for the graph's batch: one prompt repeated, or exactly `batch` prompts."""
         prompts = [prompt] * self.batch if isinstance(prompt, str) else list(prompt)
