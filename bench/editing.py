@@ -37,7 +37,7 @@ def main() -> int:
     from export.verify.reference import check_reference_images
     from runtime.artifacts import open_artifacts
     from runtime.backends.ort import OrtBackend
-    from runtime.pipeline import Flux2Runtime
+    from runtime.pipeline import Flux2Runtime, Sampling
 
     results = {}
     previous = None
@@ -54,15 +54,13 @@ def main() -> int:
             height, width = shapes.reference_size
             references = check_reference_images((k, 3, height, width))
         runtime = Flux2Runtime(opened, OrtBackend(opened.folder, opened.manifest))
-        next(runtime.generate("warm-up", seed=0, steps=1, guidance=4.0, progress=False, reference_images=references))
+        warm_up = Sampling("warm-up", seed=0, steps=1, guidance=4.0)
+        next(runtime.generate(warm_up, progress=False, reference_images=references))
         denoise, encode = [], []
         for repeat in range(args.repeats):
             _, _, timings = next(
                 runtime.generate(
-                    "a red fox",
-                    seed=repeat,
-                    steps=args.steps,
-                    guidance=4.0,
+                    Sampling("a red fox", seed=repeat, steps=args.steps, guidance=4.0),
                     progress=False,
                     reference_images=references,
                 )

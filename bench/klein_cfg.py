@@ -31,7 +31,7 @@ def main() -> int:
     from export.run import export_artifacts
     from runtime.artifacts import open_artifacts
     from runtime.backends.ort import OrtBackend
-    from runtime.pipeline import Flux2Runtime, Timings
+    from runtime.pipeline import Flux2Runtime, Sampling, Timings
 
     results = {}
     images = {}
@@ -43,12 +43,14 @@ def main() -> int:
         )
         opened = open_artifacts(folder)
         runtime = Flux2Runtime(opened, OrtBackend(opened.folder, opened.manifest))
-        next(runtime.generate("warm-up", seed=0, steps=1, guidance=4.0, progress=False))
+        next(runtime.generate(Sampling("warm-up", seed=0, steps=1, guidance=4.0), progress=False))
         seconds = []
         for repeat in range(args.repeats):
             timings = Timings()
             _, images[batch], timings = next(
-                runtime.generate("a red fox in the snow", seed=repeat, steps=args.steps, guidance=4.0, progress=False)
+                runtime.generate(
+                    Sampling("a red fox in the snow", seed=repeat, steps=args.steps, guidance=4.0), progress=False
+                )
             )
             seconds.append(timings.stages["denoise"])
         results[f"batch{batch}"] = {

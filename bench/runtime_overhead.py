@@ -42,16 +42,18 @@ def main() -> int:
 
     from runtime.artifacts import open_artifacts
     from runtime.backends.ort import OrtBackend
-    from runtime.pipeline import Flux2Runtime
+    from runtime.pipeline import Flux2Runtime, Sampling
 
     artifacts = open_artifacts(args.artifacts)
     runtime = Flux2Runtime(artifacts, OrtBackend(artifacts.folder, artifacts.manifest))
-    next(runtime.generate("warm-up", seed=0, steps=1, guidance=4.0, progress=False))  # sessions created
+    next(runtime.generate(Sampling("warm-up", seed=0, steps=1, guidance=4.0), progress=False))  # sessions created
     rows = []
     for repeat in range(args.repeats):
         started = time.perf_counter()
         _, _, timings = next(
-            runtime.generate("a red fox in the snow", seed=repeat, steps=args.steps, guidance=4.0, progress=False)
+            runtime.generate(
+                Sampling("a red fox in the snow", seed=repeat, steps=args.steps, guidance=4.0), progress=False
+            )
         )
         total = time.perf_counter() - started
         rows.append({**timings.as_dict(), "wall_s": total, "overhead_s": total - timings.backend})

@@ -34,18 +34,20 @@ class InProcess:
     def __init__(self, artifacts: Path):
         from runtime.artifacts import open_artifacts
         from runtime.backends.select import select_backend
-        from runtime.pipeline import Flux2Runtime
+        from runtime.pipeline import Flux2Runtime, Sampling
 
         opened = open_artifacts(artifacts)
         self.backend = select_backend("ort", opened.folder, opened.manifest, log=lambda m: None)
         self.runtime = Flux2Runtime(opened, self.backend)
-        next(self.runtime.generate("warm-up", seed=0, steps=1, guidance=1.0, progress=False))
+        next(self.runtime.generate(Sampling("warm-up", seed=0, steps=1, guidance=1.0), progress=False))
 
     def image(self, seed: int, steps: int) -> tuple[np.ndarray, float]:
-        from runtime.pipeline import to_uint8
+        from runtime.pipeline import Sampling, to_uint8
 
         started = time.perf_counter()
-        _, image, _ = next(self.runtime.generate(PROMPT, seed=seed, steps=steps, guidance=4.0, progress=False))
+        _, image, _ = next(
+            self.runtime.generate(Sampling(PROMPT, seed=seed, steps=steps, guidance=4.0), progress=False)
+        )
         image = to_uint8(image)
         return image, time.perf_counter() - started
 

@@ -57,6 +57,18 @@ def klein_messages(prompt: str) -> list[dict]:
     return [{"role": "user", "content": prompt}]
 
 
+@dataclass(frozen=True)
+class PromptTokens:
+    """One prompt as the text encoder gets it, and how long it was before diffusers' truncation."""
+
+    ids: list[int]  # formatted and truncated to max_length, not padded
+    length: int  # the formatted prompt's token count before truncation
+
+    @property
+    def truncated(self) -> bool:
+        return self.length > len(self.ids)
+
+
 @dataclass
 class PromptTokenizer:
     folder: Path
@@ -135,30 +147,33 @@ class PromptTokenizer:
                 f"{_one_line(exc)}); use the tokenizer folder of the published checkpoint, or fix that template"
             ) from None
 
-    def token_ids(self, prompt: str) -> list[int]:
-        """One prompt's ids, formatted and truncated as diffusers does for this pipeline class (no padding)."""
+    def tokenize(self, prompt: str) -> PromptTokens:
+        """One prompt formatted and truncated as diffusers does for this pipeline class (no padding),
+        with the count it had before truncation: one rendering and one encoding give both."""
         if self.pipeline_class == Family.KLEIN:
             text = self.render(klein_messages(prompt), add_generation_prompt=True, enable_thinking=False)
             # `tokenizer(text, truncation=True, max_length=N)`: truncate to leave room for the special
             # tokens the post-processor adds, then add them.
             encoding = self._tokenizer.encode(text, add_special_tokens=False)
-            room = self.max_length - self._tokenizer.num_special_tokens_to_add(False)
-            encoding.truncate(room, direction=self.truncation_side)
-            return self._tokenizer.post_process(encoding, add_special_tokens=True).ids
+            special = self._tokenizer.num_special_tokens_to_add(False)
+            length = len(encoding.ids) + special
+            encoding.truncate(self.max_length - special, direction=self.truncation_side)
+            return PromptTokens(self._tokenizer.post_process(encoding, add_special_tokens=True).ids, length)
         text = self.render(flux2_messages(prompt))
         token_ids = self._tokenizer.encode(text, add_special_tokens=False).ids
-        if len(token_ids) > self.max_length:
+        length = len(token_ids)
+        if length > self.max_length:
             keep = self.max_length
             token_ids = token_ids[:keep] if self.truncation_side == "right" else token_ids[-keep:]
-        return token_ids
+        return PromptTokens(token_ids, length)
+
+    def token_ids(self, prompt: str) -> list[int]:
+        """One prompt's ids, formatted and truncated as diffusers does for this pipeline class (no padding)."""
+        return self.tokenize(prompt).ids
 
     def untruncated_length(self, prompt: str) -> int:
         """How many tokens the formatted prompt has before truncation (a server refuses what would be cut)."""
-        if self.pipeline_class == Family.KLEIN:
-            text = self.render(klein_messages(prompt), add_generation_prompt=True, enable_thinking=False)
-            extra = self._tokenizer.num_special_tokens_to_add(False)
-            return len(self._tokenizer.encode(text, add_special_tokens=False).ids) + extra
-        return len(self._tokenizer.encode(self.render(flux2_messages(prompt)), add_special_tokens=False).ids)
+        return self.tokenize(prompt).length
 
     def encode(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Token ids and attention mask, each int64 [len(prompts), max_length]."""

@@ -76,10 +76,9 @@ def fetch(
     image files for a model served from editing artifacts, sent as their bytes.
     """
     from runtime.generate import check_out, make_out, save_image
+    from runtime.pipeline import check_seed
 
-    seed = request.seed
-    if not 0 <= seed < 2**63:
-        raise UsageError(f"--seed {seed} must be in [0, 2**63)")
+    check_seed(request.seed)
     images = [Path(p) for p in images or []]
     for path in images:
         if not path.expanduser().is_file():

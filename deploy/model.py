@@ -33,8 +33,8 @@ class TritonPythonModel:
     def initialize(self, args):
         from common.errors import Flux2TrtError
         from runtime.artifacts import open_artifacts
-        from runtime.backends.select import select_backend
-        from runtime.pipeline import Flux2Runtime
+        from runtime.backends.select import SERVED, select_backend
+        from runtime.pipeline import Flux2Runtime, Sampling
 
         self.config = json.loads(args["model_config"])
         self.logger = pb_utils.Logger
@@ -52,6 +52,7 @@ class TritonPythonModel:
                 self.artifacts.folder,
                 self.artifacts.manifest,
                 log=lambda message: self.logger.log_info(message),
+                policy=SERVED,
             )
         except Flux2TrtError as exc:  # a one-line reason in the server log, and the model stays unloaded
             raise pb_utils.TritonModelException(f"flux2 model {args['model_name']}: {exc}") from None
@@ -61,9 +62,8 @@ class TritonPythonModel:
         # Editing artifacts warm up on mid-grey references (the runtime takes exactly K).
         warm_references = np.zeros((count, 3, *self.artifacts.shapes.reference_size), np.float32) if count else None
         started = time.perf_counter()
-        for _ in self.runtime.generate(
-            "warm-up", seed=0, steps=1, guidance=1.0, progress=False, reference_images=warm_references
-        ):
+        warm_up = Sampling("warm-up", seed=0, steps=1, guidance=1.0)
+        for _ in self.runtime.generate(warm_up, progress=False, reference_images=warm_references):
             pass
         self.logger.log_info(
             f"flux2 model {args['model_name']}: {self.artifacts.folder} on {self.backend.name} "
@@ -112,7 +112,7 @@ class TritonPythonModel:
 
     def _answer(self, request):
         from deploy.request import BadRequest, parse_request, sidecar
-        from runtime.pipeline import GenerationCancelled, to_uint8
+        from runtime.pipeline import GenerationCancelled, Sampling, to_uint8
 
         try:
             wanted = parse_request(
@@ -126,16 +126,11 @@ class TritonPythonModel:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
         images, sidecars = [], []
         try:
+            sampling = Sampling(
+                wanted.prompt, wanted.seed, wanted.steps, wanted.guidance, wanted.num_images, wanted.negative_prompt
+            )
             for index, image, timings in self.runtime.generate(
-                wanted.prompt,
-                seed=wanted.seed,
-                steps=wanted.steps,
-                guidance=wanted.guidance,
-                num_images=wanted.num_images,
-                negative_prompt=wanted.negative_prompt,
-                progress=False,
-                cancelled=request.is_cancelled,
-                reference_images=references,
+                sampling, progress=False, cancelled=request.is_cancelled, reference_images=references
             ):
                 images.append(to_uint8(image))
                 sidecars.append(

@@ -1,7 +1,9 @@
 """One generation request as the server sees it: typed values, checked, with a reason a client can act on.
 
-Pure Python (no Triton; numpy and PIL only where reference images are decoded), so the rules are unit-tested without a server and the model
-(`deploy/model.py`) only moves values between Triton tensors and these functions.
+No Triton here, so the rules are unit-tested without a server and the model (`deploy/model.py`)
+only moves values between Triton tensors and these functions. The seed range and the reference-image
+count are the runtime's own rules (`runtime.pipeline.check_seed`, `runtime.reference_images.check_count`),
+worded for a client.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ def parse_request(
     `prompt_length(text) -> int` counts the formatted prompt's tokens before truncation: the
     exported graphs hold `max_tokens`, and a server refuses a prompt it would silently cut.
     """
+    from runtime.pipeline import check_seed
+
     if values.get("prompt") is None:
         raise BadRequest("missing input 'prompt'; send the prompt as a BYTES tensor of shape [1, 1]")
     prompt = _text("prompt", values["prompt"])
@@ -60,8 +64,7 @@ def parse_request(
         raise BadRequest(f"steps {steps} is outside 1..{MAX_STEPS}; FLUX.2 [dev] uses 50, distilled models about 4")
     if not math.isfinite(guidance) or guidance < 0:
         raise BadRequest(f"guidance {guidance} must be a finite number >= 0 (FLUX.2 [dev] uses 4.0)")
-    if not 0 <= seed < 2**63:
-        raise BadRequest(f"seed {seed} must be in [0, 2**63)")
+    check_seed(seed, "seed", BadRequest)
     if not 1 <= num_images <= max_images:
         raise BadRequest(f"num_images {num_images} is outside 1..{max_images} (this model's max_images parameter)")
     if prompt_length is not None and max_tokens is not None:
@@ -80,6 +83,7 @@ def sidecar(request: GenerationRequest, image_index: int, *, runtime, backend: s
     cfg = runtime.uses_cfg(request.guidance)
     return {
         "prompt": request.prompt,
+        **runtime.prompt_fit(request.prompt),  # never truncated here: parse_request refuses what would be
         "seed": request.seed,
         "image_index": image_index,
         "steps": request.steps,
@@ -96,24 +100,29 @@ def sidecar(request: GenerationRequest, image_index: int, *, runtime, backend: s
     }
 
 
+def _server_words():
+    """The reference-count refusal as a client reads it (runtime.generate's names --image and re-export)."""
+    from runtime.reference_images import CountWords
+
+    return CountWords(
+        "reference image(s) sent", "this model takes exactly", "send {expected}", "serve artifacts exported with"
+    )
+
+
 def decode_references(blobs, *, count: int, size: tuple[int, int], multiple_of: int, log=None):
     """The `reference_images` input (encoded files, one per reference) -> [K, 3, H, W] as runtime.generate's --image.
 
     The bytes are read and fitted by runtime.reference_images, the code runtime.generate runs on the files.
     """
     from common.errors import UsageError
-    from runtime.reference_images import decode_image, prepare_references
+    from runtime.reference_images import check_count, decode_image, prepare_references
 
     if blobs is None:
         raise BadRequest(
             f"missing input 'reference_images'; this model was exported with --reference-images {count}: "
             f"send {count} encoded image file(s) (PNG, JPEG, ...) as a BYTES tensor of shape [1, {count}]"
         )
-    if len(blobs) != count:
-        raise BadRequest(
-            f"{len(blobs)} reference image(s) sent, but this model takes exactly {count} (shapes are fixed at "
-            f"export); send {count}, or serve artifacts exported with --reference-images {len(blobs)}"
-        )
+    check_count(len(blobs), count, _server_words(), BadRequest)
     names = [f"reference_images[{index}]" for index in range(count)]
     try:
         images = [decode_image(bytes(blob), name) for name, blob in zip(names, blobs, strict=True)]

@@ -7,12 +7,18 @@ PSNR and SSIM between the two images. Written as a table and DIR/reports/runtime
 Editing artifacts (exported with --reference-images K) take K `--image` files: both sides get the
 same prepared images (`runtime.reference_images`), the VAE encoder is compared on them (its
 reference tokens against `Flux2Pipeline.prepare_image_latents`), and the transformer with them.
+
+Running is kept apart from comparing, as Polygraphy keeps them: `run_reference` (diffusers'
+pipeline) and `run_runtime` (this runtime's backend, through `runtime.pipeline`'s own input
+building) each return the same `Stages` record; `judge` holds one against the other (the
+precision's tolerance, the PSNR bound) and `write_report` writes the table and the JSON.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,238 +28,365 @@ from common.cli import OneLineParser, run_cli
 from common.errors import UsageError
 from common.metrics import psnr, ssim
 from common.precision import precision as declared
+from runtime.artifacts import Artifacts
+from runtime.backends.select import BACKENDS
+from runtime.pipeline import (
+    Conditioning,
+    Flux2Runtime,
+    Sampling,
+    Timings,
+    check_seed,
+    initial_noise,
+    to_image,
+    transformer_feeds,
+)
+from runtime.scheduler import flux2_schedule
 
 CHECK_PROMPT = "A photograph of a red fox sitting in fresh snow at dawn, soft light, shallow depth of field."
 
-# End-to-end bounds against diffusers float32. fp32: the issue's acceptance numbers.
+# End-to-end bounds against diffusers float32; the measurements behind each: docs/runtime.md
+# ("How runtime.check bounds the image"). fp32: the issue's acceptance numbers.
 MIN_PSNR_FP32 = {"onnx": 40.0, "torch": 50.0}
-# Below fp32 the image cannot be closer to float32 than PyTorch's own pipeline at that precision
-# is: the bound is that pipeline's PSNR (its "floor", measured in the same check) minus this
-# margin. Measured on the tiny default against diffusers' bf16 pipeline (31.00 dB at 256 x 256 /
-# 3 steps, 34.67 dB at 1024 x 1024 / 4 steps): the torch backend at bf16 gives 31.05 and 34.68 dB
-# now that it rounds the timestep where the pipeline does; fp16 graphs 57.5 and 47.1 dB against
-# diffusers fp16's 56.8 and 47.0. 3 dB is a factor of 2 in mean squared error.
+# Below fp32 the image cannot be closer to float32 than PyTorch's own pipeline at that precision is:
+# the bound is that pipeline's PSNR (its "floor", measured in the same check) minus this margin,
+# a factor of 2 in mean squared error.
 FLOOR_MARGIN_DB = 3.0
-# ... but never below this: on an H200 (8 steps, 1024 x 1024) diffusers' bf16 pipeline, which
-# rounds the latents to bf16 after every step, drifted to 13.3 dB from its fp32 pipeline while
-# this runtime (float32 latents between steps) stayed at 38.2 dB; a floor that low checks
-# nothing. 25 dB is the end-to-end bound FP8 is held to on the tiny default.
+# ... but never below this: diffusers' bf16 pipeline can drift far from its fp32 one on a GPU, and a
+# floor that low checks nothing. The end-to-end bound FP8 is held to on the tiny default.
 MIN_PSNR_REDUCED = 25.0
 
 
-def _reference_pipeline(checkpoint: Path, pipeline_class: str, dtype: str = "float32"):
+@dataclass(frozen=True)
+class CheckRequest:
+    """One `python -m runtime.check` run: which artifacts against which checkpoint, what to draw."""
+
+    artifacts: Path
+    model: Path | None = None  # the source checkpoint; default: the one the manifest names
+    backend: str = "auto"
+    prompt: str = CHECK_PROMPT
+    seed: int = 0
+    steps: int = 4
+    guidance: float = 4.0
+    images: tuple[Path, ...] = ()  # reference images, as many as editing artifacts take
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(self.prompt, self.seed, self.steps, self.guidance)
+
+
+@dataclass(frozen=True)
+class FirstStep:
+    """The transformer's first-step inputs both sides get, besides diffusers' embeds and reference tokens."""
+
+    noise: np.ndarray  # [1, N, C]: the seed's packed noise, drawn as diffusers draws it
+    timestep: float  # the schedule's first transformer timestep
+    guidance: float
+
+
+@dataclass(frozen=True)
+class CheckSetup:
+    """What both sides are given: the request, the opened artifacts, the checkpoint, the prepared references."""
+
+    request: CheckRequest
+    opened: Artifacts
+    checkpoint: Path
+    first: FirstStep
+    reference_array: np.ndarray | None = None  # [K, 3, H, W] in [-1, 1], what this runtime's VAE encoder gets
+    prepared: tuple = ()  # PreparedReference per image, what diffusers gets
+
+
+@dataclass(frozen=True)
+class Stages:
+    """One side's output per stage, host float32 (first row of a batch): what `judge` compares."""
+
+    prompt_embeds: np.ndarray  # [1, L, D] from the prompt
+    velocity: np.ndarray  # [1, N, C] at the first step, on diffusers' prompt_embeds (and reference tokens)
+    decoded: np.ndarray  # [H, W, 3] in [0, 1]: the VAE on diffusers' final latents
+    image: np.ndarray  # [H, W, 3] in [0, 1]: end to end from the seed
+    seconds: float  # drawing `image` (the reference: with its same-precision floor)
+    reference_tokens: np.ndarray | None = None  # [1, K*M, C] from the prepared references (editing)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The diffusers side: its stages, the final latents both VAEs decode, and the same-precision floor."""
+
+    stages: Stages
+    final_latents: np.ndarray  # [1, N, C] diffusers' latents after the last step
+    floor_psnr: float | None  # diffusers at the artifacts' compute dtype against float32; None at fp32
+    description: str  # "diffusers Flux2Pipeline, float32, cpu"
+
+
+@dataclass(frozen=True)
+class Judgement:
+    components: dict  # stage -> Tolerance.judge's metrics
+    end_to_end: dict  # PSNR, SSIM, the bound and the floor it came from
+    passed: bool
+
+
+def _reference_pipeline(checkpoint: Path, dtype: str = "float32"):
     import torch
 
     from common.reference_pipeline import reference_pipeline
 
-    # PyTorch lets cuDNN convolutions use TF32 by default: measured on an H200, that moved the
-    # "float32" VAE reference 5.5e-4 (relative L2) away from the fp32 graphs, over the fp32 bound.
-    # A reference is true float32.
+    # PyTorch lets cuDNN convolutions use TF32 by default, which moved diffusers' "float32" VAE past
+    # the fp32 bound on an H200 (docs/runtime.md). A reference is true float32.
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     return reference_pipeline(checkpoint, dtype=dtype)
 
 
-def run_check(
-    *,
-    artifacts: Path,
-    model: Path | None = None,
-    backend: str = "auto",
-    prompt: str = CHECK_PROMPT,
-    seed: int = 0,
-    steps: int = 4,
-    guidance: float = 4.0,
-    images: list[Path] | None = None,
-    log=None,
-) -> dict:
+def _pipeline_call(setup: CheckSetup) -> dict:
+    """diffusers' pipeline arguments for the request, less the generator and the step callback."""
+    request, shapes = setup.request, setup.opened.shapes
+    call = dict(
+        prompt=request.prompt,
+        height=shapes.height,
+        width=shapes.width,
+        num_inference_steps=request.steps,
+        guidance_scale=request.guidance,
+        max_sequence_length=shapes.max_sequence_length,
+        text_encoder_out_layers=tuple(setup.opened.geometry.text_out_layers),
+        output_type="np",
+    )
+    if setup.prepared:
+        call["image"] = [reference.image for reference in setup.prepared]
+    return call
+
+
+def _floor_psnr(setup: CheckSetup, call: dict, image: np.ndarray) -> float | None:
+    """diffusers at the artifacts' compute dtype against its float32 image; None for fp32 artifacts."""
     import torch
 
-    from runtime.artifacts import open_artifacts
-    from runtime.backends.select import select_backend
-    from runtime.backends.torch_backend import TorchBackend
-    from runtime.pipeline import Flux2Runtime, Timings, initial_noise, to_image
+    precision = declared(setup.opened.precision)
+    if precision.is_float32:
+        return None
+    same_precision = _reference_pipeline(setup.checkpoint, precision.compute_dtype)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(setup.request.seed)
+        floor_image = same_precision(**call, generator=generator).images[0]
+    return psnr(floor_image, image)
 
-    log = log or (lambda message: print(message, file=sys.stderr))
-    if steps < 1:
-        raise UsageError(f"--steps {steps} must be >= 1")
-    opened = open_artifacts(artifacts)
-    precision = opened.precision
-    checkpoint = Path(model or opened.manifest.source.checkpoint).expanduser()
+
+def _reference_tokens(pipe, setup: CheckSetup):
+    """Flux2Pipeline.prepare_image_latents on the prepared references: [1, K*M, C] torch; None without any."""
+    if not setup.prepared:
+        return None
+    import torch
+
+    height, width = setup.opened.shapes.reference_size
+    processed = [
+        pipe.image_processor.preprocess(r.image, height=height, width=width, resize_mode="crop") for r in setup.prepared
+    ]
+    with torch.no_grad():
+        tokens, _ = pipe.prepare_image_latents(
+            images=processed, batch_size=1, generator=None, device=pipe._execution_device, dtype=pipe.vae.dtype
+        )
+    return tokens.float()
+
+
+def _host(tensor) -> np.ndarray | None:
+    return None if tensor is None else tensor.float().cpu().numpy()
+
+
+def run_reference(setup: CheckSetup) -> Reference:
+    """diffusers' float32 pipeline -> its stage outputs; the per-stage ones from the torch backend's
+    stages over that pipeline (diffusers' modules, called as Flux2Pipeline calls them)."""
+    import torch
+
+    from runtime.backends.torch_backend import TorchBackend
+
+    opened, request, first = setup.opened, setup.request, setup.first
+    started = time.perf_counter()
+    pipe = _reference_pipeline(setup.checkpoint)
+    call = _pipeline_call(setup)
+    final = {}
+
+    def keep_latents(_pipe, _index, _t, kwargs):
+        final["latents"] = kwargs["latents"]
+        return kwargs
+
+    with torch.no_grad():
+        embeds, _ = pipe.encode_prompt(
+            prompt=request.prompt,
+            device=pipe._execution_device,
+            max_sequence_length=call["max_sequence_length"],
+            text_encoder_out_layers=call["text_encoder_out_layers"],
+        )
+        generator = torch.Generator().manual_seed(request.seed)
+        image = pipe(**call, generator=generator, callback_on_step_end=keep_latents).images[0]
+    floor_psnr = _floor_psnr(setup, call, image)
+    seconds = time.perf_counter() - started
+
+    tokens = _reference_tokens(pipe, setup)
+    stages = TorchBackend.around(pipe, opened.folder, opened.manifest, setup.checkpoint)
+    feeds = transformer_feeds(
+        stages.from_host(first.noise),
+        Conditioning(embeds.float(), reference_latents=tokens),
+        stages.from_host(np.full((1,), first.timestep, np.float32)),
+        stages.from_host(np.full((1,), first.guidance, np.float32)),
+        guidance_embeds=opened.geometry.guidance_embeds,
+    )
+    velocity = stages.run("transformer", feeds)["velocity"]
+    decoded = to_image(_host(stages.run("vae", {"packed_latents": final["latents"]})["image"]))[0]
+    outputs = Stages(_host(embeds), _host(velocity), decoded, image, seconds, _host(tokens))
+    description = f"diffusers {opened.geometry.pipeline_class}, float32, {pipe._execution_device}"
+    return Reference(outputs, _host(final["latents"]), floor_psnr, description)
+
+
+def run_runtime(runtime: Flux2Runtime, setup: CheckSetup, reference: Reference) -> Stages:
+    """This runtime's backend -> the same stage outputs: the image from the seed, the text encoder (and
+    VAE encoder) on the same inputs, the transformer and the VAE on diffusers' embeds, tokens and latents.
+    Graphs built for a batch of B get B copies of each row; their first row is compared."""
+    backend, first, theirs = runtime.backend, setup.first, reference.stages
+    started = time.perf_counter()
+    _, image, _ = next(runtime.generate(setup.request.sampling, progress=False, reference_images=setup.reference_array))
+    seconds = time.perf_counter() - started
+
+    def rows(array: np.ndarray):
+        return backend.from_host(np.concatenate([array] * runtime.batch))
+
+    timings = Timings()
+    embeds = backend.to_host(runtime.encode_prompt(setup.request.prompt, timings))[:1]
+    tokens, their_tokens = None, None
+    if setup.reference_array is not None:
+        tokens = backend.to_host(runtime.encode_references(setup.reference_array, timings))[:1]
+        their_tokens = rows(theirs.reference_tokens)
+    feeds = transformer_feeds(
+        rows(first.noise),
+        Conditioning(rows(theirs.prompt_embeds), reference_latents=their_tokens),
+        runtime.batch_scalar(first.timestep),
+        runtime.batch_scalar(first.guidance),
+        guidance_embeds=runtime.artifacts.geometry.guidance_embeds,
+    )
+    velocity = backend.to_host(backend.run("transformer", feeds)["velocity"])[:1]
+    decoded = runtime.decode(rows(reference.final_latents), timings)[0]
+    return Stages(embeds, velocity, decoded, image, seconds, tokens)
+
+
+def min_psnr_db(kind: str, floor_psnr: float | None) -> float:
+    """The end-to-end bound: the fp32 acceptance number, or the same-precision floor less the margin."""
+    if floor_psnr is None:
+        return MIN_PSNR_FP32[kind]
+    return max(floor_psnr - FLOOR_MARGIN_DB, MIN_PSNR_REDUCED)
+
+
+def judge(ours: Stages, reference: Reference, precision: str, kind: str) -> Judgement:
+    """Each stage against the precision's tolerance, the image against the PSNR bound."""
+    tolerance = declared(precision).tolerance
+    theirs = reference.stages
+    components = {
+        "text_encoder": tolerance.judge(ours.prompt_embeds, theirs.prompt_embeds),
+        "transformer": tolerance.judge(ours.velocity, theirs.velocity),
+        "vae": tolerance.judge(ours.decoded, theirs.decoded),
+    }
+    if ours.reference_tokens is not None:
+        components["vae_encoder"] = tolerance.judge(ours.reference_tokens, theirs.reference_tokens)
+    end_to_end = {
+        "psnr_db": psnr(ours.image, theirs.image),
+        "ssim": ssim(ours.image, theirs.image),
+        "min_psnr_db": min_psnr_db(kind, reference.floor_psnr),
+        "diffusers_same_precision_psnr_db": reference.floor_psnr,
+    }
+    end_to_end["passed"] = bool(end_to_end["psnr_db"] >= end_to_end["min_psnr_db"])
+    passed = end_to_end["passed"] and all(m["passed"] for m in components.values())
+    return Judgement(components, end_to_end, passed)
+
+
+def build_report(setup: CheckSetup, backend: str, reference: Reference, ours: Stages, verdict: Judgement, notes):
+    """reports/runtime_check.json's content."""
+    request, opened = setup.request, setup.opened
+    tolerance = declared(opened.precision).tolerance
+    images = [{"path": str(r.path), "size": list(r.original_size), "fitted": r.fitted} for r in setup.prepared]
+    return {
+        "artifacts": str(opened.folder),
+        "checkpoint": str(setup.checkpoint),
+        "precision": opened.precision,
+        "backend": backend,
+        "reference": reference.description,
+        "prompt": request.prompt,
+        "seed": request.seed,
+        "steps": request.steps,
+        "guidance": request.guidance,
+        **({"images": images} if images else {}),
+        "tolerance": {"max_rel_l2": tolerance.max_rel_l2, "min_cosine": tolerance.min_cosine},
+        "components": verdict.components,
+        "end_to_end": verdict.end_to_end,
+        "seconds": {"reference": round(reference.stages.seconds, 3), "runtime": round(ours.seconds, 3)},
+        "notes": list(notes),
+        "passed": verdict.passed,
+    }
+
+
+def write_report(report: dict, folder: Path, log) -> None:
+    """The JSON beside the artifacts, and the table on the log."""
+    (folder / "reports").mkdir(exist_ok=True)
+    atomic_write_json(folder / "reports" / "runtime_check.json", report)
+    log(format_table(report))
+
+
+def stand_in_notes(precision: str, requested: str, backend: str) -> list[str]:
+    """What the report says when the CHECK policy ran the torch backend in ONNX Runtime's place."""
+    if not backend.startswith("torch") or requested == "torch":
+        return []
+    quantized = declared(precision).quantized
+    return [
+        f"ONNX Runtime's CPU provider cannot run {precision} graphs: ran the torch backend at "
+        f"{'bf16 (it has no FP8)' if quantized else precision} instead; the {precision} ONNX "
+        "graphs themselves were checked at export time (reports/export_check.json"
+        + (", reports/fp8_check.json)" if quantized else ")")
+    ]
+
+
+def _checkpoint(request: CheckRequest, opened: Artifacts) -> Path:
+    checkpoint = Path(request.model or opened.manifest.source.checkpoint).expanduser()
     if not (checkpoint / "model_index.json").is_file():
         raise UsageError(
             f"checkpoint {checkpoint} has no model_index.json; pass --model with the FLUX.2 folder the artifacts came from"
         )
+    return checkpoint
 
-    notes = []
-    # With --backend ort the refusal is an error; with auto, select_backend falls back to torch.
-    # Either way a bf16/fp8 check on a machine without TensorRT or onnxruntime-gpu runs the
-    # PyTorch modules, and the report says so.
-    requested = "auto" if backend == "ort" and not declared(precision).ort_cpu_runs else backend
-    chosen = select_backend(requested, opened.folder, opened.manifest, checkpoint=checkpoint, log=log)
-    if chosen.name.startswith("torch") and backend != "torch":
-        notes.append(
-            f"ONNX Runtime's CPU provider cannot run {precision} graphs: ran the torch backend at "
-            f"{'bf16 (it has no FP8)' if declared(precision).quantized else precision} instead; the {precision} ONNX "
-            "graphs themselves were checked at export time (reports/export_check.json"
-            + (", reports/fp8_check.json)" if declared(precision).quantized else ")")
-        )
-        log(f"note: {notes[-1]}")
+
+def first_step(runtime: Flux2Runtime, request: CheckRequest) -> FirstStep:
+    noise = initial_noise(runtime.artifacts, request.seed, 1)
+    schedule = flux2_schedule(runtime.scheduler, request.steps, noise.shape[1])
+    return FirstStep(noise, float(schedule.transformer_timesteps[0]), request.guidance)
+
+
+def run_check(*, log=None, **request) -> dict:
+    """Keyword front door: `check(CheckRequest(**request))`."""
+    request["images"] = tuple(request.get("images") or ())
+    return check(CheckRequest(**request), log=log)
+
+
+def check(request: CheckRequest, log=None) -> dict:
+    """Run both sides, judge, write DIR/reports/runtime_check.json and the table; return the report."""
+    from runtime.artifacts import open_artifacts
+    from runtime.backends.select import CHECK, select_backend
+    from runtime.reference_images import references_for
+
+    log = log or (lambda message: print(message, file=sys.stderr))
+    if request.steps < 1:
+        raise UsageError(f"--steps {request.steps} must be >= 1")
+    check_seed(request.seed)
+    opened = open_artifacts(request.artifacts)
+    checkpoint = _checkpoint(request, opened)
+    # bf16/fp8 where ONNX Runtime cannot run them: the torch backend stands in (the CHECK policy), noted.
+    chosen = select_backend(
+        request.backend, opened.folder, opened.manifest, checkpoint=checkpoint, log=log, policy=CHECK
+    )
+    notes = stand_in_notes(opened.precision, request.backend, chosen.name)
+    for note in notes:
+        log(f"note: {note}")
     kind = "torch" if chosen.name.startswith("torch") else "onnx"
     runtime = Flux2Runtime(opened, chosen, check_finite=False)  # NaN/Inf are measured and reported below
-    layers = tuple(opened.geometry.text_out_layers)
-    shapes = opened.shapes
-    reference_array, prepared = None, []
-    if images or shapes.reference_images:
-        from runtime.reference_images import load_references
-
-        reference_array, prepared = load_references(
-            images or [],
-            count=shapes.reference_images,
-            size=shapes.reference_size,
-            multiple_of=opened.geometry.pixels_per_token,
-            log=log,
-        )
-
-    started = time.perf_counter()
-    pipe = _reference_pipeline(checkpoint, opened.geometry.pipeline_class)
-    device = pipe._execution_device
-    with torch.no_grad():
-        ref_embeds, _ = pipe.encode_prompt(
-            prompt=prompt, device=device, max_sequence_length=shapes.max_sequence_length, text_encoder_out_layers=layers
-        )
-        final = {}
-
-        def keep_latents(_pipe, _index, _t, kwargs):
-            final["latents"] = kwargs["latents"]
-            return kwargs
-
-        call = dict(
-            prompt=prompt,
-            height=shapes.height,
-            width=shapes.width,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=torch.Generator().manual_seed(seed),
-            max_sequence_length=shapes.max_sequence_length,
-            text_encoder_out_layers=layers,
-            output_type="np",
-            callback_on_step_end=keep_latents,
-        )
-        if prepared:
-            call["image"] = [reference.image for reference in prepared]
-        ref_image = pipe(**call).images[0]
-    floor_psnr = None
-    if not declared(precision).is_float32:
-        same_precision = _reference_pipeline(
-            checkpoint, opened.geometry.pipeline_class, declared(precision).compute_dtype
-        )
-        with torch.no_grad():
-            floor_image = same_precision(
-                **{**call, "generator": torch.Generator().manual_seed(seed), "callback_on_step_end": None}
-            ).images[0]
-        floor_psnr = psnr(floor_image, ref_image)
-        del same_precision
-    reference_seconds = time.perf_counter() - started
-
-    timings = Timings()
-    started = time.perf_counter()
-    _, our_image, _ = next(
-        runtime.generate(
-            prompt, seed=seed, steps=steps, guidance=guidance, progress=False, reference_images=reference_array
-        )
-    )
-    runtime_seconds = time.perf_counter() - started
-
-    # Per component, same inputs into both sides; graphs built for a batch of b get b copies of
-    # the row and their first row is compared.
-    b = shapes.batch_size
-
-    def rows(array):
-        return chosen.from_host(np.concatenate([array] * b))
-
-    ours_embeds = chosen.to_host(runtime.encode_prompt(prompt, timings))[:1]
-    from runtime.scheduler import flux2_schedule
-
-    noise = initial_noise(opened, seed, 1)
-    schedule = flux2_schedule(runtime.scheduler, steps, noise.shape[1])
-    feeds = {
-        "hidden_states": noise,
-        "encoder_hidden_states": ref_embeds.float().cpu().numpy(),
-        "timestep": np.full((1,), schedule.transformer_timesteps[0], np.float32),
-    }
-    if opened.geometry.guidance_embeds:
-        feeds["guidance"] = np.full((1,), guidance, np.float32)
-    reference_components = {}
-    if prepared:
-        # The VAE encoder on the same prepared images; then the transformer gets diffusers' tokens.
-        ref_height, ref_width = shapes.reference_size
-        with torch.no_grad():
-            ref_tokens, _ = pipe.prepare_image_latents(
-                images=[
-                    pipe.image_processor.preprocess(r.image, height=ref_height, width=ref_width, resize_mode="crop")
-                    for r in prepared
-                ],
-                batch_size=1,
-                generator=None,
-                device=device,
-                dtype=pipe.vae.dtype,
-            )
-        ours_tokens = chosen.run("vae_encoder", {"reference_images": chosen.from_host(reference_array)})
-        ours_tokens = chosen.to_host(ours_tokens["reference_tokens"]).reshape(1, -1, ref_tokens.shape[-1])
-        reference_components["vae_encoder"] = (ours_tokens, ref_tokens.float().cpu().numpy())
-        feeds["reference_latents"] = ref_tokens.float().cpu().numpy()
-    ours_velocity = chosen.to_host(chosen.run("transformer", {k: rows(v) for k, v in feeds.items()})["velocity"])[:1]
-    # The reference side: the torch backend's stages (diffusers' modules, as Flux2Pipeline calls them)
-    # over the float32 pipeline that drew the reference image.
-    reference = TorchBackend.around(pipe, opened.folder, opened.manifest, checkpoint)
-    ref_velocity = reference.run("transformer", {k: reference.from_host(v) for k, v in feeds.items()})["velocity"]
-    final_latents = final["latents"].float().cpu().numpy()
-    ours_decoded = to_image(chosen.to_host(chosen.run("vae", {"packed_latents": rows(final_latents)})["image"]))[0]
-    decoded = reference.run("vae", {"packed_latents": final["latents"]})["image"]
-    ref_decoded = to_image(decoded.float().cpu().numpy())[0]
-
-    tolerance = declared(precision).tolerance
-    components = {
-        "text_encoder": tolerance.judge(ours_embeds, ref_embeds.float().cpu().numpy()),
-        "transformer": tolerance.judge(ours_velocity, ref_velocity.float().cpu().numpy()),
-        "vae": tolerance.judge(ours_decoded, ref_decoded),
-        **{name: tolerance.judge(ours, theirs) for name, (ours, theirs) in reference_components.items()},
-    }
-    end_to_end = {
-        "psnr_db": psnr(our_image, ref_image),
-        "ssim": ssim(our_image, ref_image),
-        "min_psnr_db": MIN_PSNR_FP32[kind]
-        if floor_psnr is None
-        else max(floor_psnr - FLOOR_MARGIN_DB, MIN_PSNR_REDUCED),
-        "diffusers_same_precision_psnr_db": floor_psnr,
-    }
-    end_to_end["passed"] = bool(end_to_end["psnr_db"] >= end_to_end["min_psnr_db"])
-    passed = end_to_end["passed"] and all(m["passed"] for m in components.values())
-    report = {
-        "artifacts": str(opened.folder),
-        "checkpoint": str(checkpoint),
-        "precision": precision,
-        "backend": chosen.name,
-        "reference": f"diffusers {opened.geometry.pipeline_class}, float32, {device}",
-        "prompt": prompt,
-        "seed": seed,
-        "steps": steps,
-        "guidance": guidance,
-        **(
-            {"images": [{"path": str(r.path), "size": list(r.original_size), "fitted": r.fitted} for r in prepared]}
-            if prepared
-            else {}
-        ),
-        "tolerance": {"max_rel_l2": tolerance.max_rel_l2, "min_cosine": tolerance.min_cosine},
-        "components": components,
-        "end_to_end": end_to_end,
-        "seconds": {"reference": round(reference_seconds, 3), "runtime": round(runtime_seconds, 3)},
-        "notes": notes,
-        "passed": passed,
-    }
-    (opened.folder / "reports").mkdir(exist_ok=True)
-    atomic_write_json(opened.folder / "reports" / "runtime_check.json", report)
-    log(format_table(report))
+    reference_array, prepared = references_for(opened, list(request.images), log=log)
+    setup = CheckSetup(request, opened, checkpoint, first_step(runtime, request), reference_array, tuple(prepared))
+    reference = run_reference(setup)
+    ours = run_runtime(runtime, setup, reference)
+    verdict = judge(ours, reference, opened.precision, kind)
+    report = build_report(setup, chosen.name, reference, ours, verdict, notes)
+    write_report(report, opened.folder, log)
     chosen.close()
     return report
 
@@ -289,7 +422,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--artifacts", required=True, type=Path)
     parser.add_argument("--model", type=Path, default=None, help="source checkpoint (default: the one in the manifest)")
-    parser.add_argument("--backend", default="auto", help="auto | trt | ort | torch")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS, help="default auto: trt, else ort, else torch")
     parser.add_argument("--prompt", default=CHECK_PROMPT)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=4)
@@ -298,7 +431,7 @@ def main(argv=None) -> int:
         "--image", action="append", type=Path, default=None, help="reference image (editing artifacts); repeat for K"
     )
     args = parser.parse_args(argv)
-    report = run_check(
+    request = CheckRequest(
         artifacts=args.artifacts,
         model=args.model,
         backend=args.backend,
@@ -306,8 +439,9 @@ def main(argv=None) -> int:
         seed=args.seed,
         steps=args.steps,
         guidance=args.guidance,
-        images=args.image,
+        images=tuple(args.image or ()),
     )
+    report = check(request)
     return 0 if report["passed"] else 1
 
 

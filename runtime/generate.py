@@ -14,6 +14,7 @@ from common.cli import OneLineParser, run_cli
 from common.errors import UsageError
 from common.staging import remove_stale_staging
 from common.storage import is_storage_error, storage_error
+from runtime.backends.select import BACKENDS
 
 DEFAULT_STEPS = 50  # Flux2Pipeline's default
 DEFAULT_GUIDANCE = 4.0  # Flux2Pipeline's default
@@ -44,8 +45,9 @@ def validate(*, steps: int, guidance: float, num_images: int, seed: int) -> None
         raise UsageError(f"--guidance {guidance} must be a finite number (FLUX.2 [dev] uses 4.0)")
     if num_images < 1:
         raise UsageError(f"--num-images {num_images} must be >= 1")
-    if not 0 <= seed < 2**63:
-        raise UsageError(f"--seed {seed} must be in [0, 2**63)")
+    from runtime.pipeline import check_seed
+
+    check_seed(seed)
 
 
 def check_out(out: Path) -> Path:
@@ -125,20 +127,11 @@ def generate_images(request: GenerateRequest, log=None) -> list[Path]:
 
     from runtime.artifacts import open_artifacts
     from runtime.backends.select import select_backend
-    from runtime.pipeline import Flux2Runtime, to_uint8
+    from runtime.pipeline import Flux2Runtime, Sampling, to_uint8
+    from runtime.reference_images import references_for
 
     opened = open_artifacts(artifacts, verify=verify, log=log)
-    references = None
-    if images or opened.shapes.reference_images:
-        from runtime.reference_images import load_references
-
-        references, _ = load_references(
-            images or [],
-            count=opened.shapes.reference_images,
-            size=opened.shapes.reference_size,
-            multiple_of=opened.geometry.pixels_per_token,
-            log=log,
-        )
+    references, _ = references_for(opened, images, log=log)
     out = check_out(out)
     if out.is_dir():
         remove_stale_staging(out, log=log)  # half-written images of a killed run
@@ -152,19 +145,18 @@ def generate_images(request: GenerateRequest, log=None) -> list[Path]:
     written = []
     for prompt_index, prompt in enumerate(prompts):
         prompt_seed = seed + prompt_index
-        for image_index, image, timings in runtime.generate(
-            prompt,
-            seed=prompt_seed,
-            steps=steps,
-            guidance=guidance,
-            num_images=num_images,
-            progress=progress,
-            negative_prompt=negative_prompt,
-            reference_images=references,
-        ):
+        fit = runtime.prompt_fit(prompt)
+        if fit["prompt_truncated"]:
+            log(
+                f"note: prompt {prompt_index} has {fit['prompt_tokens']} tokens once formatted; the artifacts take "
+                f"{opened.shapes.max_sequence_length} (max_sequence_length): the rest is cut, as diffusers does"
+            )
+        sampling = Sampling(prompt, prompt_seed, steps, guidance, num_images, negative_prompt)
+        for image_index, image, timings in runtime.generate(sampling, progress=progress, reference_images=references):
             stem = f"{prompt_index:03d}-{image_index:02d}-seed{prompt_seed}"
             sidecar = {
                 "prompt": prompt,
+                **fit,
                 "seed": prompt_seed,
                 "image_index": image_index,
                 "steps": steps,
@@ -212,7 +204,7 @@ def main(argv=None) -> int:
         help="reference image for editing; repeat for several (artifacts exported with --reference-images K)",
     )
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    parser.add_argument("--backend", default="auto", help="auto | trt | ort | torch (default auto)")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS, help="default auto: trt, else ort, else torch")
     parser.add_argument("--low-vram", action="store_true", help="keep one component loaded at a time")
     parser.add_argument(
         "--out", type=Path, default=Path("out"), help="folder for PNGs and JSON sidecars (default out/)"

@@ -9,12 +9,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.errors import NonFiniteError
+from common.errors import NonFiniteError, UsageError
 from common.family import Family
 from common.tokenizer import PromptTokenizer
 from runtime.artifacts import Artifacts
-from runtime.backends import Backend
+from runtime.backends import Array, Backend
 from runtime.scheduler import SchedulerConfig, euler_step, flux2_schedule
+
+
+def check_seed(seed: int, name: str = "--seed", error: type = UsageError) -> None:
+    """The one seed rule: what a request's int64 seed tensor carries and `initial_noise` draws from."""
+    if not 0 <= seed < 2**63:
+        raise error(f"{name} {seed} must be in [0, 2**63)")
 
 
 def initial_noise(artifacts: Artifacts, seed: int, num_images: int) -> np.ndarray:
@@ -55,7 +61,7 @@ def count_non_finite(array) -> int:
     import torch
 
     if array.device.type == "cpu" and array.dtype in (torch.float32, torch.float16):
-        # numpy's isfinite is ~50x faster than torch's on the CPU (0.04 vs 3 ms for [1, 4096, 128], one thread)
+        # numpy's isfinite is far faster than torch's on the CPU (measured: docs/faults.md)
         return count_non_finite(array.detach().numpy())
     finite = torch.isfinite(array)
     return 0 if bool(finite.all()) else int(finite.numel() - finite.sum().item())
@@ -85,6 +91,40 @@ class Timings:
 
     def as_dict(self) -> dict:
         return {**{f"{k}_s": round(v, 6) for k, v in self.stages.items()}, "backend_s": round(self.backend, 6)}
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """What one `Flux2Runtime.generate` call draws: the prompt (and the negative one, for true CFG),
+    the noise seed, the sampler's steps and guidance, and how many images from that seed."""
+
+    prompt: str
+    seed: int
+    steps: int
+    guidance: float
+    num_images: int = 1
+    negative_prompt: str = ""
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What every denoising step is conditioned on, as backend arrays, encoded once per prompt."""
+
+    prompt_embeds: Array  # [B, L, D]; with `paired_cfg`, rows [prompt, negative]
+    negative_embeds: Array | None = None  # klein base CFG: a second transformer evaluation per step
+    paired_cfg: bool = False  # batch-2 artifacts: the CFG pair in one evaluation
+    reference_latents: Array | None = None  # [B, K*M, C], editing: the reference images' tokens
+
+
+def transformer_feeds(latents, conditioning: Conditioning, timestep, guidance, *, guidance_embeds: bool) -> dict:
+    """The transformer's named inputs for one evaluation (the denoising loop's, and runtime.check's on
+    both sides): `timestep` and `guidance` are [B] arrays; `guidance` is fed only where the graph takes it."""
+    feeds = {"hidden_states": latents, "encoder_hidden_states": conditioning.prompt_embeds, "timestep": timestep}
+    if conditioning.reference_latents is not None:
+        feeds["reference_latents"] = conditioning.reference_latents
+    if guidance_embeds:
+        feeds["guidance"] = guidance
+    return feeds
 
 
 class Flux2Runtime:
@@ -132,6 +172,12 @@ class Flux2Runtime:
             return f"Guidance scale {guidance} is ignored for step-wise distilled models."
         return None
 
+    def prompt_fit(self, prompt: str) -> dict:
+        """How the prompt fits the exported length, as each image's sidecar records it: its token count
+        once formatted, and whether the graphs cut it (diffusers cuts it the same way)."""
+        counted = self.tokenizer.tokenize(prompt)
+        return {"prompt_tokens": counted.length, "prompt_truncated": counted.truncated}
+
     def encode_prompt(self, prompt: str | list[str], timings: Timings):
         """Embeddings for the graph's batch: one prompt repeated, or exactly `batch` prompts."""
         prompts = [prompt] * self.batch if isinstance(prompt, str) else list(prompt)
@@ -158,24 +204,24 @@ class Flux2Runtime:
         timings.stages["vae_encoder"] += time.perf_counter() - started
         return _concat([joined] * self.batch)
 
+    def batch_scalar(self, value: float):
+        """[B] float32 on the backend: a timestep or the guidance scale for every row of the graph's batch."""
+        return self.backend.from_host(np.full((self.batch,), value, np.float32))
+
     def denoise(
         self,
         latents,
-        prompt_embeds,
-        *,
-        steps: int,
-        guidance: float,
+        conditioning: Conditioning,
+        sampling: Sampling,
         timings: Timings,
+        *,
         progress: bool = True,
-        negative_embeds=None,
-        paired_cfg: bool = False,
-        reference_latents=None,
         cancelled=None,
     ):
-        """Run the sampling loop on backend arrays; no host round trip inside the loop.
+        """Run `sampling.steps` steps at `sampling.guidance` on backend arrays; no host round trip inside the loop.
 
-        With `negative_embeds` (klein base, CFG): v = v_neg + g * (v_cond - v_neg), from two
-        transformer evaluations per step, as diffusers' Flux2KleinPipeline does. Batch-2
+        With `conditioning.negative_embeds` (klein base, CFG): v = v_neg + g * (v_cond - v_neg), from
+        two transformer evaluations per step, as diffusers' Flux2KleinPipeline does. Batch-2
         artifacts instead pass `prompt_embeds` holding [prompt, negative] and latents [x, x]:
         one evaluation (`paired_cfg`), rows 0 and 1 combined the same way.
         `cancelled`, a callable, is asked before each step; True raises GenerationCancelled.
@@ -183,31 +229,26 @@ class Flux2Runtime:
         from tqdm import tqdm
 
         started = time.perf_counter()
-        schedule = flux2_schedule(self.scheduler, steps, latents.shape[1])
-        b = self.batch
-        timestep_feeds = [self.backend.from_host(np.full((b,), t, np.float32)) for t in schedule.transformer_timesteps]
-        guidance_feed = self.backend.from_host(np.full((b,), guidance, np.float32))
+        guidance = sampling.guidance
+        schedule = flux2_schedule(self.scheduler, sampling.steps, latents.shape[1])
+        timestep_feeds = [self.batch_scalar(t) for t in schedule.transformer_timesteps]
+        guidance_feed = self.batch_scalar(guidance)
+        guidance_embeds = self.artifacts.geometry.guidance_embeds
         for index in tqdm(
             range(schedule.steps), desc="denoise", unit="step", disable=not progress, file=sys.stderr, leave=False
         ):
             if cancelled is not None and cancelled():
                 raise GenerationCancelled(f"cancelled before denoising step {index + 1} of {schedule.steps}")
-            feeds = {
-                "hidden_states": latents,
-                "encoder_hidden_states": prompt_embeds,
-                "timestep": timestep_feeds[index],
-            }
-            if reference_latents is not None:
-                feeds["reference_latents"] = reference_latents
-            if self.artifacts.geometry.guidance_embeds:
-                feeds["guidance"] = guidance_feed
+            feeds = transformer_feeds(
+                latents, conditioning, timestep_feeds[index], guidance_feed, guidance_embeds=guidance_embeds
+            )
             where = f" at denoising step {index + 1} of {schedule.steps}"
             velocity = self._run("transformer", feeds, timings, where)["velocity"]
-            if negative_embeds is not None:
-                negative_feeds = {**feeds, "encoder_hidden_states": negative_embeds}
+            if conditioning.negative_embeds is not None:
+                negative_feeds = {**feeds, "encoder_hidden_states": conditioning.negative_embeds}
                 negative = self._run("transformer", negative_feeds, timings, f"{where} (negative prompt)")["velocity"]
                 velocity = negative + guidance * (velocity - negative)
-            elif paired_cfg:
+            elif conditioning.paired_cfg:
                 cond, negative = velocity[:1], velocity[1:2]
                 velocity = _concat([negative + guidance * (cond - negative)] * 2)
             latents = euler_step(latents, velocity, schedule.dt(index))
@@ -223,19 +264,7 @@ class Flux2Runtime:
         timings.stages["vae"] += time.perf_counter() - started
         return to_image(decoded)
 
-    def generate(
-        self,
-        prompt: str,
-        *,
-        seed: int,
-        steps: int,
-        guidance: float,
-        num_images: int = 1,
-        progress: bool = True,
-        negative_prompt: str = "",
-        reference_images: np.ndarray | None = None,
-        cancelled=None,
-    ):
+    def generate(self, sampling: Sampling, *, progress: bool = True, reference_images=None, cancelled=None):
         """Yield (index, image float [H, W, 3] in [0, 1], timings) per image, as each is finished.
 
         `reference_images` [K, 3, H, W] in [-1, 1] (`runtime.reference_images.load_references`) are
@@ -243,26 +272,30 @@ class Flux2Runtime:
         `cancelled()` (optional) is polled between denoising steps: a server stops work for a
         request its client gave up on.
         """
-        expected = self.artifacts.shapes.reference_images
-        given = 0 if reference_images is None else reference_images.shape[0]
-        if given != expected:
-            from common.errors import UsageError
+        from runtime.reference_images import CountWords, check_count
 
-            raise UsageError(
-                f"{given} reference image(s) given, but the artifacts {self.artifacts.folder} take {expected} "
-                f"(shapes are fixed at export); pass {expected} --image, or re-export with --reference-images {given}"
-            )
+        given = 0 if reference_images is None else reference_images.shape[0]
+        words = CountWords(
+            "reference image(s) given",
+            f"the artifacts {self.artifacts.folder} take",
+            "pass {expected} --image",
+            "re-export with",
+        )
+        check_count(given, self.artifacts.shapes.reference_images, words)
         timings = Timings()
-        noise = initial_noise(self.artifacts, seed, num_images)
+        noise = initial_noise(self.artifacts, sampling.seed, sampling.num_images)
         references = None if reference_images is None else self.encode_references(reference_images, timings)
-        if self.uses_cfg(guidance) and self.batch == 2:  # the CFG pair evaluated as one batch-2 call
+        if self.uses_cfg(sampling.guidance) and self.batch == 2:  # the CFG pair evaluated as one batch-2 call
+            embeds = self.encode_prompt([sampling.prompt, sampling.negative_prompt], timings)
+            conditioning = Conditioning(embeds, paired_cfg=True, reference_latents=references)
             yield from self._generate_paired(
-                prompt, negative_prompt, noise, steps, guidance, timings, progress, references, cancelled
+                sampling, conditioning, noise, timings, progress=progress, cancelled=cancelled
             )
             return
-        prompt_embeds = self.encode_prompt(prompt, timings)
-        negative_embeds = self.encode_prompt(negative_prompt, timings) if self.uses_cfg(guidance) else None
-        for start in range(0, num_images, self.batch):
+        prompt_embeds = self.encode_prompt(sampling.prompt, timings)
+        negative = self.encode_prompt(sampling.negative_prompt, timings) if self.uses_cfg(sampling.guidance) else None
+        conditioning = Conditioning(prompt_embeds, negative, reference_latents=references)
+        for start in range(0, sampling.num_images, self.batch):
             image_timings = (
                 Timings(stages=defaultdict(float, timings.stages), backend=timings.backend) if start == 0 else Timings()
             )
@@ -272,40 +305,33 @@ class Flux2Runtime:
             began = time.perf_counter()
             latents = self.denoise(
                 self.backend.from_host(chunk),
-                prompt_embeds,
-                steps=steps,
-                guidance=guidance,
-                timings=image_timings,
+                conditioning,
+                sampling,
+                image_timings,
                 progress=progress,
-                negative_embeds=negative_embeds,
-                reference_latents=references,
                 cancelled=cancelled,
             )
             images = self.decode(latents, image_timings)
             image_timings.stages["total"] = time.perf_counter() - began + sum(timings.stages.values()) * (start == 0)
-            for offset in range(min(self.batch, num_images - start)):
+            for offset in range(min(self.batch, sampling.num_images - start)):
                 yield start + offset, images[offset], image_timings
 
     def _generate_paired(
-        self, prompt, negative_prompt, noise, steps, guidance, timings, progress, references=None, cancelled=None
+        self,
+        sampling: Sampling,
+        conditioning: Conditioning,
+        noise: np.ndarray,
+        timings: Timings,
+        *,
+        progress,
+        cancelled,
     ):
         """Batch-2 artifacts with CFG: rows are [prompt, negative] over the same latents."""
-        prompt_embeds = self.encode_prompt([prompt, negative_prompt], timings)
         for index in range(noise.shape[0]):
             image_timings = timings if index == 0 else Timings()
             began = time.perf_counter()
             pair = self.backend.from_host(np.concatenate([noise[index : index + 1]] * 2))
-            latents = self.denoise(
-                pair,
-                prompt_embeds,
-                steps=steps,
-                guidance=guidance,
-                timings=image_timings,
-                progress=progress,
-                paired_cfg=True,
-                reference_latents=references,
-                cancelled=cancelled,
-            )
+            latents = self.denoise(pair, conditioning, sampling, image_timings, progress=progress, cancelled=cancelled)
             image = self.decode(latents, image_timings)[0]
             encode = (
                 timings.stages["tokenize"] + timings.stages["text_encoder"] + timings.stages.get("vae_encoder", 0.0)

@@ -112,23 +112,50 @@ def to_array(images) -> np.ndarray:
     return np.stack(arrays).transpose(0, 3, 1, 2) * 2.0 - 1.0
 
 
+@dataclass(frozen=True)
+class CountWords:
+    """How one caller's user names the reference images and the fixes; the rule itself is one (`check_count`)."""
+
+    given: str  # "--image files given"
+    takes: str  # "these artifacts take"
+    supply: str  # "pass {expected}"
+    reexport: str  # "re-export with"
+
+
+COMMAND_LINE = CountWords("--image files given", "these artifacts take", "pass {expected}", "re-export with")
+
+
+def check_count(given: int, expected: int, words: CountWords = COMMAND_LINE, error: type = UsageError) -> None:
+    """Exactly the number of reference images the artifacts were exported with (their shapes are fixed)."""
+    if given != expected:
+        raise error(
+            f"{given} {words.given}, but {words.takes} {expected} reference image(s) (shapes are fixed at export); "
+            f"{words.supply.format(expected=expected)}, or {words.reexport} --reference-images {given}"
+        )
+
+
 def load_references(
     paths, *, count: int, size: tuple[int, int], multiple_of: int = MULTIPLE_OF, log=None
 ) -> tuple[np.ndarray, list]:
     """Check the number against what the artifacts take, load, prepare; ([K, 3, H, W] array, PreparedReference list)."""
     paths = [Path(p) for p in paths]
-    if len(paths) > count:
-        raise UsageError(
-            f"{len(paths)} --image files given, but these artifacts take {count} reference image(s); "
-            f"re-export with --reference-images {len(paths)}"
-        )
-    if len(paths) < count:
-        raise UsageError(
-            f"{len(paths)} --image files given, but these artifacts take exactly {count} reference image(s) "
-            f"(shapes are fixed at export); pass {count}, or re-export with --reference-images {len(paths)}"
-        )
+    check_count(len(paths), count)
     return prepare_references(
         [load_image(path) for path in paths], paths, size=size, multiple_of=multiple_of, log=log, label="--image {}"
+    )
+
+
+def references_for(artifacts, paths, log=None) -> tuple[np.ndarray | None, list]:
+    """`load_references` for an opened artifacts folder (`runtime.artifacts.Artifacts`); (None, []) when it takes none."""
+    shapes = artifacts.shapes
+    if not paths and not shapes.reference_images:
+        return None, []
+    return load_references(
+        paths,
+        count=shapes.reference_images,
+        size=shapes.reference_size,
+        multiple_of=artifacts.geometry.pixels_per_token,
+        log=log,
     )
 
 

@@ -16,25 +16,17 @@ from common.cli import OneLineParser, run_cli
 
 def verify(*, artifacts: Path, log=None) -> dict[str, int]:
     """Re-hash every file of `artifacts` (and its engines); return {relative path: bytes} of those checked."""
-    from common.engine_manifest import (
-        ENGINE_MANIFEST_NAME,
-        build_command,
-        engines_dir,
-        read_engine_manifest,
-    )
+    from common.engine_manifest import build_command, engines_dir, read_engine_manifest, targets_with_engines
     from common.integrity import verify_artifacts, verify_files
     from common.manifest import read_manifest
-    from common.tensorrt_env import TARGETS
 
     log = log or (lambda message: print(message, file=sys.stderr))
     folder = Path(artifacts).expanduser()
     manifest = read_manifest(folder)
     verify_artifacts(folder, manifest, force=True)
     checked = {name: (folder / name).stat().st_size for name in manifest.files()}
-    for target in TARGETS:
+    for target in targets_with_engines(folder):
         plans_dir = engines_dir(folder, target)
-        if not (plans_dir / ENGINE_MANIFEST_NAME).is_file():
-            continue  # none built for this target
         # A present but unreadable or malformed engine manifest is refused here: one line, exit 2.
         engines = read_engine_manifest(folder, target).engines
         plans = {f"{plans_dir.relative_to(folder)}/{record.plan}": record.plan_sha256 for record in engines.values()}

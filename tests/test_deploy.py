@@ -100,7 +100,7 @@ def test_untruncated_length_counts_what_token_ids_cuts(export_tiny):
 def test_cancelled_callback_stops_between_denoising_steps(export_tiny):
     from runtime.artifacts import open_artifacts
     from runtime.backends.ort import OrtBackend
-    from runtime.pipeline import Flux2Runtime, GenerationCancelled
+    from runtime.pipeline import Flux2Runtime, GenerationCancelled, Sampling
 
     artifacts = open_artifacts(export_tiny("fp32"))
     backend = OrtBackend(artifacts.folder, artifacts.manifest)
@@ -110,7 +110,7 @@ def test_cancelled_callback_stops_between_denoising_steps(export_tiny):
     asked = []
     runtime = Flux2Runtime(artifacts, backend)
     with pytest.raises(GenerationCancelled, match="before denoising step 3 of 5"):
-        list(runtime.generate("a fox", seed=0, steps=5, guidance=4.0, progress=False,
+        list(runtime.generate(Sampling("a fox", seed=0, steps=5, guidance=4.0), progress=False,
                               cancelled=lambda: asked.append(1) or len(asked) > 2))  # fmt: skip
     assert calls.count("transformer") == 2 and "vae" not in calls
 

@@ -161,14 +161,14 @@ def test_dev_one_and_two_references_match_diffusers(editing, images):
 def _ours(artifacts, paths, guidance=4.0):
     from runtime.artifacts import open_artifacts
     from runtime.backends.ort import OrtBackend
-    from runtime.pipeline import Flux2Runtime
+    from runtime.pipeline import Flux2Runtime, Sampling
     from runtime.reference_images import load_references
 
     opened = open_artifacts(artifacts)
     array, _ = load_references(paths, count=opened.shapes.reference_images, size=opened.shapes.reference_size,
                                multiple_of=opened.geometry.pixels_per_token)  # fmt: skip
     runtime = Flux2Runtime(opened, OrtBackend(opened.folder, opened.manifest))
-    _, image, _ = next(runtime.generate("a red fox", seed=0, steps=STEPS, guidance=guidance, progress=False,
+    _, image, _ = next(runtime.generate(Sampling("a red fox", seed=0, steps=STEPS, guidance=guidance), progress=False,
                                         reference_images=array))  # fmt: skip
     return image
 

@@ -121,20 +121,37 @@ def _copy(artifacts: Path, target: Path) -> Path:
 # --- integrity ---------------------------------------------------------------------------------
 
 
+def _overwrite_middle(data: Path) -> None:
+    """64 bytes in the middle, same size, as bit rot or a bad copy leaves it, even with the mtime put back."""
+    size, stat = data.stat().st_size, data.stat()
+    with open(data, "r+b") as handle:
+        handle.seek(size // 2)
+        handle.write(bytes(64))
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert data.stat().st_size == size
+
+
 def test_overwritten_weight_bytes_are_refused_before_any_image(artifacts, tmp_path):
     damaged = _copy(artifacts, tmp_path / "damaged")
     data = damaged / "transformer.onnx.data"
-    size, stat = data.stat().st_size, data.stat()
-    with open(data, "r+b") as handle:  # 64 bytes in the middle, same size, as bit rot or a bad copy leaves it
-        handle.seek(size // 2)
-        handle.write(bytes(64))
-    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even with the mtime put back
-    assert data.stat().st_size == size
+    _overwrite_middle(data)
     result = _generate(damaged, tmp_path / "images")
     _error_line(result, 2, "transformer.onnx.data", "damaged", "manifest says", "--force")
     assert not list((tmp_path / "images").glob("*.png"))
     verified = _run("-m", "runtime.verify", str(damaged))
     _error_line(verified, 2, "transformer.onnx.data", "damaged")
+
+
+def test_a_wrong_backend_name_is_refused_before_any_artifact_is_read(artifacts, tmp_path):
+    from tests.support import assert_one_line_error
+
+    damaged = _copy(artifacts, tmp_path / "damaged")
+    _overwrite_middle(damaged / "transformer.onnx.data")
+    result = _run("-m", "runtime.generate", "--artifacts", str(damaged), "--backend", "bogus", "--prompt", "x",
+                  "--out", str(tmp_path / "images"))  # fmt: skip
+    assert_one_line_error(result, "'bogus'", "--backend")
+    assert "sha256" not in result.stderr
+    assert not (tmp_path / "images").exists()
 
 
 def test_verified_stamp_skips_unchanged_files_and_rehashes_changed_ones(artifacts, tmp_path):

@@ -60,13 +60,12 @@ def _diffusers_image(checkpoint, prompt, *, guidance, seed=0, steps=3, negative=
 def _ours(artifacts, prompt, *, guidance, seed=0, steps=3, negative=""):
     from runtime.artifacts import open_artifacts
     from runtime.backends.ort import OrtBackend
-    from runtime.pipeline import Flux2Runtime
+    from runtime.pipeline import Flux2Runtime, Sampling
 
     opened = open_artifacts(artifacts)
     runtime = Flux2Runtime(opened, OrtBackend(opened.folder, opened.manifest))
-    _, image, _ = next(
-        runtime.generate(prompt, seed=seed, steps=steps, guidance=guidance, negative_prompt=negative, progress=False)
-    )
+    sampling = Sampling(prompt, seed=seed, steps=steps, guidance=guidance, negative_prompt=negative)
+    _, image, _ = next(runtime.generate(sampling, progress=False))
     return image
 
 

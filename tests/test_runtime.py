@@ -61,6 +61,33 @@ def test_generate_cli_writes_png_and_sidecar_per_prompt(export_tiny, tmp_path):
     assert {"text_encoder_s", "denoise_s", "vae_s", "total_s", "backend_s"} <= set(sidecar["timings"])
 
 
+def test_a_prompt_past_max_sequence_length_is_cut_with_a_note_and_recorded(export_tiny, tmp_path):
+    """Cut as diffusers cuts it (parity), but said: the note names both counts, the sidecar keeps them."""
+    import re
+
+    from common.tokenizer import PromptTokenizer
+
+    artifacts = export_tiny("fp32")
+    long = ("a red fox in fresh snow at dawn, soft light " * 12).strip()  # as --prompt-file reads a line
+    tokenizer = PromptTokenizer(artifacts / "tokenizer", 128, pipeline_class="Flux2Pipeline")
+    length = tokenizer.untruncated_length(long)
+    assert length > 128
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{long}\na red fox\n", encoding="utf-8")
+    out = tmp_path / "images"
+    result = run_cli("-m", "runtime.generate", "--artifacts", str(artifacts), "--prompt-file", str(prompts),
+                     "--steps", "1", "--backend", "ort", "--out", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    notes = [line.split("\r")[-1] for line in result.stderr.splitlines() if "note: prompt" in line]
+    assert len(notes) == 1, result.stderr
+    assert re.search(rf"note: prompt 0 has {length} tokens\b.* take 128 \(max_sequence_length\)", notes[0]), notes[0]
+    cut = json.loads((out / "000-00-seed0.json").read_text())
+    assert cut["prompt_tokens"] == length and cut["prompt_truncated"] is True
+    whole = json.loads((out / "001-00-seed1.json").read_text())
+    assert whole["prompt_tokens"] == tokenizer.untruncated_length("a red fox") < 128
+    assert whole["prompt_truncated"] is False
+
+
 def test_second_image_of_a_seed_matches_diffusers_batch(export_tiny):
     """--num-images K draws one [K, ...] noise tensor from the seed, as diffusers does."""
     import torch
@@ -69,14 +96,12 @@ def test_second_image_of_a_seed_matches_diffusers_batch(export_tiny):
     from common.reference_pipeline import reference_pipeline
     from runtime.artifacts import open_artifacts
     from runtime.backends.ort import OrtBackend
-    from runtime.pipeline import Flux2Runtime
+    from runtime.pipeline import Flux2Runtime, Sampling
 
     artifacts = open_artifacts(export_tiny("fp32"))
     runtime = Flux2Runtime(artifacts, OrtBackend(artifacts.folder, artifacts.manifest))
-    ours = [
-        image
-        for _, image, _ in runtime.generate("a lighthouse", seed=3, steps=2, guidance=3.0, num_images=2, progress=False)
-    ]
+    sampling = Sampling("a lighthouse", seed=3, steps=2, guidance=3.0, num_images=2)
+    ours = [image for _, image, _ in runtime.generate(sampling, progress=False)]
     pipe = reference_pipeline(artifacts.manifest.source.checkpoint, device="cpu")
     pipe.set_progress_bar_config(disable=True)
     reference = pipe(prompt="a lighthouse", height=256, width=256, num_inference_steps=2, guidance_scale=3.0, num_images_per_prompt=2,
@@ -204,13 +229,13 @@ def test_prompt_and_guidance_reach_the_tiny_image(export_tiny):
     from common.metrics import psnr
     from runtime.artifacts import open_artifacts
     from runtime.backends.ort import OrtBackend
-    from runtime.pipeline import Flux2Runtime
+    from runtime.pipeline import Flux2Runtime, Sampling
 
     opened = open_artifacts(export_tiny("fp32"))
     runtime = Flux2Runtime(opened, OrtBackend(opened.folder, opened.manifest))
 
     def image(prompt, guidance):
-        return next(runtime.generate(prompt, seed=0, steps=4, guidance=guidance, progress=False))[1]
+        return next(runtime.generate(Sampling(prompt, seed=0, steps=4, guidance=guidance), progress=False))[1]
 
     fox = image("a red fox in the snow", 4.0)
     assert psnr(fox, image("a bowl of ramen, studio light", 4.0)) < 40

@@ -27,6 +27,20 @@ def ort_providers() -> list[str]:
     )
 
 
+def backend_name(providers) -> str:
+    return "ort-cuda" if providers[0] == "CUDAExecutionProvider" else "ort-cpu"
+
+
+def cannot_run(providers, precision: str, artifacts: Path) -> str | None:
+    """Why ONNX Runtime with `providers` cannot run the graphs of `artifacts` at `precision`; None when it can."""
+    if backend_name(providers) == "ort-cpu" and not declared(precision).ort_cpu_runs:
+        return (
+            f"ONNX Runtime's CPU provider cannot run {precision} graphs ({artifacts}); "
+            "use --backend torch here (PyTorch modules at bf16; it has no FP8), or --backend trt on a GPU node"
+        )
+    return None
+
+
 class OrtBackend:
     def __init__(
         self,
@@ -40,13 +54,11 @@ class OrtBackend:
         self.manifest = manifest
         self.precision = manifest.precision
         self.providers = providers or ort_providers()
-        self.name = "ort-cuda" if self.providers[0] == "CUDAExecutionProvider" else "ort-cpu"
+        self.name = backend_name(self.providers)
         self.low_vram = low_vram
-        if self.name == "ort-cpu" and not declared(self.precision).ort_cpu_runs:
-            raise UsageError(
-                f"ONNX Runtime's CPU provider cannot run {self.precision} graphs ({self.artifacts}); "
-                "use --backend torch here (PyTorch modules at bf16; it has no FP8), or --backend trt on a GPU node"
-            )
+        refusal = cannot_run(self.providers, self.precision, self.artifacts)
+        if refusal is not None:
+            raise UsageError(refusal)
         self._sessions: dict = {}
 
     def _session(self, component: str):

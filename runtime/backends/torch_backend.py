@@ -76,57 +76,76 @@ class TorchBackend:
     def run(self, component: str, feeds: dict) -> dict:
         import torch
 
-        pipe = self.pipe
+        stage = {
+            "text_encoder": self._text_encoder,
+            "vae_encoder": self._vae_encoder,
+            "transformer": self._transformer,
+            "vae": self._vae,
+        }.get(component)
+        if stage is None:
+            raise ValueError(component)
         with torch.no_grad():
-            if component == "text_encoder":
-                output = pipe.text_encoder(
-                    input_ids=feeds["input_ids"],
-                    attention_mask=feeds["attention_mask"],
-                    output_hidden_states=True,
-                    use_cache=False,
-                )
-                stacked = torch.stack([output.hidden_states[k] for k in self.layers], dim=1)
-                b, c, length, hidden = stacked.shape
-                embeds = stacked.permute(0, 2, 1, 3).reshape(b, length, c * hidden)
-                return {"prompt_embeds": embeds.float()}
-            if component == "vae_encoder":
-                # Flux2Pipeline._encode_vae_image (argmax, patchify, BatchNorm) + _pack_latents, per image
-                images = feeds["reference_images"].to(self.dtype)
-                tokens = [pipe._pack_latents(pipe._encode_vae_image(image[None], None)) for image in images]
-                return {"reference_tokens": torch.cat(tokens).float()}
-            if component == "transformer":
-                hidden = feeds["hidden_states"]
-                tokens = hidden.shape[1]
-                latent_grid = torch.zeros(hidden.shape[0], 1, self.rows, self.cols)
-                img_ids = pipe._prepare_latent_ids(latent_grid).to(self.device)
-                if "reference_latents" in feeds:  # as the pipeline's loop: concatenated latents and ids
-                    grids = [torch.zeros(1, 1, *self.reference_grid)] * self.reference_images
-                    reference_ids = pipe._prepare_image_ids(grids).repeat(hidden.shape[0], 1, 1).to(self.device)
-                    img_ids = torch.cat([img_ids, reference_ids], dim=1)
-                    hidden = torch.cat([hidden, feeds["reference_latents"]], dim=1)
-                txt_ids = pipe._prepare_text_ids(feeds["encoder_hidden_states"]).to(self.device)
-                guidance = feeds.get("guidance")
-                velocity = pipe.transformer(
-                    hidden_states=hidden.to(self.dtype),
-                    encoder_hidden_states=feeds["encoder_hidden_states"].to(self.dtype),
-                    # as Flux2Pipeline: t = sigma * 1000 cast to the latents dtype, then / 1000
-                    timestep=(feeds["timestep"] * 1000).to(self.dtype) / 1000,
-                    guidance=None if guidance is None else guidance.float(),
-                    txt_ids=txt_ids,
-                    img_ids=img_ids,
-                    return_dict=False,
-                )[0]
-                return {"velocity": velocity[:, :tokens].float()}
-            if component == "vae":
-                packed = feeds["packed_latents"].to(self.dtype)
-                latent_grid = torch.zeros(packed.shape[0], 1, self.rows, self.cols)
-                latents = pipe._unpack_latents_with_ids(packed, pipe._prepare_latent_ids(latent_grid).to(self.device))
-                bn = pipe.vae.bn
-                mean = bn.running_mean.view(1, -1, 1, 1).to(latents.dtype)
-                std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + pipe.vae.config.batch_norm_eps).to(latents.dtype)
-                latents = pipe._unpatchify_latents(latents * std + mean)
-                return {"image": pipe.vae.decode(latents, return_dict=False)[0].float()}
-        raise ValueError(component)
+            return stage(self.pipe, feeds)
+
+    def _text_encoder(self, pipe, feeds: dict) -> dict:
+        import torch
+
+        output = pipe.text_encoder(
+            input_ids=feeds["input_ids"],
+            attention_mask=feeds["attention_mask"],
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        stacked = torch.stack([output.hidden_states[k] for k in self.layers], dim=1)
+        b, c, length, hidden = stacked.shape
+        embeds = stacked.permute(0, 2, 1, 3).reshape(b, length, c * hidden)
+        return {"prompt_embeds": embeds.float()}
+
+    def _vae_encoder(self, pipe, feeds: dict) -> dict:
+        import torch
+
+        # Flux2Pipeline._encode_vae_image (argmax, patchify, BatchNorm) + _pack_latents, per image
+        images = feeds["reference_images"].to(self.dtype)
+        tokens = [pipe._pack_latents(pipe._encode_vae_image(image[None], None)) for image in images]
+        return {"reference_tokens": torch.cat(tokens).float()}
+
+    def _transformer(self, pipe, feeds: dict) -> dict:
+        import torch
+
+        hidden = feeds["hidden_states"]
+        tokens = hidden.shape[1]
+        latent_grid = torch.zeros(hidden.shape[0], 1, self.rows, self.cols)
+        img_ids = pipe._prepare_latent_ids(latent_grid).to(self.device)
+        if "reference_latents" in feeds:  # as the pipeline's loop: concatenated latents and ids
+            grids = [torch.zeros(1, 1, *self.reference_grid)] * self.reference_images
+            reference_ids = pipe._prepare_image_ids(grids).repeat(hidden.shape[0], 1, 1).to(self.device)
+            img_ids = torch.cat([img_ids, reference_ids], dim=1)
+            hidden = torch.cat([hidden, feeds["reference_latents"]], dim=1)
+        txt_ids = pipe._prepare_text_ids(feeds["encoder_hidden_states"]).to(self.device)
+        guidance = feeds.get("guidance")
+        velocity = pipe.transformer(
+            hidden_states=hidden.to(self.dtype),
+            encoder_hidden_states=feeds["encoder_hidden_states"].to(self.dtype),
+            # as Flux2Pipeline: t = sigma * 1000 cast to the latents dtype, then / 1000
+            timestep=(feeds["timestep"] * 1000).to(self.dtype) / 1000,
+            guidance=None if guidance is None else guidance.float(),
+            txt_ids=txt_ids,
+            img_ids=img_ids,
+            return_dict=False,
+        )[0]
+        return {"velocity": velocity[:, :tokens].float()}
+
+    def _vae(self, pipe, feeds: dict) -> dict:
+        import torch
+
+        packed = feeds["packed_latents"].to(self.dtype)
+        latent_grid = torch.zeros(packed.shape[0], 1, self.rows, self.cols)
+        latents = pipe._unpack_latents_with_ids(packed, pipe._prepare_latent_ids(latent_grid).to(self.device))
+        bn = pipe.vae.bn
+        mean = bn.running_mean.view(1, -1, 1, 1).to(latents.dtype)
+        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + pipe.vae.config.batch_norm_eps).to(latents.dtype)
+        latents = pipe._unpatchify_latents(latents * std + mean)
+        return {"image": pipe.vae.decode(latents, return_dict=False)[0].float()}
 
     def from_host(self, array: np.ndarray):
         import torch

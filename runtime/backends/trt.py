@@ -39,10 +39,10 @@ import numpy as np
 
 from common.atomic import atomic_write_bytes, atomic_write_json
 from common.engine_manifest import (
-    ENGINE_MANIFEST_NAME,
     check_engines_usable,
     engines_dir,
     read_engine_manifest,
+    targets_with_engines,
 )
 from common.errors import ArtifactsError
 from common.manifest import ArtifactsManifest
@@ -50,7 +50,7 @@ from common.specs import ComponentSpec
 from common.tensorrt_env import TARGETS, Platform, present_platform
 from common.tensorrt_env import trt_status as target_status
 
-__all__ = ["TrtBackend", "trt_status", "runtime_target"]
+__all__ = ["TrtBackend", "runtime_target"]
 MEMORY_SIDECAR = "memory.json"
 
 # Components run once per denoising step: kernel-launch overhead is worth a CUDA graph there.
@@ -71,29 +71,21 @@ TORCH_DTYPES = {
 
 def runtime_target(artifacts: Path) -> tuple[str | None, str]:
     """(target, reason): the first of tensorrt, rtx whose module and a GPU are here and whose engines
-    `artifacts` holds; (None, why not) otherwise."""
-    reasons = []
+    `artifacts` holds; (None, why not) otherwise, with the build command when a target is here but
+    its engines are not. Probes the modules and the GPU: call once (runtime.backends.select does)."""
+    artifacts = Path(artifacts)
+    built = targets_with_engines(artifacts)
+    reasons, runnable = [], False
     for target in TARGETS:
         ok, reason = target_status(target)
-        manifest = engines_dir(artifacts, target) / ENGINE_MANIFEST_NAME
-        if ok and manifest.is_file():
+        if ok and target in built:
             return target, reason
-        reasons.append(reason if not ok else f"no {target} engines in {manifest.parent}")
-    return None, "; ".join(reasons)
-
-
-def trt_status(artifacts: Path | None = None) -> tuple[bool, str]:
-    """(available, reason) for the runtime: a TensorRT target with a GPU here (and its engines in `artifacts`)."""
-    if artifacts is not None:
-        target, reason = runtime_target(Path(artifacts))
-        return target is not None, reason
-    reasons = []
-    for target in TARGETS:
-        ok, reason = target_status(target)
-        if ok:
-            return True, reason
-        reasons.append(reason)
-    return False, "; ".join(reasons)
+        runnable |= ok
+        reasons.append(reason if not ok else f"no {target} engines in {engines_dir(artifacts, target)}")
+    reason = "; ".join(reasons)
+    if runnable:
+        reason += f" (run `python -m engines.build --artifacts {artifacts}`)"
+    return None, reason
 
 
 def component_spec(manifest: ArtifactsManifest, component: str) -> ComponentSpec:
@@ -131,8 +123,9 @@ class TrtBackend:
     Refuses (ArtifactsError) when none is, or when the engines were built for another GPU (an RTX
     engine: for other compute capabilities), another TensorRT version or other ONNX files.
     `low_vram=True` keeps one engine loaded at a time, all sharing one user-managed scratch buffer.
-    `cuda_graphs=False` disables graph capture. `trt_module` and `platform` are for tests, which pass
-    a fake TensorRT (the platform's "target" says which engines it stands for).
+    `cuda_graphs=False` disables graph capture. `trt_module` and `platform` name the target to run:
+    runtime.backends.select passes the one it probed, tests a fake TensorRT (the platform's "target"
+    says which engines it stands for); without them the target is probed here.
     """
 
     name = "trt"
