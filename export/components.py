@@ -14,6 +14,7 @@ Export, streaming, the FP8 rewrite and the numerics check read these records; no
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -132,6 +133,15 @@ def _vae_encoder_feeds(inputs, spec: ComponentSpec) -> dict[str, np.ndarray]:
     return {"reference_images": inputs.reference_images(spec.inputs[0].shape)}
 
 
+_VAE_DECODER = Component(
+    "vae",
+    weights_folder="vae",
+    wrapper_attribute="vae",
+    load=lambda checkpoint, geometry, dtype: ckpt.load_vae(checkpoint, dtype),
+    empty=_empty_diffusers("AutoencoderKLFlux2", "vae"),
+    wrap=VaeDecoderGraph,
+    feeds=_vae_feeds,
+)
 COMPONENTS: dict[str, Component] = {
     c.name: c
     for c in (
@@ -156,24 +166,8 @@ COMPONENTS: dict[str, Component] = {
             quantizable=True,
             drives_pipeline=True,
         ),
-        Component(
-            "vae",
-            weights_folder="vae",
-            wrapper_attribute="vae",
-            load=lambda checkpoint, geometry, dtype: ckpt.load_vae(checkpoint, dtype),
-            empty=_empty_diffusers("AutoencoderKLFlux2", "vae"),
-            wrap=VaeDecoderGraph,
-            feeds=_vae_feeds,
-        ),
+        _VAE_DECODER,
         # Image editing: the VAE's encoder, from the same vae/ weights.
-        Component(
-            "vae_encoder",
-            weights_folder="vae",
-            wrapper_attribute="vae",
-            load=lambda checkpoint, geometry, dtype: ckpt.load_vae(checkpoint, dtype),
-            empty=_empty_diffusers("AutoencoderKLFlux2", "vae"),
-            wrap=VaeEncoderGraph,
-            feeds=_vae_encoder_feeds,
-        ),
+        dataclasses.replace(_VAE_DECODER, name="vae_encoder", wrap=VaeEncoderGraph, feeds=_vae_encoder_feeds),
     )
 }
