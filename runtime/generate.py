@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.atomic import atomic_write_json, atomic_write_via
+from common.atomic import atomic_write_json, atomic_write_via, writable_error
 from common.cli import OneLineParser, run_cli
 from common.errors import UsageError
 from common.staging import remove_stale_staging
@@ -58,11 +56,8 @@ def check_out(out: Path) -> Path:
     if not existing.is_dir():
         where = "" if existing == out else f" ({existing} is a file)"
         raise UsageError(f"--out {out} is a file{where}; pass a folder for the images")
-    # Tried rather than trusting permission bits: root passes os.access even on read-only mounts.
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=existing))
-    except OSError as exc:
-        raise UsageError(f"--out {out} is not writable ({exc.strerror}); choose a writable folder") from None
+    if reason := writable_error(existing):
+        raise UsageError(f"--out {out} is not writable ({reason}); choose a writable folder")
     return out
 
 
