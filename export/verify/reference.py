@@ -80,12 +80,15 @@ class ReferenceInputs:
         ids, mask = tokenizer.encode(prompts)
         return ids, mask
 
-    def prompt_embeds(self) -> np.ndarray:
-        """The check prompts' embeddings by the fp32 PyTorch text encoder (computed once)."""
+    def prompt_embeds(self, text_encoder_fp32=None) -> np.ndarray:
+        """The check prompts' embeddings by the fp32 PyTorch text encoder (computed once; from
+        `text_encoder_fp32` when the caller holds that module already, so it is not loaded twice)."""
         import torch
 
         if self._prompt_embeds is None:
-            module = build_graph_module("text_encoder", self.checkpoint, self.geometry, self.shapes, "fp32")
+            module = text_encoder_fp32 or build_graph_module(
+                "text_encoder", self.checkpoint, self.geometry, self.shapes, "fp32"
+            )
             ids, mask = self.token_inputs()
             with torch.no_grad():
                 self._prompt_embeds = module(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
