@@ -19,6 +19,7 @@ from common.precision import Precision
 from common.specs import ComponentSpec, Geometry, Shapes
 from export import checkpoint as ckpt
 from export.components import COMPONENTS
+from export.fp8 import run as fp8_export
 from export.verify.check import CheckTarget, new_report, verify_graph
 from export.writing.trace import data_file_name, example_inputs, export_graph
 
@@ -98,9 +99,13 @@ def _trace(job: ComponentJob, path: Path, bar) -> tuple[dict, object]:
 
 
 def _quantize(job: ComponentJob, path: Path) -> dict:
-    from export.fp8 import run as fp8_export
+    """The precision's rewrite of the written graph (`Precision.rewrite` names it); its report part."""
+    rewrite = REWRITES[job.precision.rewrite]
+    return rewrite(path, job.fp8, job.component, (job.checkpoint, job.geometry, job.shapes))
 
-    return fp8_export.quantize(path, job.fp8, job.component, (job.checkpoint, job.geometry, job.shapes))
+
+# Precision.rewrite -> the post-pass that realises it on a written graph, in place.
+REWRITES = {"fp8": fp8_export.quantize}
 
 
 def _data_bytes(path: Path) -> int:
