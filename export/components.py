@@ -25,10 +25,6 @@ from common.precision import Precision
 from common.precision import precision as declared
 from common.specs import ComponentSpec, Geometry, Shapes
 from export import checkpoint as ckpt
-from export.graphs.text_encoder import TextEncoderGraph
-from export.graphs.transformer import transformer_graph
-from export.graphs.vae import VaeDecoderGraph
-from export.graphs.vae_encoder import VaeEncoderGraph
 
 
 @dataclass(frozen=True)
@@ -105,6 +101,35 @@ def _empty_diffusers(class_name: str, folder: str):
 
 
 # ---------------------------------------------------------------------------------------------
+# The wrappers (export/graphs/). They import torch, so they are imported when a graph is made: the
+# command lines answer --help and refuse a bad request without loading torch.
+
+
+def _text_encoder_graph(model, geometry: Geometry, shapes: Shapes):
+    from export.graphs.text_encoder import TextEncoderGraph
+
+    return TextEncoderGraph(model, geometry.text_out_layers)
+
+
+def _transformer_graph(model, geometry: Geometry, shapes: Shapes):
+    from export.graphs.transformer import transformer_graph
+
+    return transformer_graph(model, geometry, shapes)
+
+
+def _vae_decoder_graph(model, geometry: Geometry, shapes: Shapes):
+    from export.graphs.vae import VaeDecoderGraph
+
+    return VaeDecoderGraph(model, geometry, shapes)
+
+
+def _vae_encoder_graph(model, geometry: Geometry, shapes: Shapes):
+    from export.graphs.vae_encoder import VaeEncoderGraph
+
+    return VaeEncoderGraph(model, geometry, shapes)
+
+
+# ---------------------------------------------------------------------------------------------
 # Reference inputs of each graph (export.verify.reference.ReferenceInputs holds the shared ones)
 
 
@@ -139,7 +164,7 @@ _VAE_DECODER = Component(
     wrapper_attribute="vae",
     load=lambda checkpoint, geometry, dtype: ckpt.load_vae(checkpoint, dtype),
     empty=_empty_diffusers("AutoencoderKLFlux2", "vae"),
-    wrap=VaeDecoderGraph,
+    wrap=_vae_decoder_graph,
     feeds=_vae_feeds,
 )
 COMPONENTS: dict[str, Component] = {
@@ -151,7 +176,7 @@ COMPONENTS: dict[str, Component] = {
             wrapper_attribute="language_model",
             load=ckpt.load_language_model,
             empty=_empty_language_model,
-            wrap=lambda model, geometry, shapes: TextEncoderGraph(model, geometry.text_out_layers),
+            wrap=_text_encoder_graph,
             feeds=_text_encoder_feeds,
             quantizable=True,  # with --text-encoder-precision fp8
         ),
@@ -161,13 +186,13 @@ COMPONENTS: dict[str, Component] = {
             wrapper_attribute="model",
             load=lambda checkpoint, geometry, dtype: ckpt.load_transformer(checkpoint, dtype),
             empty=_empty_diffusers("Flux2Transformer2DModel", "transformer"),
-            wrap=transformer_graph,
+            wrap=_transformer_graph,
             feeds=_transformer_feeds,
             quantizable=True,
             drives_pipeline=True,
         ),
         _VAE_DECODER,
         # Image editing: the VAE's encoder, from the same vae/ weights.
-        dataclasses.replace(_VAE_DECODER, name="vae_encoder", wrap=VaeEncoderGraph, feeds=_vae_encoder_feeds),
+        dataclasses.replace(_VAE_DECODER, name="vae_encoder", wrap=_vae_encoder_graph, feeds=_vae_encoder_feeds),
     )
 }
