@@ -53,9 +53,10 @@ engines: setup
 gpu-smoke: setup
 	$(PY) tools/gpu_smoke.py --precision $(PRECISION)
 
-# The full suite: what CI runs (it needs the Triton env for the server tests).
+# The full suite: what CI runs (it needs the Triton env for the server tests); the 20 slowest tests
+# are listed at the end, where the time goes.
 test: setup triton-env
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 # The inner loop: unit tests only (no end-to-end export or generation), under a minute.
 test-fast: setup

@@ -51,6 +51,35 @@ def export_tiny(tmp_path_factory, tiny_checkpoint, small_shapes):
 
 
 @pytest.fixture(scope="session")
+def export_klein(tmp_path_factory, tiny_klein_checkpoint, tiny_klein_distilled_checkpoint, small_shapes):
+    """The tiny [klein] exports, once per session: ("base" | "base-b2" | "distilled", precision) -> folder.
+
+    "base-b2" is the base model at batch 2 (both CFG passes in one transformer call). Checked like
+    every export, at the suite's small shapes; the runtime, export and TensorRT-RTX tests share them.
+    """
+    import dataclasses
+
+    from export.run import export_artifacts
+
+    done: dict[tuple[str, str], Path] = {}
+    sources = {
+        "base": tiny_klein_checkpoint,
+        "base-b2": tiny_klein_checkpoint,
+        "distilled": tiny_klein_distilled_checkpoint,
+    }
+
+    def get(name: str, precision: str = "fp32") -> Path:
+        if (name, precision) not in done:
+            shapes = dataclasses.replace(small_shapes, batch_size=2) if name.endswith("b2") else small_shapes
+            out = tmp_path_factory.mktemp(f"klein-{name}-{precision}") / "artifacts"
+            export_artifacts(model=str(sources[name]), out=out, precision=precision, shapes=shapes, log=lambda m: None)
+            done[(name, precision)] = out
+        return done[(name, precision)]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def variant_artifacts(tmp_path_factory) -> Path:
     """A tiny configuration no other fixture uses, exported at fp32 through the command lines."""
     root = tmp_path_factory.mktemp("variant")
@@ -98,6 +127,7 @@ def tiny_plain_checkpoint(_cache_dir) -> Path:
 # itself.
 EXPORTING_FIXTURES = {
     "export_tiny",
+    "export_klein",
     "variant_artifacts",
     "klein_artifacts",
     "exported",

@@ -34,8 +34,10 @@ def api():
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, export_tiny, tiny_checkpoint, tiny_klein_checkpoint, tiny_klein_distilled_checkpoint):
-    """(model, precision) -> artifacts; [dev] fp32/fp16/bf16 are the suite's shared exports."""
+def exported(
+    tmp_path_factory, export_tiny, export_klein, tiny_checkpoint, tiny_klein_checkpoint, tiny_klein_distilled_checkpoint
+):
+    """(model, precision) -> artifacts; all but fp8 are the suite's shared exports."""
     from export.fp8.calibrate import CalibrationSettings
     from export.fp8.run import Fp8Options
     from export.run import export_artifacts
@@ -50,6 +52,8 @@ def exported(tmp_path_factory, export_tiny, tiny_checkpoint, tiny_klein_checkpoi
     def get(model: str, precision: str):
         if model == "dev" and precision != "fp8":
             return export_tiny(precision)
+        if model != "dev" and precision != "fp8":
+            return export_klein({"klein": "base", "klein-distilled": "distilled"}[model], precision)
         if (model, precision) not in done:
             out = tmp_path_factory.mktemp(f"rtx-{model}-{precision}") / "artifacts"
             fp8 = Fp8Options(calibration=CalibrationSettings(prompts=1, steps=1)) if precision == "fp8" else None

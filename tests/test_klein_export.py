@@ -47,14 +47,8 @@ def test_tiny_klein_exports_from_the_command_line(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16"])  # fp16: the klein variant below
-def test_tiny_klein_exports_at_reduced_precision(tmp_path, tiny_klein_checkpoint, small_shapes, precision):
-    from export.run import export_artifacts
-
-    out = tmp_path / f"klein-{precision}"
-    export_artifacts(
-        model=str(tiny_klein_checkpoint), out=out, precision=precision, shapes=small_shapes, log=lambda m: None
-    )
-    _check_report(out, precision)
+def test_tiny_klein_exports_at_reduced_precision(export_klein, precision):
+    _check_report(export_klein("base", precision), precision)
 
 
 @pytest.mark.slow

@@ -16,27 +16,9 @@ KLEIN_VARIANT = (
 
 
 @pytest.fixture(scope="module")
-def klein_artifacts(tmp_path_factory, tiny_klein_checkpoint, tiny_klein_distilled_checkpoint, small_shapes):
-    import dataclasses
-
-    from export.run import export_artifacts
-
-    made = {}
-
-    def get(name: str):
-        if name not in made:
-            source = {
-                "base": tiny_klein_checkpoint,
-                "base-b2": tiny_klein_checkpoint,
-                "distilled": tiny_klein_distilled_checkpoint,
-            }[name]
-            shapes = dataclasses.replace(small_shapes, batch_size=2) if name.endswith("b2") else small_shapes
-            out = tmp_path_factory.mktemp(f"klein-{name}") / "artifacts"
-            export_artifacts(model=str(source), out=out, precision="fp32", shapes=shapes, log=lambda m: None)
-            made[name] = out
-        return made[name]
-
-    return get
+def klein_artifacts(export_klein):
+    """name -> the suite's shared fp32 [klein] export ("base", "base-b2", "distilled")."""
+    return export_klein
 
 
 def _diffusers_image(checkpoint, prompt, *, guidance, seed=0, steps=3, negative=None):
