@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from common.atomic import atomic_write_json
-from common.cli import OneLineParser, run_cli
+from common.cli import OneLineParser, one_of, run_cli
 from common.errors import UsageError
 from common.metrics import psnr, ssim
 from common.precision import precision as declared
@@ -422,7 +422,13 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--artifacts", required=True, type=Path)
     parser.add_argument("--model", type=Path, default=None, help="source checkpoint (default: the one in the manifest)")
-    parser.add_argument("--backend", default="auto", choices=BACKENDS, help="default auto: trt, else ort, else torch")
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        type=one_of(BACKENDS, "backend"),
+        choices=BACKENDS,
+        help="default auto: trt, else ort, else torch",
+    )
     parser.add_argument("--prompt", default=CHECK_PROMPT)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=4)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.atomic import atomic_write_json, atomic_write_via, writable_error
-from common.cli import OneLineParser, run_cli
+from common.cli import OneLineParser, one_of, run_cli
 from common.errors import UsageError
 from common.staging import remove_stale_staging
 from common.storage import is_storage_error, storage_error
@@ -199,7 +199,13 @@ def main(argv=None) -> int:
         help="reference image for editing; repeat for several (artifacts exported with --reference-images K)",
     )
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    parser.add_argument("--backend", default="auto", choices=BACKENDS, help="default auto: trt, else ort, else torch")
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        type=one_of(BACKENDS, "backend"),
+        choices=BACKENDS,
+        help="default auto: trt, else ort, else torch",
+    )
     parser.add_argument("--low-vram", action="store_true", help="keep one component loaded at a time")
     parser.add_argument(
         "--out", type=Path, default=Path("out"), help="folder for PNGs and JSON sidecars (default out/)"
