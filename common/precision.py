@@ -145,8 +145,3 @@ def precision(name: str | Precision, what: str = "precision") -> Precision:
     if found is None:
         raise UsageError(f"unknown {what} {name!r}; choose one of {', '.join(PRECISION_NAMES)}")
     return found
-
-
-def quantized_names() -> tuple[str, ...]:
-    """The precisions the export realises by rewriting a traced graph."""
-    return tuple(p.name for p in _DECLARED if p.quantized)

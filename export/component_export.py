@@ -45,6 +45,7 @@ class ComponentJob:
 
 def export_component(job: ComponentJob) -> tuple[ComponentRecord, dict]:
     """Write `job`'s graph into `job.staging` and check it; (manifest entry, report)."""
+    assert COMPONENTS[job.component].quantizable or not job.precision.quantized, (job.component, job.precision)
     from tqdm import tqdm
 
     stages = ["trace"] + (["rewrite"] if job.precision.quantized else []) + ["hash"]
