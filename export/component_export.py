@@ -48,12 +48,16 @@ def export_component(job: ComponentJob) -> tuple[ComponentRecord, dict]:
     assert COMPONENTS[job.component].quantizable or not job.precision.quantized, (job.component, job.precision)
     from tqdm import tqdm
 
+    # Streaming: the weightless module and where its weights are, read and checked where the graph
+    # needs them before tracing (fp16 row scales), so a checkpoint fp16 cannot hold is refused here.
+    hollow = _weightless(job) if job.stream else None
     stages = ["trace"] + (["rewrite"] if job.precision.quantized else []) + ["hash"]
     stages += [] if job.skip_check else ["verify"]
     bar = tqdm(total=len(stages), desc=f"{job.component:<12} {job.precision}", unit="step", file=sys.stderr)
     try:
         path = job.staging / f"{job.component}.onnx"
-        facts, module = _trace(job, path, bar)
+        facts, module = _trace(job, path, bar, hollow)
+        del hollow
         held = [module] if module is not None and job.precision.is_float32 else []  # the check's fp32 module
         del module
         bar.update()
@@ -84,15 +88,20 @@ def export_component(job: ComponentJob) -> tuple[ComponentRecord, dict]:
     return entry, report
 
 
-def _trace(job: ComponentJob, path: Path, bar) -> tuple[dict, object]:
+def _weightless(job: ComponentJob):
+    from export.writing.streaming import build_weightless_graph
+
+    return build_weightless_graph(job.component, job.checkpoint, job.geometry, job.shapes, job.precision.traced.name)
+
+
+def _trace(job: ComponentJob, path: Path, bar, hollow) -> tuple[dict, object]:
     """Write the traced graph; (facts for the manifest, the loaded module or None when streamed)."""
     traced = job.precision.traced
-    if job.stream:
+    if hollow is not None:
         from export.writing.streaming import export_streaming
 
         bar.set_postfix_str("tracing without weights, streaming them into ONNX")
-        facts = export_streaming(job.component, job.checkpoint, job.geometry, job.shapes, traced, job.spec, path)
-        return facts, None
+        return export_streaming(hollow, job.spec, path), None
     bar.set_postfix_str("loading weights")
     module = COMPONENTS[job.component].graph_module(job.checkpoint, job.geometry, job.shapes, traced)
     bar.set_postfix_str("tracing and writing ONNX")

@@ -111,6 +111,20 @@ def _text_encoder_graph(model, geometry: Geometry, shapes: Shapes):
     return TextEncoderGraph(model, geometry.text_out_layers)
 
 
+def _load_transformer(checkpoint: ckpt.Checkpoint, geometry: Geometry, dtype):
+    """The transformer with its weights; for the fp16 graph loaded at float32 and row-scaled into float16
+    (`export.graphs.fp16_linear`), so that weights past 65504 are scaled before they are cast."""
+    import torch
+
+    from export.graphs import transformer
+
+    if dtype != torch.float16 or not transformer.FP32_STREAM:
+        return ckpt.load_transformer(checkpoint, dtype)
+    from export.graphs.fp16_linear import prescale_loaded
+
+    return prescale_loaded(ckpt.load_transformer(checkpoint, torch.float32), dtype)
+
+
 def _transformer_graph(model, geometry: Geometry, shapes: Shapes):
     from export.graphs.transformer import transformer_graph
 
@@ -184,7 +198,7 @@ COMPONENTS: dict[str, Component] = {
             "transformer",
             weights_folder="transformer",
             wrapper_attribute="model",
-            load=lambda checkpoint, geometry, dtype: ckpt.load_transformer(checkpoint, dtype),
+            load=_load_transformer,
             empty=_empty_diffusers("Flux2Transformer2DModel", "transformer"),
             wrap=_transformer_graph,
             feeds=_transformer_feeds,

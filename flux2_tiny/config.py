@@ -60,6 +60,8 @@ class TinyConfig:
     tekken_vocab: str = ""
     # Residual-stream outliers for the fp16 stress checkpoint (flux2_tiny.stress): 0 leaves the weights as drawn.
     outlier_scale: float = 0.0
+    # Feed-forward weights past float16's range (flux2_tiny.stress): the largest |w| of two rows; 0: none.
+    weight_outlier_peak: float = 0.0
 
     def key(self) -> str:
         blob = json.dumps({"v": GENERATOR_VERSION, **dataclasses.asdict(self)}, sort_keys=True)

@@ -47,6 +47,10 @@ def write_image_models(
         from flux2_tiny.stress import inject_outliers
 
         inject_outliers(transformer, config.outlier_scale)
+    if config.weight_outlier_peak:
+        from flux2_tiny.stress import inject_weight_outliers
+
+        inject_weight_outliers(transformer, config.weight_outlier_peak)
     if config.layout == "published":
         from flux2_tiny.published import save_diffusers_bf16
 

@@ -11,6 +11,12 @@ this injects the same pattern after the seeded init, deterministically:
   linear (non-gated) half scaled to `scale`, with the matching columns of `linear_out` scaled down by
   the same factor, so the intermediate overflows float16 while the block's output stays moderate, as
   a trained network's outlier features do.
+
+`inject_weight_outliers` (`weight_outlier_peak`) puts weights themselves past float16's range: two
+rows of the same feed-forward's linear half scaled so that their largest |w| is the peak (3e5 in
+the tests), so their intermediate channels become massive too, as trained networks' outlier weights
+feed massive activations. Stored in bf16, these rows are inf once cast to float16 unless each row
+is scaled first (export.graphs.fp16_linear).
 """
 
 from __future__ import annotations
@@ -36,4 +42,15 @@ def inject_outliers(transformer, scale: float) -> None:
             row = ff.linear_in.weight[half + channel]
             factor = 2 * scale / row.norm()  # twice the residual outliers: past 65504 at scale 3e4
             row.mul_(factor)
-            ff.linear_out.weight[:, channel].div_(factor)
+
+
+def inject_weight_outliers(transformer, peak: float) -> None:
+    import torch
+
+    with torch.no_grad():
+        ff = transformer.transformer_blocks[0].ff
+        half = ff.linear_in.weight.shape[0] // 2
+        for channel in FF_OUTLIER_CHANNELS:
+            row = ff.linear_in.weight[half + channel]
+            factor = peak / float(row.abs().max())
+            row.mul_(factor)

@@ -8,6 +8,7 @@ graph keeps its residual stream in float32 and scales each float16 matrix multip
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -100,3 +101,116 @@ def test_fp16_export_of_the_stress_checkpoint(stress_checkpoint, tmp_path, monke
             components=("transformer",), log=lambda m: None,
         )  # fmt: skip
     assert not (tmp_path / "unscaled").exists()
+
+
+# --- weights past 65504: scaled at export (issue 21) -----------------------------------------
+
+WEIGHT_PEAK = 3e5
+
+
+@pytest.fixture(scope="module")
+def weight_checkpoint(_cache_dir):
+    from flux2_tiny import ensure_tiny_checkpoint
+    from flux2_tiny.config import DEFAULT
+
+    return ensure_tiny_checkpoint(dataclasses.replace(DEFAULT, weight_outlier_peak=WEIGHT_PEAK))
+
+
+def _stored(checkpoint, key):
+    from safetensors import safe_open
+
+    from export.checkpoint import weight_files
+
+    for file in weight_files(checkpoint / "transformer"):
+        with safe_open(str(file), framework="pt") as handle:
+            if key in handle.keys():
+                return handle.get_tensor(key)
+    raise KeyError(key)
+
+
+FF_IN = "transformer_blocks.0.ff.linear_in.weight"
+
+
+def test_weights_past_float16_are_row_scaled_and_close_to_fp32(weight_checkpoint):
+    from common.metrics import compare
+    from export.verify.reference import build_graph_module
+
+    stored = _stored(weight_checkpoint, FF_IN)
+    assert float(stored.abs().max()) > 4 * FP16_MAX and not torch.isfinite(stored.half()).all()
+    opened, geometry, args = _transformer_inputs(weight_checkpoint)
+    with torch.no_grad():
+        expected = build_graph_module("transformer", opened, geometry, SHAPES, "fp32")(*args).numpy()
+        module = build_graph_module("transformer", opened, geometry, SHAPES, "fp16")
+        actual = module(*args).numpy()
+    linear = module.model.transformer_blocks[0].ff.linear_in
+    # The scaled float16 weight times its power-of-two row scales is the stored bf16 weight, exactly.
+    assert torch.equal(linear.weight.float() * linear.weight_row_scale[:, None], stored.float())
+    metrics = compare(actual, expected)
+    assert metrics["finite"] and metrics["rel_l2"] < 4e-3, metrics  # measured 1.8e-3
+
+
+def test_row_scales_bound_each_row_and_refuse_what_float32_cannot_sum():
+    from common.errors import CheckpointError
+    from export.graphs.fp16_linear import WEIGHT_ROW_BOUND, check_row_scales, row_scales
+
+    block = torch.tensor([[1.0, -2.0], [3e5, 1.0], [1e-3, 0.0]])
+    scales = row_scales(block)
+    assert scales.tolist() == [1.0, 32.0, 1.0]  # 300001 / 2**14 = 18.3 -> 32
+    assert float((block / scales[:, None]).abs().sum(dim=-1).max()) <= WEIGHT_ROW_BOUND
+    huge = torch.tensor([[3e38, 3e38]])
+    with pytest.raises(CheckpointError, match=r"w: row 7 \(largest \|value\| 3e\+38\).*--precision bf16"):
+        check_row_scales(row_scales(huge), huge, "w", first_row=7)
+
+
+@pytest.mark.slow
+def test_fp16_export_of_weights_past_float16(weight_checkpoint, tmp_path):
+    """Streamed export: the graph holds the scaled float16 weight and its scales, no weight arithmetic."""
+    import onnx
+    from onnx import numpy_helper
+
+    from export.run import export_artifacts
+
+    export_artifacts(
+        model=str(weight_checkpoint), out=tmp_path / "fp16", precision="fp16", shapes=SHAPES,
+        components=("transformer",), log=lambda m: None,
+    )  # fmt: skip
+    report = json.loads((tmp_path / "fp16" / "reports" / "export_check.json").read_text())
+    transformer = report["components"]["transformer"]
+    velocity = transformer["outputs"]["velocity"]
+    assert transformer["passed"] and velocity["finite"] and velocity["rel_l2"] < 2e-3, transformer  # measured 4.1e-4
+    graph = onnx.load(str(tmp_path / "fp16" / "transformer.onnx")).graph
+    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    scale = values["model." + FF_IN.replace(".weight", ".weight_row_scale")]
+    assert scale.dtype == np.float32 and scale.max() >= 16  # the outlier rows, scaled at export
+    # Every weight reaches its MatMul as a float16 initializer, finite: no weight-sized arithmetic
+    # is left in the graph for TensorRT to fold at build time.
+    weights = [node.input[1] for node in graph.node if node.op_type == "MatMul" and node.input[1] in values]
+    assert len(weights) >= 20
+    assert all(values[name].dtype == np.float16 and np.isfinite(values[name]).all() for name in weights)
+    consumers = {node.op_type for node in graph.node if set(weights) & set(node.input)}
+    assert consumers == {"MatMul"}, consumers
+
+
+def test_a_tensor_float16_cannot_hold_is_refused_in_one_line(weight_checkpoint, tmp_path):
+    """A checkpoint tensor past 65504 that no row scale covers (an RMSNorm gain): exit 2, naming it and bf16."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from export.checkpoint import weight_files
+    from tests.support import assert_one_line_error, run_cli
+
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(weight_checkpoint, checkpoint)
+    key = "transformer_blocks.0.attn.norm_q.weight"
+    for file in weight_files(checkpoint / "transformer"):
+        tensors = load_file(str(file))
+        if key in tensors:
+            tensors[key][0] = 1.5e5
+            save_file(tensors, str(file), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    result = run_cli("-m", "export", "--model", str(checkpoint), "--out", str(out), "--precision", "fp16",
+                     "--components", "transformer", "--height", "128", "--width", "128",
+                     "--max-sequence-length", "64")  # fmt: skip
+    assert_one_line_error(result, key, "1.495e+05", "--precision bf16")  # 1.5e5 in bf16
+    assert not out.exists()

@@ -10,13 +10,11 @@ diffusers' own modules, called with the same arguments as in diffusers' forward.
 
 from __future__ import annotations
 
-import types
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from common.specs import Geometry, Shapes
+from export.graphs import fp16_linear
 
 
 def position_ids(geometry: Geometry, shapes: Shapes) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,15 +33,16 @@ class TransformerGraph(nn.Module):
         self.model = model
         self.guidance_embeds = geometry.guidance_embeds
         # fp16: weights and matrix multiplies in float16, everything between them in float32 (see
-        # `_fp16_linear`): FLUX-family residual streams and feed-forward activations pass 65504.
+        # export/graphs/fp16_linear.py): FLUX-family residual streams and feed-forward activations pass 65504.
         self.fp32_stream = FP32_STREAM and model.x_embedder.weight.dtype == torch.float16
+        # {initializer name of a weight: that of its row scales}: the streaming export fills them in.
+        self.row_scaled: dict[str, str] = {}
         if self.fp32_stream:
-            for module in model.modules():
-                # Bound on the instance, so parameter names (and ONNX initializer names) stay diffusers'.
-                if isinstance(module, nn.Linear):
-                    module.forward = types.MethodType(_fp16_linear, module)
-                elif isinstance(module, nn.RMSNorm):
-                    module.forward = types.MethodType(_float32_rms_norm, module)
+            weights = model.x_embedder.weight
+            if not weights.is_meta and fp16_linear.ROW_SCALE not in model.x_embedder._buffers:
+                fp16_linear.prescale_loaded(model)  # a model loaded at float16 (export loads at float32 first)
+            scaled = fp16_linear.use_fp16_linears(model)
+            self.row_scaled = {f"model.{weight}": f"model.{scale}" for weight, scale in scaled.items()}
         text_ids, image_ids = position_ids(geometry, shapes)
         with torch.no_grad():
             text_cos, text_sin = model.pos_embed(text_ids)
@@ -103,30 +102,6 @@ class TransformerGraph(nn.Module):
 # False gives the plain float16 graph of before (every tensor float16), kept for the comparison in
 # tests/test_fp16_overflow.py and docs/export.md.
 FP32_STREAM = True
-
-# Each matrix multiply of the fp16 graph sees an input row scaled into [-1, 1] and a weight whose
-# rows sum (in absolute value) to at most 2**14, both by powers of two, so its float16 result is
-# bounded by 2**14 and the scaling itself rounds nothing; the float32 result is scaled back.
-# Measured on the stress checkpoint (flux2_tiny.stress, docs/export.md): without it the fp16 graph
-# gives NaN, as does diffusers' own float16 pipeline (whose clip at block ends comes after the inf).
-_WEIGHT_ROW_BOUND = 2.0**14
-
-
-def _fp16_linear(self, x):
-    """nn.Linear with float16 weights on a float32 input: the product in float16, without overflow."""
-    x = x.float()
-    x_scale = torch.exp2(torch.ceil(torch.log2(x.abs().amax(dim=-1, keepdim=True).clamp_min(2.0**-24))))
-    weight = self.weight.float()
-    w_scale = torch.exp2(torch.ceil(torch.log2((weight.abs().sum(dim=-1) / _WEIGHT_ROW_BOUND).clamp_min(1.0))))
-    product = F.linear((x / x_scale).to(self.weight.dtype), (weight / w_scale[:, None]).to(self.weight.dtype))
-    out = product.float() * (x_scale * w_scale)
-    return out if self.bias is None else out + self.bias.float()
-
-
-def _float32_rms_norm(self, x):
-    """torch's RMSNorm computed in float32 (its float16 weight upcast), as the rest of the fp16 stream."""
-    weight = None if self.weight is None else self.weight.float()
-    return F.rms_norm(x.float(), self.normalized_shape, weight, self.eps)
 
 
 def reference_position_ids(geometry: Geometry, shapes: Shapes) -> torch.Tensor:

@@ -31,6 +31,7 @@ So peak memory is the traced graph plus one chunk, whatever the model size and p
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ from common.precision import precision as declared
 from common.specs import ComponentSpec, Geometry, Shapes
 from export import checkpoint as ckpt
 from export.components import COMPONENTS
+from export.graphs.fp16_linear import check_float16, check_row_scales, row_scales, scale_rows
 from export.writing.trace import check_graph, data_file_name, example_inputs, trace
 
 # Bytes of target-precision data a streamed weight holds at once while it is written.
@@ -66,6 +68,9 @@ class WeightlessGraph:
     fake_mode: object  # the FakeTensorMode those tensors belong to; example inputs are made in it
     buffers: dict  # initializer name -> real torch.Tensor (buffers and derived tables)
     weights: dict  # initializer name -> WeightRef
+    # initializer name of a weight -> its float32 row scales (the fp16 transformer's linears,
+    # export.graphs.fp16_linear): the weight is written divided by them.
+    row_scales: dict = dataclasses.field(default_factory=dict)
 
 
 def _open_safetensors(file: Path):
@@ -131,7 +136,50 @@ def build_weightless_graph(
     graph = declaration.wrap(model, geometry, shapes).eval()
     buffers = {name: buffer.detach().clone() for name, buffer in graph.named_buffers()}
     weights = {declaration.initializer_prefix + name: refs[name] for name, _ in model.named_parameters()}
-    return WeightlessGraph(module=graph, fake_mode=_make_fake(graph), buffers=buffers, weights=weights)
+    row_scales = {}
+    scaled = getattr(graph, "row_scaled", {})
+    for weight, scale in _scan_progress(scaled.items(), weights, component):
+        row_scales[weight] = buffers[scale] = weight_row_scales(weights[weight])
+    if scaled and declared(precision).torch_dtype() == torch.float16:
+        for name, ref in weights.items():
+            if name not in scaled:  # the small rest (norms, biases): read whole, as attach_weights reads them
+                tensor = read_tensor(ref)
+                check_float16(tensor.to(torch.float16), tensor, f"weight {ref.key} in {ref.file}")
+    return WeightlessGraph(graph, _make_fake(graph), buffers, weights, row_scales)
+
+
+# Weights read before tracing (the fp16 row scales) show a progress bar past this many bytes.
+SCAN_PROGRESS_BYTES = 2**30
+
+
+def _scan_progress(items, weights: dict, component: str):
+    """`items`, with a progress bar over the weights they read where that is long work (real checkpoints)."""
+    items = list(items)
+    total = sum(math.prod(weights[name].shape) * 2 for name, _ in items)
+    if total < SCAN_PROGRESS_BYTES:
+        return items
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(items, desc=f"{component:<12} fp16 row scales", unit="weight", file=sys.stderr)
+
+
+def weight_row_scales(ref: WeightRef):
+    """The fp16 row scales of one stored weight, read in row blocks of ~CHUNK_BYTES of float32."""
+    import torch
+
+    rows, row_elements = ref.shape[0], math.prod(ref.shape[1:])
+    step = max(1, CHUNK_BYTES // max(1, row_elements * 4))
+    parts = []
+    with _open_safetensors(ref.file) as handle:
+        source = handle.get_slice(ref.key)
+        for start in range(0, rows, step):
+            block = source[start : start + step]
+            scales = row_scales(block)
+            check_row_scales(scales, block, f"weight {ref.key} in {ref.file}", start)
+            parts.append(scales)
+    return torch.cat(parts)
 
 
 def _make_fake(module):
@@ -159,6 +207,16 @@ def _make_fake(module):
 # --- onnx_ir tensors -----------------------------------------------------------------------
 
 
+def cast_weight(tensor, dtype, row_scale, where: str):
+    """A checkpoint tensor in the graph's dtype, as `Tensor.to` casts it in `from_pretrained`; divided by
+    its fp16 row scales first where it has them. A value that float16 cannot hold is refused, naming it."""
+    if row_scale is not None:
+        return scale_rows(tensor, row_scale, dtype)
+    out = tensor.to(dtype)
+    check_float16(out, tensor, where)
+    return out
+
+
 def _ir_tensor(tensor, name: str):
     return ir.Tensor(numpy_view(tensor), name=name)
 
@@ -173,16 +231,19 @@ class StreamedWeight(ir.LazyTensor):
     `numpy()`/`tobytes()` still work (they read the whole tensor), except while `sealed`.
     """
 
-    def __init__(self, ref: WeightRef, dtype, *, transposed: bool = False, name: str | None = None):
+    def __init__(self, ref: WeightRef, dtype, *, transposed: bool = False, name: str | None = None, row_scale=None):
         shape = ref.shape[::-1] if transposed else ref.shape
         super().__init__(self._materialize, dtype=_ir_dtype_of(dtype), shape=ir.Shape(shape), name=name)
         self.ref = ref
         self.torch_dtype = dtype
         self.transposed = transposed
+        self.row_scale = row_scale  # float32 [rows of the stored weight], or None
         self.sealed = False
 
     def transpose(self, name: str | None = None) -> StreamedWeight:
-        return StreamedWeight(self.ref, self.torch_dtype, transposed=not self.transposed, name=name)
+        return StreamedWeight(
+            self.ref, self.torch_dtype, transposed=not self.transposed, name=name, row_scale=self.row_scale
+        )
 
     def _check_open(self) -> None:
         if self.sealed:
@@ -193,8 +254,11 @@ class StreamedWeight(ir.LazyTensor):
 
     def _materialize(self):
         self._check_open()
-        tensor = read_tensor(self.ref).to(self.torch_dtype)
+        tensor = cast_weight(read_tensor(self.ref), self.torch_dtype, self.row_scale, self._where())
         return _ir_tensor(tensor.T if self.transposed else tensor, self.name)
+
+    def _where(self, start: int = 0) -> str:
+        return f"weight {self.ref.key} in {self.ref.file}" + (f" (from row {start})" if start else "")
 
     def chunks(self):
         """The target-precision tensor as consecutive row blocks of at most ~CHUNK_BYTES.
@@ -209,37 +273,52 @@ class StreamedWeight(ir.LazyTensor):
         itemsize = max(1, int(self.dtype.itemsize))
         with _open_safetensors(self.ref.file) as handle:
             if not self.ref.shape:
-                yield handle.get_tensor(self.ref.key).to(dtype)
+                yield cast_weight(handle.get_tensor(self.ref.key), dtype, None, self._where())
                 return
             source = handle.get_slice(self.ref.key)  # a view of the memory-mapped file
             if self.transposed:
-                rows, cols = self.ref.shape  # of the stored weight; the output is [cols, rows]
-                step = max(1, min(cols, CHUNK_BYTES // (rows * itemsize)))
-                # Cast into a contiguous block, then transpose: transposing the strided view of
-                # the file directly is ~6x slower (measured, bf16 to bf16).
-                block = torch.empty((rows, step), dtype=dtype)
-                flipped = torch.empty((step, rows), dtype=dtype)
-                for start in range(0, cols, step):
-                    width = min(step, cols - start)
-                    part = block if width == step else torch.empty((rows, width), dtype=dtype)
-                    part.copy_(source[:, start : start + width])
-                    out = flipped[:width]
-                    out.copy_(part.T)
-                    yield out
+                yield from self._transposed_chunks(source, itemsize)
+                return
+            length, row = self.ref.shape[0], self.ref.shape[1:]
+            step = max(1, min(length, CHUNK_BYTES // max(1, math.prod(row) * itemsize)))
+            buffer = None
+            for start in range(0, length, step):
+                view = source[start : start + step]
+                if view.dtype == dtype and self.row_scale is None:
+                    yield view  # same dtype: straight from the file's pages, no copy
+                    continue
+                if self.row_scale is not None:
+                    yield scale_rows(view, self.row_scale[start : start + view.shape[0]], dtype)
+                    continue
+                if buffer is None:
+                    buffer = torch.empty((step, *row), dtype=dtype)
+                out = buffer[: view.shape[0]]
+                out.copy_(view)
+                check_float16(out, view, self._where(start))
+                yield out
+
+    def _transposed_chunks(self, source, itemsize: int):
+        import torch
+
+        dtype = self.torch_dtype
+        rows, cols = self.ref.shape  # of the stored weight; the output is [cols, rows]
+        step = max(1, min(cols, CHUNK_BYTES // (rows * itemsize)))
+        # Cast into a contiguous block, then transpose: transposing the strided view of
+        # the file directly is ~6x slower (measured, bf16 to bf16).
+        block = torch.empty((rows, step), dtype=dtype)
+        flipped = torch.empty((step, rows), dtype=dtype)
+        for start in range(0, cols, step):
+            width = min(step, cols - start)
+            part = block if width == step else torch.empty((rows, width), dtype=dtype)
+            view = source[:, start : start + width]
+            if self.row_scale is None:
+                part.copy_(view)
+                check_float16(part, view, self._where())
             else:
-                length, row = self.ref.shape[0], self.ref.shape[1:]
-                step = max(1, min(length, CHUNK_BYTES // max(1, math.prod(row) * itemsize)))
-                buffer = None
-                for start in range(0, length, step):
-                    view = source[start : start + step]
-                    if view.dtype == dtype:
-                        yield view  # same dtype: straight from the file's pages, no copy
-                        continue
-                    if buffer is None:
-                        buffer = torch.empty((step, *row), dtype=dtype)
-                    out = buffer[: view.shape[0]]
-                    out.copy_(view)
-                    yield out
+                part.copy_(scale_rows(view, self.row_scale, dtype))
+            out = flipped[:width]
+            out.copy_(part.T)
+            yield out
 
     def tofile(self, file) -> None:
         import torch
@@ -269,10 +348,12 @@ def attach_weights(model, hollow: WeightlessGraph, *, eager_max_elements: int) -
                     f"weight {ref.key} in {ref.file} has shape {list(ref.shape)}, the model's config wants "
                     f"{list(shape)}; the checkpoint does not match its config.json"
                 )
+            scales = hollow.row_scales.get(name)
             if math.prod(shape) <= eager_max_elements:
-                value.const_value = _ir_tensor(read_tensor(ref).to(dtype), name)
+                tensor = cast_weight(read_tensor(ref), dtype, scales, f"weight {ref.key} in {ref.file}")
+                value.const_value = _ir_tensor(tensor, name)
             else:
-                value.const_value = StreamedWeight(ref, dtype, name=name)
+                value.const_value = StreamedWeight(ref, dtype, name=name, row_scale=scales)
                 streamed.append(value.const_value)
         else:
             raise InternalError(
@@ -329,19 +410,10 @@ def optimize_sealed(model, streamed: list) -> None:
             weight.sealed = False
 
 
-def export_streaming(
-    component: str,
-    checkpoint: ckpt.Checkpoint,
-    geometry: Geometry,
-    shapes: Shapes,
-    precision: str,
-    spec: ComponentSpec,
-    path: Path,
-) -> dict:
-    """Write `component` to `path` (+ `path.data`) without loading its weights; facts for the manifest."""
+def export_streaming(hollow: WeightlessGraph, spec: ComponentSpec, path: Path) -> dict:
+    """Write the graph of `hollow` (`build_weightless_graph`) to `path` (+ `path.data`); facts for the manifest."""
     from onnxscript.optimizer import _constant_folding
 
-    hollow = build_weightless_graph(component, checkpoint, geometry, shapes, precision)
     with hollow.fake_mode:
         example = example_inputs(spec)
     program = trace(hollow.module, example, spec, optimize=False)
