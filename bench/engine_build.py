@@ -1,7 +1,7 @@
 """make bench-engines: TensorRT-RTX ahead-of-time build time and peak host memory, against the ONNX data size.
 
 Takes the full-width FLUX.2 [dev] transformer slice of `bench.export_memory` (1 double + 1 single
-block at FLUX.2 [dev]'s real widths, 4.3 GiB of bf16), exports its transformer at fp16 and fp8
+block at FLUX.2 [dev]'s real widths, 4.3 GiB of bf16), exports its transformer at fp16, bf16 and fp8
 (`--components transformer --skip-check`), then builds each with
 `python -m engines.build --target rtx --force` in its own process while this one samples that
 process tree's peak anonymous memory (RssAnon) and peak RSS from /proc every 50 ms. Reported as
@@ -27,7 +27,7 @@ from pathlib import Path
 from bench.export_memory import GiB, TreeSampler, ensure_slice, machine, warm_page_cache
 
 REPO = Path(__file__).resolve().parent.parent
-PRECISIONS = ("fp16", "fp8")
+PRECISIONS = ("fp16", "bf16", "fp8")
 FAST_CALIBRATION = ["--calib-prompts", "1", "--calib-steps", "2"]  # scales do not change build cost
 
 
@@ -110,14 +110,14 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def bench_engines(*, model: str, cache: Path, results: Path, shapes, strip: bool) -> int:
+def bench_engines(*, model: str, cache: Path, results: Path, shapes, strip: bool, precisions=PRECISIONS) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
     cache.mkdir(parents=True, exist_ok=True)
     source = str(ensure_slice(cache, 1, 1, log)) if model == "slice" else model
     rows = []
-    for precision in PRECISIONS:
+    for precision in precisions:
         artifacts = cache / "engine-bench" / f"{Path(source).name}-{precision}"
         export_transformer(source, artifacts, precision, shapes, log)
         rows.append(build(artifacts, precision, False, log))
@@ -143,10 +143,22 @@ def main(argv=None) -> int:
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "engine_build.json")
     parser.add_argument("--size", default="1024,1024,512", help="height,width,tokens of the exported graph")
     parser.add_argument("--strip-weights", action="store_true", help="also build weight-stripped plans")
+    parser.add_argument(
+        "--precisions", default=",".join(PRECISIONS), help="comma-separated, of " + ",".join(PRECISIONS)
+    )
     args = parser.parse_args(argv)
+    precisions = tuple(args.precisions.split(","))
+    unknown = sorted(set(precisions) - set(PRECISIONS))
+    if unknown:
+        parser.error(f"--precisions {','.join(unknown)}: not benchmarked here; choose from {','.join(PRECISIONS)}")
     shapes = tuple(int(v) for v in args.size.split(","))
     return bench_engines(
-        model=args.model, cache=args.cache, results=args.results, shapes=shapes, strip=args.strip_weights
+        model=args.model,
+        cache=args.cache,
+        results=args.results,
+        shapes=shapes,
+        strip=args.strip_weights,
+        precisions=precisions,
     )
 
 

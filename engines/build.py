@@ -11,13 +11,12 @@ version, the GPU or compute capabilities, the ONNX files' sha256 and the build f
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common.atomic import atomic_write_bytes
+from common.atomic import atomic_write_bytes, atomic_write_via
 from common.cli import OneLineParser, run_cli
 from common.engine_manifest import (
     ENGINES_DIR,
@@ -337,9 +336,9 @@ def plan_build(
 
 
 def _engine_record(
-    job: EngineJob, platform: Platform, serialized: memoryview, seconds: float, timing_cache: dict | None
+    job: EngineJob, platform: Platform, built, seconds: float, timing_cache: dict | None
 ) -> EngineRecord:
-    """What the manifest records about the plan just built for `job` (`serialized`: its bytes)."""
+    """What the manifest records about the plan just built for `job` (`built`: engines.trt_build.BuiltPlan)."""
     return EngineRecord(
         plan=job.plan_name,
         onnx=job.onnx.file,
@@ -349,8 +348,8 @@ def _engine_record(
         inputs=job.onnx.inputs,
         outputs=job.onnx.outputs,
         key=job.wanted.key,
-        plan_bytes=serialized.nbytes,
-        plan_sha256=hashlib.sha256(serialized).hexdigest(),
+        plan_bytes=built.plan_bytes,
+        plan_sha256=built.plan_sha256,
         build_seconds=round(seconds, 2),
         built=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         timing_cache=timing_cache,
@@ -365,20 +364,24 @@ def _build_one(plan: BuildPlan, job: EngineJob, engines: dict[str, EngineRecord]
     api, cache = plan.api, plan.timing_cache
     log(f"{progress}: building ({job.reason}) from {plan.artifacts / job.onnx.file}")
     started = time.perf_counter()
-    built = build_plan(api, plan.artifacts / job.onnx.file, plan.build, job.onnx.inputs, cache.data, log)
-    seconds = time.perf_counter() - started
+    results = []
+
+    def build_into(temporary: Path) -> None:
+        # The plan streams into a hidden temporary file as TensorRT serializes it (never whole in
+        # memory); it takes the plan's name only once built, hashed and synced.
+        with open(temporary, "wb") as sink:
+            results.append(
+                build_plan(api, plan.artifacts / job.onnx.file, plan.build, job.onnx.inputs, cache.data, log, sink)
+            )
+
+    atomic_write_via(plan.folder / job.plan_name, build_into)
+    built, seconds = results[0], time.perf_counter() - started
     if built.timing_cache_discarded:
         cache.rejected(api, log)
-    # Everything the manifest records is computed before the plan is written: after the write,
-    # only the (atomic) manifest write stands between the plan and its record.
-    view = memoryview(built.serialized)
-    engines[job.component] = _engine_record(job, plan.platform, view, seconds, cache.record)
-    atomic_write_bytes(plan.folder / job.plan_name, view)
+    engines[job.component] = _engine_record(job, plan.platform, built, seconds, cache.record)
     # After every plan, so an interrupted build keeps the engines already finished.
     write_engine_manifest(plan.artifacts, plan.manifest(engines))
-    updated_cache = built.timing_cache
-    del view, built  # a full-size plan is as large as the weights: free it before the next build
-    cache.update(updated_cache)
+    cache.update(built.timing_cache)
     plan_bytes = engines[job.component].plan_bytes
     log(f"{progress}: built in {seconds:.1f} s, {plan_bytes / 2**20:.1f} MiB")
     return (job.component, "built", plan_bytes, seconds)
