@@ -6,11 +6,12 @@ block at FLUX.2 [dev]'s real widths, 4.3 GiB of bf16), exports its transformer a
 `python -m engines.build --target rtx --force` in its own process while this one samples that
 process tree's peak anonymous memory (RssAnon) and peak RSS from /proc every 50 ms. Reported as
 ratios in the same run: peak host memory / ONNX data bytes (the goal: <= 2; the full 32B
-transformer must build on a 256 GB machine), plan bytes / ONNX data bytes, and build seconds per
+transformer must build on a 128 GB machine), plan bytes / ONNX data bytes, and build seconds per
 GiB. `--strip-weights` adds weight-stripped builds for the plan size with and without weights.
 
-Needs ~15 GB of disk, ~14 GB of RAM at fp16 and a few minutes per build: run it on a build box,
-not a shared 2-core machine. `--model tiny` runs the same steps on the tiny checkpoint (a smoke
+Needs ~20 GB of disk (the slice and three exports, kept in --cache for the next run), ~13 GB of
+RAM at its peak (bf16's build) and about a minute per build; measured on a 2-core, 24 GiB machine
+(docs/engines.md). `--model tiny` runs the same steps on the tiny checkpoint (a smoke
 run: fixed overheads dominate its ratios). Writes JSON (default bench/results/engine_build.json).
 """
 

@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from common.engine_manifest import engines_dir, read_engine_manifest
-from common.manifest import read_manifest
+from common.manifest import read_manifest, sha256_file
 from common.specs import Shapes
 from common.tensorrt_env import module_status
 from engines.build import build_engines
@@ -109,7 +109,10 @@ def test_every_component_parses_keeps_its_precision_and_builds(exported, api, mo
     engines = build_engines(artifacts=out, target="rtx", trt=tensorrt_rtx, log=lambda m: None).engines
     assert set(engines) == {"text_encoder", "transformer", "vae"}
     for entry in engines.values():
-        assert (engines_dir(out, "rtx") / entry.plan).stat().st_size == entry.plan_bytes > 0
+        plan = engines_dir(out, "rtx") / entry.plan
+        # Streamed to the file as TensorRT serialized it: the record's size and hash are the file's.
+        assert plan.stat().st_size == entry.plan_bytes > 0 and sha256_file(plan) == entry.plan_sha256
+    assert not [p for p in engines_dir(out, "rtx").iterdir() if p.name.startswith(".")]  # no temporary left
 
 
 def test_check_prints_the_parse_and_census_and_passes(exported):
@@ -188,3 +191,32 @@ def test_an_unseen_configuration_builds_with_target_rtx(variant_artifacts, tmp_p
     assert set(engines) == {"text_encoder", "transformer", "vae"}
     for entry in engines.values():
         assert (engines_dir(out, "rtx") / entry.plan).stat().st_size == entry.plan_bytes > 0
+
+
+def test_network_census_counts_the_fp16_transformer(exported):
+    """tools/network_census.py: every product is typed as the manifest says, in its block's bucket."""
+    import importlib.util
+    from pathlib import Path
+
+    from flux2_tiny.config import DEFAULT
+
+    spec = importlib.util.spec_from_file_location(
+        "census", Path(__file__).parent.parent / "tools" / "network_census.py"
+    )
+    census = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(census)
+    out = exported("dev", "fp16")
+    manifest = read_manifest(out)
+    record = manifest.components["transformer"]
+    result = census.census(out / record.file)
+    layers = result["layers_by_output_type"]
+    blocks = DEFAULT.num_layers + DEFAULT.num_single_layers
+    # attention's Q K^T and P V stay float32, two per block, as the manifest lists them
+    assert layers["MATRIX_MULTIPLY FLOAT"] == len(record.float32_matmuls) == 2 * blocks
+    assert layers["MATRIX_MULTIPLY HALF"] > 2 * blocks
+    per = result["per_bucket"]
+    flops = {bucket: per[bucket].get("matmul_flops_HALF", 0) for bucket in per}
+    assert all(flops[b] > 0 for b in ("outside", "double", "single")), flops
+    full = census.scaled(result, 8, 48)
+    assert full["matmul_flops_HALF"] == flops["outside"] + 8 * flops["double"] + 48 * flops["single"]
+    assert full["float32_bytes"] > 0
