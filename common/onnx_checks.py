@@ -63,10 +63,11 @@ def external_data_files(model) -> set[str]:
     return files
 
 
-# Where a reduced-precision graph computes a matrix multiply in float32 on purpose: the fp16
-# transformer keeps attention (Q K^T and P V) in float32, because FLUX-scale activations leave
-# float16's range there (export/graphs/transformer.py, docs/export.md "fp16 past 65504").
-FLOAT32_MATMUL_SCOPES = ("scaled_dot_product_attention",)
+# Where a reduced-precision graph may compute a matrix multiply in float32 on purpose. None since
+# issue 21: the fp16 transformer's attention (Q K^T and P V) was float32 until then and is float16
+# now, V scaled per channel into range (export/graphs/fp16_linear.py, docs/export.md "fp16 past
+# 65504"). A float32 product in an fp16/bf16 graph is an exporter bug, refused at export.
+FLOAT32_MATMUL_SCOPES: tuple[str, ...] = ()
 FLOAT = 1  # onnx.TensorProto.FLOAT
 
 

@@ -214,3 +214,40 @@ def test_a_tensor_float16_cannot_hold_is_refused_in_one_line(weight_checkpoint, 
                      "--max-sequence-length", "64")  # fmt: skip
     assert_one_line_error(result, key, "1.495e+05", "--precision bf16")  # 1.5e5 in bf16
     assert not out.exists()
+
+
+def test_attention_scores_are_bounded_by_the_norm_gains_or_refused():
+    """Float16 attention: |q . k| <= max|g_q| x max|g_k| x head_dim; past 65504 the export refuses, naming bf16."""
+    from common.errors import CheckpointError
+    from export.graphs.fp16_linear import check_attention_scores
+
+    gains = {"b.attn.norm_q.weight": torch.full((128,), 3.0), "b.attn.norm_k.weight": torch.full((128,), 3.0)}
+    check_attention_scores(gains, "ckpt")  # 3 x 3 x 128 = 1152
+    gains["b.attn.norm_added_k.weight"] = torch.full((128,), 200.0)  # the text stream's keys meet every query
+    with pytest.raises(CheckpointError, match=r"attention b\.attn has .* 3 / 200, .* 7\.68e\+04, .*--precision bf16"):
+        check_attention_scores(gains, "ckpt")
+
+
+def test_fp16_attention_is_float16_and_close_to_fp32_attention(tiny_checkpoint):
+    """The float16 attention against the same graph with float32 attention: the difference it makes alone."""
+    from common.metrics import compare
+    from export.verify.reference import build_graph_module
+
+    opened, geometry, args = _transformer_inputs(tiny_checkpoint)
+    module = build_graph_module("transformer", opened, geometry, SHAPES, "fp16")
+    seen = []
+
+    class Watch(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.nn.functional.scaled_dot_product_attention:
+                seen.append((kwargs or {}).get("query", args[0] if args else None).dtype)
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Watch():
+        half = module(*args).numpy()
+    with torch.no_grad():
+        inner = module._forward(*args)  # the same graph without the mode: attention on float32 inputs
+    assert seen and set(seen) == {torch.float16}, seen  # every attention call ran on float16 inputs
+    metrics = compare(half, inner.float().numpy())
+    assert metrics["finite"] and metrics["rel_l2"] < 2e-3, metrics
+

@@ -31,7 +31,7 @@ def test_an_exported_manifest_reads_back_to_the_same_bytes(export_tiny, precisio
     assert _as_written(manifest.to_json()) == text
     assert (manifest.components["transformer"].float32_matmuls is None) == (precision == "fp32")
     if precision == "fp16":
-        assert len(manifest.components["transformer"].float32_matmuls) > 0
+        assert manifest.components["transformer"].float32_matmuls == ()  # recorded, and empty
     assert manifest.tokenizer.padding_side in ("left", "right") and manifest.tokenizer.files
     assert set(manifest.files()) >= {"transformer.onnx", "transformer.onnx.data", "tokenizer/tokenizer.json"}
 

@@ -1,4 +1,4 @@
-"""The fp16 transformer's linears: float16 weights and products, scaled into range, everything else float32.
+"""The fp16 transformer's products: float16 weights, linears and attention, scaled into range; the rest float32.
 
 Each matrix multiply of the fp16 graph sees an input row scaled into [-1, 1] and a weight whose
 rows sum (in absolute value) to at most `WEIGHT_ROW_BOUND`, both by powers of two, so its float16
@@ -12,6 +12,9 @@ values, and stored with the scaled float16 weight: a buffer `weight_row_scale` [
 the multiply that undoes them. (They were computed inside the graph before, from the float16
 weight: a weight past 65504 was inf before any scaling, and TensorRT constant-folded a
 weight-sized float32 subgraph per linear at build time, past 5.3 x the weights in host memory.)
+
+Attention (`Float16Attention`) computes Q K^T, softmax and P V in float16 as well, V scaled per
+channel by a power of two; the residual stream, normalisation and modulation stay float32.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from common.errors import CheckpointError
 
@@ -62,6 +66,34 @@ def check_float16(tensor: torch.Tensor, source: torch.Tensor, where: str) -> Non
     )
 
 
+QUERY_NORMS = ("norm_q", "norm_added_q")
+KEY_NORMS = ("norm_k", "norm_added_k")
+
+
+def check_attention_scores(tensors: dict, where: str) -> None:
+    """Refuse an attention whose RMS-normalised Q and K can give float16 scores past 65504.
+
+    `tensors`: name -> tensor, including each attention's `norm_q.weight`/`norm_k.weight` (and the
+    text stream's `norm_added_*`). |q . k| <= max|g_q| x max|g_k| x head_dim: RMSNorm makes a row's
+    norm sqrt(head_dim) before its gains, and RoPE is a rotation. Other products are bounded by the
+    row scales; this one is bounded by the weights alone, so it is checked for every input here.
+    """
+    gains: dict[str, dict[str, float]] = {}
+    for name, tensor in tensors.items():
+        parts = name.rsplit(".", 2)
+        if len(parts) == 3 and parts[2] == "weight" and parts[1] in QUERY_NORMS + KEY_NORMS:
+            side = "q" if parts[1] in QUERY_NORMS else "k"
+            entry = gains.setdefault(parts[0], {"q": 0.0, "k": 0.0, "dim": tensor.numel()})
+            entry[side] = max(entry[side], float(tensor.float().abs().max()))
+    for attention, entry in gains.items():
+        bound = entry["q"] * entry["k"] * entry["dim"]
+        if not bound <= FLOAT16_MAX:
+            raise CheckpointError(
+                f"{where}: attention {attention} has Q/K norm gains up to {entry['q']:.4g} / {entry['k']:.4g}, so "
+                f"float16 scores can reach {bound:.4g}, past {FLOAT16_MAX:.0f}; export this checkpoint at --precision bf16"
+            )
+
+
 def scaled_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     return [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
 
@@ -80,8 +112,10 @@ def prescale_loaded(model: nn.Module, dtype=torch.float16) -> nn.Module:
             check_row_scales(scale, linear.weight, f"weight {name}.weight")
             linear.weight.data = scale_rows(linear.weight, scale, torch.float32)
             scales[name] = scale
-        for name, tensor in model.state_dict().items():
+        state = model.state_dict()
+        for name, tensor in state.items():
             check_float16(tensor.to(dtype), tensor, f"tensor {name}")
+        check_attention_scores(state, "the transformer")
         model.to(dtype)
         for name, linear in scaled_linears(model):
             linear.register_buffer(ROW_SCALE, scales[name], persistent=False)
@@ -121,3 +155,28 @@ def float32_rms_norm(self, x):
     """torch's RMSNorm computed in float32 (its float16 weight upcast), as the rest of the fp16 stream."""
     weight = None if self.weight is None else self.weight.float()
     return F.rms_norm(x.float(), self.normalized_shape, weight, self.eps)
+
+
+class Float16Attention(TorchFunctionMode):
+    """Within it, attention on float32 inputs runs in float16: Q K^T, softmax and P V.
+
+    Q and K are RMS-normalised in FLUX.2 (their rows' norms are bounded by sqrt(head_dim) times the
+    norms' gains; RoPE rotates, which keeps norms), so the scores are in float16's range. V is
+    not bounded: each of its channels is scaled by a power of two (its largest |value| over the
+    tokens) into [-1, 1], which factors out of P V exactly as a linear's row scales do, and is
+    scaled back in float32. The softmax's weights sum to 1, so the float16 product is bounded by 1.
+    diffusers' attention (`dispatch_attention_fn`'s native backend) calls
+    `F.scaled_dot_product_attention`; this mode replaces that one call, nothing else.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        names = ("query", "key", "value")
+        query, key, value = list(args[:3]) + [kwargs.pop(name) for name in names[len(args[:3]) :]]
+        if query.dtype != torch.float32:
+            return func(query, key, value, *args[3:], **kwargs)
+        scale = torch.exp2(torch.ceil(torch.log2(value.abs().amax(dim=-2, keepdim=True).clamp_min(2.0**-24))))
+        out = func(query.half(), key.half(), (value / scale).half(), *args[3:], **kwargs)
+        return out.float() * scale

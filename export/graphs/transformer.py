@@ -52,6 +52,12 @@ class TransformerGraph(nn.Module):
         self.register_buffer("rope_sin", torch.cat([text_sin, image_sin]).float(), persistent=False)
 
     def forward(self, hidden_states, encoder_hidden_states, timestep, guidance=None):
+        if not self.fp32_stream:
+            return self._forward(hidden_states, encoder_hidden_states, timestep, guidance)
+        with fp16_linear.Float16Attention():  # the fp16 graph's attention: see export/graphs/fp16_linear.py
+            return self._forward(hidden_states, encoder_hidden_states, timestep, guidance)
+
+    def _forward(self, hidden_states, encoder_hidden_states, timestep, guidance=None):
         model = self.model
         dtype = model.x_embedder.weight.dtype
         stream = torch.float32 if self.fp32_stream else dtype

@@ -44,7 +44,7 @@ from common.precision import precision as declared
 from common.specs import ComponentSpec, Geometry, Shapes
 from export import checkpoint as ckpt
 from export.components import COMPONENTS
-from export.graphs.fp16_linear import check_float16, check_row_scales, row_scales, scale_rows
+from export.graphs.fp16_linear import check_attention_scores, check_float16, check_row_scales, row_scales, scale_rows
 from export.writing.trace import check_graph, data_file_name, example_inputs, trace
 
 # Bytes of target-precision data a streamed weight holds at once while it is written.
@@ -141,10 +141,11 @@ def build_weightless_graph(
     for weight, scale in _scan_progress(scaled.items(), weights, component):
         row_scales[weight] = buffers[scale] = weight_row_scales(weights[weight])
     if scaled and declared(precision).torch_dtype() == torch.float16:
-        for name, ref in weights.items():
-            if name not in scaled:  # the small rest (norms, biases): read whole, as attach_weights reads them
-                tensor = read_tensor(ref)
-                check_float16(tensor.to(torch.float16), tensor, f"weight {ref.key} in {ref.file}")
+        rest = {name: read_tensor(ref) for name, ref in weights.items() if name not in scaled}
+        for name, tensor in rest.items():  # the small rest (norms, biases), as attach_weights reads them
+            ref = weights[name]
+            check_float16(tensor.to(torch.float16), tensor, f"weight {ref.key} in {ref.file}")
+        check_attention_scores(rest, f"{folder}")
     return WeightlessGraph(graph, _make_fake(graph), buffers, weights, row_scales)
 
 
