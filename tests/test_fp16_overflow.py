@@ -131,6 +131,7 @@ def _stored(checkpoint, key):
 FF_IN = "transformer_blocks.0.ff.linear_in.weight"
 
 
+@pytest.mark.slow
 def test_weights_past_float16_are_row_scaled_and_close_to_fp32(weight_checkpoint):
     from common.metrics import compare
     from export.verify.reference import build_graph_module
@@ -191,6 +192,7 @@ def test_fp16_export_of_weights_past_float16(weight_checkpoint, tmp_path):
     assert consumers == {"MatMul"}, consumers
 
 
+@pytest.mark.slow
 def test_a_tensor_float16_cannot_hold_is_refused_in_one_line(weight_checkpoint, tmp_path):
     """A checkpoint tensor past 65504 that no row scale covers (an RMSNorm gain): exit 2, naming it and bf16."""
     import shutil
