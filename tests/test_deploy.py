@@ -399,6 +399,37 @@ def test_kubernetes_manifests_parse_and_wire_probe_gpu_and_autoscaling():
     assert predictor["model"]["resources"]["limits"]["nvidia.com/gpu"] == 1
 
 
+# The one custom resource: KServe's CRD schema is not among Kubernetes' own, so it is parsed above
+# and checked field by field there, not schema-validated.
+NOT_SCHEMA_CHECKED = {"kserve.yaml"}
+
+
+def _kubernetes_validate(*paths: Path):
+    import subprocess
+    import sys
+
+    validator = Path(sys.executable).with_name("kubernetes-validate")
+    return subprocess.run([str(validator), "--strict", *map(str, paths)], capture_output=True, text=True, timeout=120)
+
+
+def test_kubernetes_manifests_pass_the_api_schemas_strictly(tmp_path):
+    """kubernetes-validate --strict: each file against Kubernetes' own schemas, unknown fields refused."""
+    files = sorted((REPO / "deploy" / "k8s").glob("*.yaml"))
+    result = _kubernetes_validate(*files)
+    assert result.returncode == 0, result.stdout + result.stderr
+    passed = {line.split()[1].rsplit("/", 1)[-1] for line in result.stdout.splitlines() if " passed " in line}
+    unchecked = {line.split()[1].rsplit("/", 1)[-1] for line in result.stdout.splitlines() if "find schema" in line}
+    assert passed == {f.name for f in files} - NOT_SCHEMA_CHECKED and unchecked == NOT_SCHEMA_CHECKED, result.stdout
+    # and it does refuse: the deployment with one misspelt field fails --strict
+    broken = tmp_path / "deployment.yaml"
+    broken.write_text(
+        (REPO / "deploy" / "k8s" / "deployment.yaml").read_text().replace("readinessProbe:", "readinesProbe:", 1)
+    )
+    assert "readinesProbe" in broken.read_text()
+    refused = _kubernetes_validate(broken)
+    assert refused.returncode != 0 and "readinesProbe" in refused.stdout + refused.stderr, refused.stdout
+
+
 def _triton_release() -> str:
     """The NGC Triton release deploy/Dockerfile builds FROM, e.g. 25.01."""
     import re
