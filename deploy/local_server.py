@@ -12,6 +12,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from deploy.serve import processes_mentioning
+
 
 def free_ports(count: int) -> list[int]:
     """Ports the kernel reports free now (held open together, so they are distinct)."""
@@ -23,21 +25,6 @@ def free_ports(count: int) -> list[int]:
     finally:
         for s in sockets:
             s.close()
-
-
-def processes_mentioning(text: str) -> list[int]:
-    """Pids whose command line contains `text` (Linux /proc): a server or stub left behind."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in command:
-            found.append(int(entry.name))
-    return found
 
 
 class LocalServer:

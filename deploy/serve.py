@@ -4,6 +4,12 @@ The server is the `tritonserver` on PATH (NVIDIA's containers) or else the one f
 nvidia-pytriton wheel in the env `python -m deploy.stub_env` built (`make triton-env`), with the
 environment its Python-backend stub needs. SIGTERM and SIGINT are passed on: Triton stops taking
 requests, finishes those in flight, and exits; this command exits with the server's status.
+
+It owns what the server starts: however tritonserver ends (a clean exit, a crash, kill -9), the
+Python-backend stubs it launched for this command's shared-memory prefix are stopped and their
+`/dev/shm/flux2_<pid>_*` regions removed (a stub orphaned mid-request ignores SIGTERM and holds its
+model's memory for minutes, measured on tritonserver 2.51), and a server that did not exit 0 gets
+one line saying how it ended. A port already in use is refused before the server starts (exit 2).
 """
 
 from __future__ import annotations
@@ -11,8 +17,10 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from common.cli import OneLineParser, run_cli
@@ -41,7 +49,8 @@ def server_command(
         if not 0 < port < 65536:
             raise UsageError(f"{flag} {port} is not a TCP port (1..65535)")
     env = dict(os.environ)
-    # A unique shared-memory prefix: two servers on one host (tests, several models) must not share regions.
+    # A unique shared-memory prefix: two servers on one host (tests, several models) must not share
+    # regions; it also names this server's stubs and /dev/shm files for the clean-up (`leftovers`).
     arguments = [
         f"--model-repository={repository}",
         f"--http-port={http_port}",
@@ -53,7 +62,7 @@ def server_command(
         f"--log-verbose={log_verbose}",
         # On SIGTERM Triton waits this long for requests in flight (its default, 30 s, is shorter than an image).
         f"--exit-timeout-secs={exit_timeout_s}",
-        f"--backend-config=python,shm-region-prefix-name=flux2_{os.getpid()}_",
+        f"--backend-config=python,shm-region-prefix-name={shm_prefix()}",
     ]
     on_path = shutil.which("tritonserver")
     if on_path and triton_env is None:
@@ -73,6 +82,77 @@ def server_command(
     return command, env
 
 
+def shm_prefix(pid: int | None = None) -> str:
+    """The Python backend's shared-memory prefix of the server this process starts."""
+    return f"flux2_{os.getpid() if pid is None else pid}_"
+
+
+SHM_DIR = Path("/dev/shm")
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Pids whose command line contains `text` (Linux /proc): a server or stub left behind."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in command:
+            found.append(int(entry.name))
+    return found
+
+
+def leftovers(prefix: str) -> tuple[list[int], list[Path]]:
+    """The stubs (their command line names the region prefix) and /dev/shm files of one server."""
+    files = sorted(SHM_DIR.glob(prefix + "*")) if SHM_DIR.is_dir() else []
+    return processes_mentioning(prefix), files
+
+
+def clean_up(prefix: str, wait_s: float = 5.0) -> tuple[int, int]:
+    """Stop the stubs the server left (SIGKILL: an orphaned stub ignores SIGTERM) and remove its shared
+    memory; returns (stubs stopped, files removed)."""
+    stubs, _ = leftovers(prefix)
+    for pid in stubs:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + wait_s
+    while leftovers(prefix)[0] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    _, files = leftovers(prefix)
+    for path in files:
+        path.unlink(missing_ok=True)
+    return len(stubs), len(files)
+
+
+def check_ports_free(ports: dict[str, int]) -> None:
+    """Refuse a port something already listens on, before the server starts (it would exit, leaving files)."""
+    for flag, port in ports.items():
+        with socket.socket() as probe:
+            try:
+                probe.bind(("0.0.0.0", port))
+            except OSError as exc:
+                raise UsageError(
+                    f"{flag} {port} is already in use on this host ({exc.strerror}); stop what holds it or choose "
+                    f"another port with {flag}"
+                ) from None
+
+
+def ending(status: int, stopped: int, removed: int) -> str | None:
+    """One line on how the server ended, where it did not exit 0; None for a clean exit."""
+    if status == 0:
+        return None
+    how = f"was killed by {signal.Signals(-status).name}" if status < 0 else f"exited with status {status}"
+    return (
+        f"tritonserver {how}; stopped {stopped} Python-backend stub(s) it left and removed {removed} shared-memory "
+        "file(s) (its log above says more)"
+    )
+
+
 def _die_with_parent() -> None:
     """Linux: the server gets SIGTERM if this process dies without forwarding one (no stray server)."""
     try:
@@ -88,6 +168,7 @@ def serve(
 ) -> int:
     """Run tritonserver in the foreground, forwarding SIGTERM/SIGINT; `options` as `server_command`'s."""
     ports = {"http_port": http_port, "grpc_port": grpc_port, "metrics_port": metrics_port}
+    check_ports_free({"--" + name.replace("_", "-"): port for name, port in ports.items()})
     command, env = server_command(repository, **ports, **options)
     print(f"serving {repository}: http :{http_port}, grpc :{grpc_port}, metrics :{metrics_port}", file=sys.stderr)
     # Its own process group: a terminal's Ctrl-C reaches the server once, through `forward`.
@@ -103,6 +184,10 @@ def serve(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        stopped, removed = clean_up(shm_prefix())
+    line = ending(status, stopped, removed)
+    if line:
+        print(f"error: {line}", file=sys.stderr, flush=True)
     return status if status >= 0 else 128 - status
 
 

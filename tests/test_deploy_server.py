@@ -304,3 +304,60 @@ def test_sigterm_lets_requests_in_flight_finish_then_exits_0(served):
         thread.join(timeout=60)
     assert [status for status, _, _ in answers] == [200] * 3, [a[2] for a in answers]
     assert re.search(r"successfully unloaded 'flux2'", served.log())
+
+
+# --- deploy.serve owns its children (issue 26) ------------------------------------------------
+
+
+def test_kill_9_of_tritonserver_mid_request_leaves_no_stub_and_no_shared_memory(export_tiny, tmp_path):
+    """tritonserver SIGKILLed while it draws: one line, exit non-zero, its stub and /dev/shm files gone."""
+    import os
+    import signal
+
+    from deploy.local_server import LocalServer, processes_mentioning
+    from deploy.serve import leftovers, shm_prefix
+    from deploy.triton import ModelSettings, write_repository
+
+    settings = ModelSettings(name="flux2", backend="ort")
+    repository = write_repository(artifacts=export_tiny("fp32"), repository=tmp_path / "repo", settings=settings).parent
+    server = LocalServer(repository, triton_env=_triton_env()).start()
+    prefix = shm_prefix(server.process.pid)
+    stubs, files = leftovers(prefix)
+    assert stubs and files, "the stub and its shared memory exist while serving (else this test sees nothing)"
+    answers = []
+    asking = [threading.Thread(target=lambda: answers.append(_ask(server.url, **_values(steps=100)))) for _ in "ab"]
+    for thread in asking:
+        thread.start()
+    deadline = time.monotonic() + 30
+    while _metric(server.metrics(), "nv_inference_pending_request_count", model="flux2") < 1:  # one drawing, one queued
+        assert time.monotonic() < deadline, ("the requests never reached the server", answers, server.metrics()[-3000:])
+        time.sleep(0.01)
+    (triton,) = processes_mentioning(f"--model-repository={repository.resolve()}")
+    os.kill(triton, signal.SIGKILL)
+    status = server.process.wait(timeout=60)
+    for thread in asking:
+        thread.join(timeout=60)
+    last = [line for line in server.log().splitlines() if line.strip()][-1]
+    assert status == 128 + signal.SIGKILL and last.startswith("error: tritonserver was killed by SIGKILL"), last
+    assert "stopped 1 Python-backend stub(s)" in last, last
+    assert leftovers(prefix) == ([], []), leftovers(prefix)  # at once, not after the stub's own timeout
+    time.sleep(10)
+    assert leftovers(prefix) == ([], []) and processes_mentioning(str(repository.resolve())) == []
+    server.stop()
+
+
+def test_a_busy_port_is_one_line_and_exit_2(tmp_path):
+    import socket
+
+    from deploy.local_server import free_ports
+    from tests.support import assert_one_line_error
+
+    repository = tmp_path / "repo"
+    (repository / "m").mkdir(parents=True)
+    (repository / "m" / "config.pbtxt").write_text('name: "m"\n')
+    (port,) = free_ports(1)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        result = run_cli("-m", "deploy.serve", "--repository", str(repository), "--grpc-port", str(port))
+    assert_one_line_error(result, f"--grpc-port {port} is already in use", "another port")
