@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.errors import ArtifactsError
+from common.errors import ArtifactsError, Flux2TrtError
 from common.family import Family
 
 # The FLUX.2 [dev] system message (diffusers `pipelines/flux2/system_messages.py`).
@@ -166,6 +166,27 @@ class PromptTokenizer:
             keep = self.max_length
             token_ids = token_ids[:keep] if self.truncation_side == "right" else token_ids[-keep:]
         return PromptTokens(token_ids, length)
+
+    def template_length(self) -> int:
+        """The chat template's fixed part: the token count of an empty prompt, formatted as every prompt is."""
+        return self.tokenize("").length
+
+    def check_prompt_room(self, subject: str, fix: str, error: type[Flux2TrtError]) -> None:
+        """Refuse a max_length that the chat template's fixed part alone fills (`error`, one line).
+
+        The rule: such a model can never serve when `template_length() >= max_length`, that is when
+        not one prompt token fits. A server then refuses every prompt but the empty one, and
+        runtime.generate cuts every prompt down to the template (the same image whatever the prompt).
+        `subject` names the value (`--max-sequence-length 64`, or the artifacts folder) and `fix` starts
+        the advice (`export with`): the line names both counts and the smallest length that leaves room.
+        """
+        fixed = self.template_length()
+        if fixed >= self.max_length:
+            raise error(
+                f"{subject} leaves no room for a prompt: the chat template ({self._template_source}) alone formats to "
+                f"{fixed} tokens (an empty prompt), filling all {self.max_length}; {fix} --max-sequence-length "
+                f"{fixed + 1} or more (the smallest that leaves room for a prompt; FLUX.2 uses 512)"
+            )
 
     def token_ids(self, prompt: str) -> list[int]:
         """One prompt's ids, formatted and truncated as diffusers does for this pipeline class (no padding)."""

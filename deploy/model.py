@@ -10,7 +10,9 @@ calls and answers:
 - a request the client cancelled (gRPC): checked between denoising steps, answered CANCELLED.
 
 The model becomes ready (and so the server's /v2/health/ready) only after the engines are loaded
-and one warm-up image is drawn.
+and one warm-up image is drawn from a request's values, parsed and tokenized as a request's are.
+Artifacts whose chat template alone fills their max_sequence_length never load: they would refuse
+every prompt (`Artifacts.check_prompt_room`, deploy.triton's reason).
 """
 
 from __future__ import annotations
@@ -25,8 +27,22 @@ STAGES = ("tokenize", "text_encoder", "denoise", "vae")
 INPUTS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "num_images")
 
 
+# One letter: any model with room for one prompt token beyond its chat template warms up
+# (Artifacts.check_prompt_room refuses the others first, with the reason deploy.triton gives).
+WARM_UP_PROMPT = "a"
+
+
 def _parameter(config: dict, key: str, default: str | None = None) -> str | None:
     return config.get("parameters", {}).get(key, {}).get("string_value", default)
+
+
+def _sampling(wanted):
+    """runtime.pipeline.Sampling for a checked deploy.request.GenerationRequest."""
+    from runtime.pipeline import Sampling
+
+    return Sampling(
+        wanted.prompt, wanted.seed, wanted.steps, wanted.guidance, wanted.num_images, wanted.negative_prompt
+    )
 
 
 class TritonPythonModel:
@@ -34,7 +50,7 @@ class TritonPythonModel:
         from common.errors import Flux2TrtError
         from runtime.artifacts import open_artifacts
         from runtime.backends.select import SERVED, select_backend
-        from runtime.pipeline import Flux2Runtime, Sampling
+        from runtime.pipeline import Flux2Runtime
 
         self.config = json.loads(args["model_config"])
         self.logger = pb_utils.Logger
@@ -47,6 +63,8 @@ class TritonPythonModel:
             torch.cuda.set_device(int(args["model_instance_device_id"]))
         try:
             self.artifacts = open_artifacts(artifacts_folder)
+            # Before the engines load: such a model would refuse every prompt (deploy.triton's reason).
+            self.artifacts.check_prompt_room()
             self.backend = select_backend(
                 backend_name,
                 self.artifacts.folder,
@@ -58,16 +76,36 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(f"flux2 model {args['model_name']}: {exc}") from None
         self.runtime = Flux2Runtime(self.artifacts, self.backend)
         self._define_metrics(args["model_name"], args["model_version"])
-        count = self.artifacts.shapes.reference_images
-        # Editing artifacts warm up on mid-grey references (the runtime takes exactly K).
-        warm_references = np.zeros((count, 3, *self.artifacts.shapes.reference_size), np.float32) if count else None
         started = time.perf_counter()
-        warm_up = Sampling("warm-up", seed=0, steps=1, guidance=1.0)
-        for _ in self.runtime.generate(warm_up, progress=False, reference_images=warm_references):
-            pass
+        self._warm_up(args["model_name"])
         self.logger.log_info(
             f"flux2 model {args['model_name']}: {self.artifacts.folder} on {self.backend.name} "
             f"({self.artifacts.precision}), warm-up image {time.perf_counter() - started:.2f} s"
+        )
+
+    def _warm_up(self, model_name: str):
+        """One one-step image from a request's values, through `parse_request` and the real tokenizer as
+        `_answer` takes them: a prompt a request could not send fails the load (the model is not ready)."""
+        from deploy.request import BadRequest
+
+        count = self.artifacts.shapes.reference_images
+        # Editing artifacts warm up on mid-grey references (the runtime takes exactly K).
+        warm_references = np.zeros((count, 3, *self.artifacts.shapes.reference_size), np.float32) if count else None
+        try:
+            wanted = self._parse({"prompt": WARM_UP_PROMPT, "seed": 0, "steps": 1, "guidance": 1.0})
+        except BadRequest as exc:
+            raise pb_utils.TritonModelException(f"flux2 model {model_name}: warm-up request refused: {exc}") from None
+        for _ in self.runtime.generate(_sampling(wanted), progress=False, reference_images=warm_references):
+            pass
+
+    def _parse(self, values: dict):
+        from deploy.request import parse_request
+
+        return parse_request(
+            values,
+            max_images=self.max_images,
+            prompt_length=self.runtime.tokenizer.untruncated_length,
+            max_tokens=self.artifacts.shapes.max_sequence_length,
         )
 
     def _define_metrics(self, model: str, version: str):
@@ -111,26 +149,18 @@ class TritonPythonModel:
         return [self._answer(request) for request in requests]
 
     def _answer(self, request):
-        from deploy.request import BadRequest, parse_request, sidecar
-        from runtime.pipeline import GenerationCancelled, Sampling, to_uint8
+        from deploy.request import BadRequest, sidecar
+        from runtime.pipeline import GenerationCancelled, to_uint8
 
         try:
-            wanted = parse_request(
-                self._values(request),
-                max_images=self.max_images,
-                prompt_length=self.runtime.tokenizer.untruncated_length,
-                max_tokens=self.artifacts.shapes.max_sequence_length,
-            )
+            wanted = self._parse(self._values(request))
             references = self._references(request)
         except BadRequest as exc:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
         images, sidecars = [], []
         try:
-            sampling = Sampling(
-                wanted.prompt, wanted.seed, wanted.steps, wanted.guidance, wanted.num_images, wanted.negative_prompt
-            )
             for index, image, timings in self.runtime.generate(
-                sampling, progress=False, cancelled=request.is_cancelled, reference_images=references
+                _sampling(wanted), progress=False, cancelled=request.is_cancelled, reference_images=references
             ):
                 images.append(to_uint8(image))
                 sidecars.append(

@@ -167,6 +167,7 @@ def write_repository(*, artifacts: Path, repository: Path, settings: ModelSettin
             f"run `python -m engines.build --artifacts {artifacts}` first, or use --backend ort"
         )
     opened = open_artifacts(artifacts)  # one-line error for a missing or damaged folder
+    opened.check_prompt_room()  # a model whose chat template alone fills its length would refuse every prompt
     folder = opened.folder.resolve()
     platform = engines_platform(folder) if settings.backend != "ort" else None
     kind = instance_kind(settings.device, settings.backend, folder)

@@ -96,6 +96,8 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         configs[component] = _read_json(config_path)
     if not (root / "tokenizer").is_dir():
         raise CheckpointError(f"checkpoint {root} has no tokenizer/; {LAYOUT_HINT}")
+    if not (root / "tokenizer" / "tokenizer.json").is_file():  # read before writing (export.run.plan_export)
+        raise CheckpointError(f"checkpoint {root} has no tokenizer/tokenizer.json; {LAYOUT_HINT}")
     for component in _CONFIG_FILES:
         for file in weight_files(root / component):
             validate_safetensors(file)

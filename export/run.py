@@ -231,6 +231,8 @@ def plan_export(job: ExportJob) -> ExportPlan:
         )
     if folder_precision.quantized:
         fp8_export.check_options(fp8, checkpoint, geometry, components)
+    reference = ReferenceInputs(checkpoint, geometry, shapes)
+    _check_prompt_room(reference, components)
     source = Source(
         checkpoint=str(checkpoint.root),
         model=str(job.model),
@@ -252,7 +254,6 @@ def plan_export(job: ExportJob) -> ExportPlan:
         # K and the reference size fix the transformer's RoPE tables beyond its input shapes
         # (2 x 64x64 and 1 x 128x64 give the same token count); absent at K = 0.
         keyed["references"] = [shapes.reference_images, *shapes.reference_size]
-    reference = ReferenceInputs(checkpoint, geometry, shapes)
     jobs = tuple(
         ComponentJob(
             component=component,
@@ -281,6 +282,19 @@ def plan_export(job: ExportJob) -> ExportPlan:
     return ExportPlan(
         out, folder_precision, checkpoint, geometry, shapes, source, versions, jobs, _previous_manifest(out), job.force
     )
+
+
+def _check_prompt_room(reference: ReferenceInputs, components: tuple[str, ...]) -> None:
+    """Refuse a model whose chat template alone fills --max-sequence-length: it could never serve (issue 26).
+
+    Through the checkpoint's own tokenizer and template, as the numerics check and the runtime read
+    them. Only for a model the runtime opens (text encoder, transformer and VAE): a partial export
+    (`--components transformer`, as benchmarks and graph tests take) is never served, and the next
+    export into the folder replaces its components rather than adding to them.
+    """
+    if set(COMPONENTS) <= set(components):
+        subject = f"--max-sequence-length {reference.shapes.max_sequence_length}"
+        reference.tokenizer().check_prompt_room(subject, "export with", UsageError)
 
 
 def _run_export(job: ExportJob, log=None) -> ArtifactsManifest:

@@ -10,6 +10,7 @@ from common.errors import ArtifactsError
 from common.integrity import verify_artifacts
 from common.manifest import ArtifactsManifest, manifest_hash, read_manifest
 from common.specs import EDITING_COMPONENTS, ComponentSpec, Geometry, Shapes, component_specs
+from common.tokenizer import PromptTokenizer
 
 REQUIRED = ("text_encoder", "transformer", "vae")
 
@@ -32,6 +33,23 @@ class Artifacts:
     @property
     def shapes(self) -> Shapes:
         return self.manifest.shapes
+
+    def prompt_tokenizer(self) -> PromptTokenizer:
+        """The copied tokenizer at the exported length; refused where it reads otherwise than export recorded."""
+        tokenizer = PromptTokenizer(
+            self.folder / "tokenizer", self.shapes.max_sequence_length, pipeline_class=self.geometry.pipeline_class
+        )
+        tokenizer.check_record(self.manifest.tokenizer.reading(), self.folder / "manifest.json")
+        return tokenizer
+
+    def check_prompt_room(self) -> None:
+        """ArtifactsError where the chat template alone fills max_sequence_length: a model that can never serve.
+
+        Export refuses such a length; this catches folders exported before it did (deploy.triton, the
+        Triton model's initialize).
+        """
+        subject = f"artifacts {self.folder} (exported with max_sequence_length {self.shapes.max_sequence_length})"
+        self.prompt_tokenizer().check_prompt_room(subject, "re-export them with", ArtifactsError)
 
     def scheduler_json(self) -> dict:
         return json.loads((self.folder / self.manifest.scheduler_config).read_text(encoding="utf-8"))

@@ -11,7 +11,6 @@ import numpy as np
 
 from common.errors import NonFiniteError, UsageError
 from common.family import Family
-from common.tokenizer import PromptTokenizer
 from runtime.artifacts import Artifacts
 from runtime.backends import Array, Backend
 from runtime.scheduler import SchedulerConfig, euler_step, flux2_schedule
@@ -134,12 +133,8 @@ class Flux2Runtime:
         # as a black image and exit 0. runtime.check turns it off to measure how far off the outputs are.
         self.check_finite = check_finite
         self.backend = backend
-        pipeline_class = artifacts.geometry.pipeline_class
-        self.tokenizer = PromptTokenizer(
-            artifacts.folder / "tokenizer", artifacts.shapes.max_sequence_length, pipeline_class=pipeline_class
-        )
-        self.tokenizer.check_record(artifacts.manifest.tokenizer.reading(), artifacts.folder / "manifest.json")
-        self.pipeline_class = pipeline_class
+        self.tokenizer = artifacts.prompt_tokenizer()
+        self.pipeline_class = artifacts.geometry.pipeline_class
         self.scheduler = SchedulerConfig.from_json(
             artifacts.scheduler_json(), str(artifacts.folder / "scheduler_config.json")
         )

@@ -88,7 +88,7 @@ def variant_artifacts(tmp_path_factory) -> Path:
     )
     assert made.returncode == 0, made.stderr
     result = run_cli("-m", "export", "--model", str(root / "checkpoint"), "--out", str(root / "artifacts"),
-                     "--height", "192", "--width", "320", "--max-sequence-length", "96")  # fmt: skip
+                     "--height", "192", "--width", "320", "--max-sequence-length", "120")  # fmt: skip
     assert result.returncode == 0, result.stderr
     return root / "artifacts"
 

@@ -22,7 +22,7 @@ def _export(out, *extra, model="tiny"):
         "--width",
         "128",
         "--max-sequence-length",
-        "96",
+        "128",  # room for a prompt beyond the tiny [dev] chat template's 111 tokens
         *extra,
     )
 
@@ -107,3 +107,23 @@ def test_output_under_a_file_cannot_be_created(tmp_path):
 def test_output_on_a_read_only_filesystem(tmp_path):
     # /proc refuses new folders even for root, which is who CI runs as
     assert_one_line_error(_export("/proc/flux2-trt-out"), "/proc", "writable")
+
+
+# The tiny [dev] checkpoint's chat template (FLUX.2 [dev]'s system message around the prompt) alone
+# formats to 111 tokens in its small vocabulary: at 64, as issue 26 exported it, every prompt was refused.
+TINY_TEMPLATE_TOKENS = 111
+
+
+@pytest.mark.parametrize("length", [64, TINY_TEMPLATE_TOKENS])
+def test_a_max_sequence_length_the_chat_template_fills(tmp_path, tiny_checkpoint, length):
+    from common.tokenizer import PromptTokenizer
+
+    assert PromptTokenizer(tiny_checkpoint / "tokenizer", length).template_length() == TINY_TEMPLATE_TOKENS
+    result = _export(tmp_path / "new" / "out", "--max-sequence-length", str(length))
+    assert_one_line_error(
+        result,
+        f"--max-sequence-length {length} leaves no room for a prompt",
+        f"formats to {TINY_TEMPLATE_TOKENS} tokens (an empty prompt), filling all {length}",
+        f"--max-sequence-length {TINY_TEMPLATE_TOKENS + 1} or more",
+    )
+    assert not (tmp_path / "new").exists()  # refused before anything was written

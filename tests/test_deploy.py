@@ -134,6 +134,7 @@ def _fake_pb_utils():
     module.Tensor = lambda name, array: (name, array)
     module.get_input_tensor_by_name = lambda request, name: request.tensors.get(name)
     module.Logger = types.SimpleNamespace(log_info=lambda m: None, log_error=lambda m: None)
+    module.TritonModelException = type("TritonModelException", (Exception,), {})
     return module
 
 
@@ -300,6 +301,68 @@ def test_generator_errors_are_one_line(export_tiny, tmp_path, extra, needles):
     result = run_cli("-m", "deploy.triton", "--artifacts", str(artifacts), "--repository", str(tmp_path / "r"), *extra)
     assert_one_line_error(result, *needles)
     assert not (tmp_path / "r").exists()
+
+
+def _artifacts_without_room(folder: Path, tiny_checkpoint: Path) -> Path:
+    """Hand-made artifacts at max_sequence_length 8 (tests.support's manifest), with the tiny [dev] tokenizer
+    (111 template tokens): open_artifacts accepts them, none can serve. Empty graphs, as deploy.triton reads none."""
+    import shutil
+
+    from common.manifest import sha256_file
+    from common.specs import COMPONENTS, component_specs
+    from tests.support import artifacts_manifest, component_record
+
+    shutil.copytree(tiny_checkpoint / "tokenizer", folder / "tokenizer")
+    shutil.copy2(tiny_checkpoint / "scheduler" / "scheduler_config.json", folder / "scheduler_config.json")
+    shape = artifacts_manifest({})
+    specs = component_specs(shape.geometry, shape.shapes)
+    records = {}
+    for name in COMPONENTS:
+        (folder / f"{name}.onnx").write_bytes(b"")
+        digest = {f"{name}.onnx": sha256_file(folder / f"{name}.onnx")}
+        records[name] = component_record(name, digest, specs[name].inputs, specs[name].outputs)
+    artifacts_manifest(records, folder=folder)
+    return folder
+
+
+ROOM_NEEDLES = (
+    "(exported with max_sequence_length 8) leaves no room for a prompt",
+    "formats to 111 tokens (an empty prompt), filling all 8",
+    "re-export them with --max-sequence-length 112 or more",
+)
+
+
+def test_generator_refuses_artifacts_whose_chat_template_fills_their_length(tmp_path, tiny_checkpoint):
+    artifacts = _artifacts_without_room(tmp_path / "artifacts", tiny_checkpoint)
+    result = run_cli("-m", "deploy.triton", "--artifacts", str(artifacts), "--repository", str(tmp_path / "r"))
+    assert_one_line_error(result, f"artifacts {artifacts} ", *ROOM_NEEDLES)
+    assert not (tmp_path / "r").exists()
+
+
+def test_model_never_loads_artifacts_whose_chat_template_fills_their_length(model, tmp_path, tiny_checkpoint):
+    """A repository written before deploy.triton refused them: initialize fails with the same reason, so Triton
+    never reports the model ready (it fails before the backend loads)."""
+    artifacts = _artifacts_without_room(tmp_path / "artifacts", tiny_checkpoint)
+    config = {"parameters": {"artifacts": {"string_value": str(artifacts)}, "backend": {"string_value": "ort"}}}
+    args = {"model_config": json.dumps(config), "model_name": "fox", "model_version": "1", "model_instance_kind": "CPU"}
+    with pytest.raises(sys.modules["triton_python_backend_utils"].TritonModelException) as refused:
+        model.initialize(args)
+    message = str(refused.value)
+    assert message.startswith(f"flux2 model fox: artifacts {artifacts} ") and "\n" not in message
+    assert all(needle in message for needle in ROOM_NEEDLES), message
+
+
+def test_warm_up_goes_through_the_request_rules(model):
+    """The warm-up prompt is parsed and counted as a request's: one the model would refuse fails the load."""
+    model.runtime = types.SimpleNamespace(
+        generate=lambda *a, **k: pytest.fail("drew an image"), tokenizer=types.SimpleNamespace(untruncated_length=len)
+    )
+    model.artifacts.shapes.max_sequence_length = 0  # any prompt is past it
+    with pytest.raises(
+        sys.modules["triton_python_backend_utils"].TritonModelException,
+        match="warm-up request refused: prompt is 1 tokens",
+    ):
+        model._warm_up("fox")
 
 
 def test_generator_on_a_missing_folder_is_one_line(tmp_path):

@@ -62,9 +62,9 @@ def served(tmp_path_factory, export_tiny, variant_artifacts):
     env = _triton_env()
     root = tmp_path_factory.mktemp("served")
     tiny = export_tiny("fp32")
-    # The variant's 96 tokens are fewer than FLUX.2 [dev]'s system message takes, so every prompt would
-    # be refused as too long: its checkpoint is exported again here at 128 tokens (no numerics check,
-    # test_export_variant.py has it).
+    # The variant's checkpoint is exported again here at 128 tokens and a smaller image (no numerics
+    # check, test_export_variant.py has it); it was first a workaround for a variant exported at 96
+    # tokens, fewer than the tiny [dev] chat template's 111, which export now refuses.
     variant = root / "variant"
     shapes = Shapes(height=128, width=192, max_sequence_length=SMALL["max_sequence_length"])
     export_artifacts(model=str(variant_artifacts.parent / "checkpoint"), out=variant, shapes=shapes,

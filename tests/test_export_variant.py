@@ -8,7 +8,7 @@ def test_other_configuration_exports_and_verifies(variant_artifacts):
     # 4x VAE (3 blocks) -> 8 pixels per token: 24 x 40 tokens; 3 layers x 48 hidden
     assert manifest["geometry"]["text_out_layers"] == [1, 3, 5]
     assert manifest["components"]["transformer"]["inputs"][0]["shape"] == [1, 24 * 40, 16]
-    assert manifest["components"]["text_encoder"]["outputs"][0]["shape"] == [1, 96, 144]
+    assert manifest["components"]["text_encoder"]["outputs"][0]["shape"] == [1, 120, 144]
     assert manifest["components"]["vae"]["outputs"][0]["shape"] == [1, 3, 192, 320]
     report = json.loads((variant_artifacts / "reports" / "export_check.json").read_text())["components"]
     for component, entry in report.items():

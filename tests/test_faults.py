@@ -28,6 +28,7 @@ from common.staging import folder_lock, owner_tag, remove_stale_staging
 from tests.support import REPO
 
 TINY = Shapes(height=128, width=128, max_sequence_length=64)
+ROOMY = Shapes(height=128, width=128, max_sequence_length=128)
 # One graph is enough where the fault is in the writing, not in what is written.
 EXPORT_FLAGS = (
     "--components",
@@ -398,7 +399,8 @@ def test_not_enough_space_is_refused_before_writing(tiny_checkpoint, tmp_path, m
         StorageError,
         match=r"not enough space for the text_encoder graph in .*out: about 64.\d MiB needed, 10.0 MiB free",
     ):
-        run.export_artifacts(model=str(tiny_checkpoint), out=tmp_path / "out", shapes=TINY, log=lambda m: None)
+        # A full export, so at 128 tokens: export refuses one at a length the tiny chat template (111) fills.
+        run.export_artifacts(model=str(tiny_checkpoint), out=tmp_path / "out", shapes=ROOMY, log=lambda m: None)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -181,3 +181,23 @@ def test_older_processor_save_keeps_the_template_in_chat_template_json(tiny_chec
     ids, mask = PromptTokenizer(folder, 128).encode(PROMPTS)
     np.testing.assert_array_equal(ids, expected["input_ids"])
     np.testing.assert_array_equal(mask, expected["attention_mask"])
+
+
+@pytest.mark.parametrize("family", ["dev", "klein"])
+def test_a_length_is_refused_only_where_the_chat_template_alone_fills_it(
+    tiny_checkpoint, tiny_klein_checkpoint, family
+):
+    from common.errors import UsageError
+    from common.tokenizer import PromptTokenizer
+
+    folder, pipeline_class = {
+        "dev": (tiny_checkpoint / "tokenizer", "Flux2Pipeline"),
+        "klein": (tiny_klein_checkpoint / "tokenizer", "Flux2KleinPipeline"),
+    }[family]
+    fixed = PromptTokenizer(folder, 512, pipeline_class).template_length()
+    assert fixed == {"dev": 111, "klein": 20}[family]  # an empty prompt, formatted
+    roomy = PromptTokenizer(folder, fixed + 1, pipeline_class)
+    roomy.check_prompt_room("--max-sequence-length", "export with", UsageError)  # one token of room is enough
+    assert roomy.tokenize("a").length == fixed + 1  # and the Triton model's one-letter warm-up prompt takes it
+    with pytest.raises(UsageError, match=rf"formats to {fixed} tokens \(an empty prompt\), filling all {fixed}; "):
+        PromptTokenizer(folder, fixed, pipeline_class).check_prompt_room("x", "export with", UsageError)

@@ -39,7 +39,7 @@ if [ "$(wc -l < "$work/error.txt")" -ne 1 ] || grep -q Traceback "$work/error.tx
     echo "wheel-smoke: a user error was not one line:" >&2; cat "$work/error.txt" >&2; exit 1
 fi
 echo "wheel-smoke: a user error from a console script is one line: $(cat "$work/error.txt")"
-"$bin/flux2-export" --model tiny --out "$work/artifacts" --height 128 --width 128 --max-sequence-length 64
+"$bin/flux2-export" --model tiny --out "$work/artifacts" --height 128 --width 128 --max-sequence-length 128
 "$bin/python" -m engines.check "$work/artifacts"
 "$bin/flux2-generate" --artifacts "$work/artifacts" --prompt "a red fox in the snow" --steps 2 --out "$work/images"
 ls "$work"/images/*.png > /dev/null

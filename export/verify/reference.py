@@ -70,14 +70,17 @@ class ReferenceInputs:
     sigma: ClassVar[float] = CHECK_SIGMA
     guidance: ClassVar[float] = CHECK_GUIDANCE
 
-    def token_inputs(self) -> tuple[np.ndarray, np.ndarray]:
-        tokenizer = PromptTokenizer(
+    def tokenizer(self) -> PromptTokenizer:
+        """The checkpoint's own tokenizer and chat template, read as the runtime reads the copy export makes."""
+        return PromptTokenizer(
             self.checkpoint.root / "tokenizer",
             self.shapes.max_sequence_length,
             pipeline_class=self.geometry.pipeline_class,
         )
+
+    def token_inputs(self) -> tuple[np.ndarray, np.ndarray]:
         prompts = [CHECK_PROMPTS[row % len(CHECK_PROMPTS)] for row in range(self.shapes.batch_size)]
-        ids, mask = tokenizer.encode(prompts)
+        ids, mask = self.tokenizer().encode(prompts)
         return ids, mask
 
     def prompt_embeds(self, text_encoder_fp32=None) -> np.ndarray:
