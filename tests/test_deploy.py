@@ -390,8 +390,21 @@ def test_serve_command_sets_up_the_wheel_stub(tmp_path):
     command, env = server_command(tmp_path / "repo", http_port=1, grpc_port=2, metrics_port=3, triton_env=env_dir)
     assert command[0] == record["tritonserver"] and "--backend-directory=/b" in command
     assert "--http-port=1" in command and "--metrics-port=3" in command
+    # Loopback unless asked: tritonserver's own default, 0.0.0.0, would expose every endpoint.
+    for endpoint in ("http", "grpc", "metrics"):
+        assert f"--{endpoint}-address=127.0.0.1" in command, endpoint
+    command, _ = server_command(tmp_path / "repo", host="0.0.0.0", triton_env=env_dir)
+    assert [a for a in command if "-address=" in a] == [
+        "--http-address=0.0.0.0", "--grpc-address=0.0.0.0", "--metrics-address=0.0.0.0",
+    ]  # fmt: skip
     assert env["LD_LIBRARY_PATH"].split(":")[:2] == ["/libdir", "/libs"]
     assert env["PATH"].split(":")[0] == record["bin"]
+
+
+@pytest.mark.parametrize("host", ["localhost", "1.2.3", "127.0.0.256", "::1", "0.0.0.0:8000", ""])
+def test_serve_refuses_a_malformed_host_in_one_line(tmp_path, host):
+    result = run_cli("-m", "deploy.serve", "--repository", str(tmp_path), "--host", host)
+    assert_one_line_error(result, f"--host {host!r} is not an IPv4 address", "127.0.0.1", "0.0.0.0")
 
 
 def test_stub_env_puts_numpy_1_first_and_the_project_behind_it(tmp_path):
