@@ -99,6 +99,8 @@ bench-editing: setup
 TRITON_ENV ?= $(VENV)-triton
 REPOSITORY ?= out/triton-repository
 SERVE_BACKEND ?= ort
+# Loopback: tritonserver's own default is every interface. SERVE_HOST=0.0.0.0 to serve the network.
+SERVE_HOST ?= 127.0.0.1
 SERVE_ARGS ?=
 
 .PHONY: triton-env serve bench-serve
@@ -113,7 +115,7 @@ triton-env: $(TRITON_ENV)/flux2-triton.json
 serve: triton-env
 	$(PY) -m export --model $(MODEL) --out $(ARTIFACTS) --precision $(PRECISION)
 	$(PY) -m deploy.triton --artifacts $(ARTIFACTS) --repository $(REPOSITORY) --backend $(SERVE_BACKEND)
-	$(PY) -m deploy.serve --repository $(REPOSITORY) --triton-env $(TRITON_ENV) $(SERVE_ARGS)
+	$(PY) -m deploy.serve --repository $(REPOSITORY) --triton-env $(TRITON_ENV) --host $(SERVE_HOST) $(SERVE_ARGS)
 
 # N concurrent clients against the server vs runtime.generate in one process, same images.
 bench-serve: triton-env

@@ -48,6 +48,7 @@ def _sampling(wanted):
 class TritonPythonModel:
     def initialize(self, args):
         from common.errors import Flux2TrtError
+        from deploy.request import DEFAULT_MAX_PROMPT_BYTES
         from runtime.artifacts import open_artifacts
         from runtime.backends.select import SERVED, select_backend
         from runtime.pipeline import Flux2Runtime
@@ -57,6 +58,8 @@ class TritonPythonModel:
         artifacts_folder = _parameter(self.config, "artifacts")
         backend_name = _parameter(self.config, "backend", "auto")
         self.max_images = int(_parameter(self.config, "max_images", "4"))
+        # A repository written before the limit existed gets the default.
+        self.max_prompt_bytes = int(_parameter(self.config, "max_prompt_bytes", str(DEFAULT_MAX_PROMPT_BYTES)))
         if args.get("model_instance_kind") == "GPU":
             import torch
 
@@ -106,6 +109,7 @@ class TritonPythonModel:
             max_images=self.max_images,
             prompt_length=self.runtime.tokenizer.untruncated_length,
             max_tokens=self.artifacts.shapes.max_sequence_length,
+            max_prompt_bytes=self.max_prompt_bytes,
         )
 
     def _define_metrics(self, model: str, version: str):

@@ -10,10 +10,15 @@ Python-backend stubs it launched for this command's shared-memory prefix are sto
 `/dev/shm/flux2_<pid>_*` regions removed (a stub orphaned mid-request ignores SIGTERM and holds its
 model's memory for minutes, measured on tritonserver 2.51), and a server that did not exit 0 gets
 one line saying how it ended. A port already in use is refused before the server starts (exit 2).
+
+It listens on loopback (127.0.0.1) unless told otherwise: tritonserver's own default is every
+interface, which exposes an unauthenticated endpoint to the network. `--host 0.0.0.0` (the
+container's CMD) binds all interfaces.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import signal
@@ -27,10 +32,28 @@ from common.cli import OneLineParser, run_cli
 from common.errors import UsageError
 from deploy.stub_env import default_env, read_record
 
+DEFAULT_HOST = "127.0.0.1"
+
+
+def check_host(host: str) -> str:
+    """An IPv4 address for tritonserver to bind; UsageError otherwise.
+
+    IPv4 only: Triton's HTTP front (libevhtp) reads a plain address with inet_addr, so a host name or
+    an IPv6 literal would not bind there.
+    """
+    try:
+        return str(ipaddress.IPv4Address(host))
+    except ValueError:
+        raise UsageError(
+            f"--host {host!r} is not an IPv4 address; pass 127.0.0.1 (this machine only, the default) "
+            "or 0.0.0.0 (every interface)"
+        ) from None
+
 
 def server_command(
     repository: Path,
     *,
+    host: str = DEFAULT_HOST,
     http_port: int = 8000,
     grpc_port: int = 8001,
     metrics_port: int = 8002,
@@ -38,7 +61,8 @@ def server_command(
     log_verbose: int = 0,
     exit_timeout_s: int = 300,
 ) -> tuple[list[str], dict]:
-    """The tritonserver command line and its environment."""
+    """The tritonserver command line and its environment; HTTP, gRPC and metrics all bind `host`."""
+    host = check_host(host)
     repository = Path(repository).expanduser().resolve()
     if not repository.is_dir() or not any(repository.glob("*/config.pbtxt")):
         raise UsageError(
@@ -53,8 +77,11 @@ def server_command(
     # regions; it also names this server's stubs and /dev/shm files for the clean-up (`leftovers`).
     arguments = [
         f"--model-repository={repository}",
+        f"--http-address={host}",
         f"--http-port={http_port}",
+        f"--grpc-address={host}",
         f"--grpc-port={grpc_port}",
+        f"--metrics-address={host}",
         f"--metrics-port={metrics_port}",
         "--exit-on-error=true",
         "--strict-readiness=true",
@@ -164,13 +191,22 @@ def _die_with_parent() -> None:
 
 
 def serve(
-    *, repository: Path, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002, **options
+    *,
+    repository: Path,
+    host: str = DEFAULT_HOST,
+    http_port: int = 8000,
+    grpc_port: int = 8001,
+    metrics_port: int = 8002,
+    **options,
 ) -> int:
     """Run tritonserver in the foreground, forwarding SIGTERM/SIGINT; `options` as `server_command`'s."""
     ports = {"http_port": http_port, "grpc_port": grpc_port, "metrics_port": metrics_port}
     check_ports_free({"--" + name.replace("_", "-"): port for name, port in ports.items()})
-    command, env = server_command(repository, **ports, **options)
-    print(f"serving {repository}: http :{http_port}, grpc :{grpc_port}, metrics :{metrics_port}", file=sys.stderr)
+    command, env = server_command(repository, host=host, **ports, **options)
+    print(
+        f"serving {repository}: http {host}:{http_port}, grpc {host}:{grpc_port}, metrics {host}:{metrics_port}",
+        file=sys.stderr,
+    )
     # Its own process group: a terminal's Ctrl-C reaches the server once, through `forward`.
     server = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent, process_group=0)
 
@@ -194,6 +230,11 @@ def serve(
 def main(argv=None) -> int:
     parser = OneLineParser(prog="python -m deploy.serve", description="Run tritonserver on a model repository.")
     parser.add_argument("--repository", required=True, type=Path, help="written by `python -m deploy.triton`")
+    parser.add_argument(
+        "--host",
+        default=DEFAULT_HOST,
+        help=f"IPv4 address HTTP, gRPC and metrics bind (default {DEFAULT_HOST}; 0.0.0.0: every interface)",
+    )
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)

@@ -19,7 +19,7 @@ from common.engine_manifest import targets_with_engines
 from common.errors import UsageError
 from common.specs import Shapes
 from common.tensorrt_env import LABELS, Platform
-from deploy.request import DEFAULT_MAX_IMAGES
+from deploy.request import DEFAULT_MAX_IMAGES, DEFAULT_MAX_PROMPT_BYTES
 from runtime.backends.select import SERVED_BACKENDS
 
 DEVICES = ("auto", "gpu", "cpu")
@@ -37,6 +37,7 @@ class ModelSettings:
     max_queue: int = 16  # requests waiting before Triton answers 503
     timeout_s: float = 300.0  # seconds a request may wait in the queue before 503
     max_images: int = DEFAULT_MAX_IMAGES  # images one request may ask for
+    max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES  # UTF-8 bytes of prompt / negative_prompt, before tokenizing
 
     def check(self) -> None:
         """UsageError, naming the flag, for a setting Triton or the model would refuse."""
@@ -50,6 +51,7 @@ class ModelSettings:
             ("--instances", self.instances, 1),
             ("--max-queue", self.max_queue, 1),
             ("--max-images", self.max_images, 1),
+            ("--max-prompt-bytes", self.max_prompt_bytes, 1),
         ):
             if value < low:
                 raise UsageError(f"{flag} {value} must be >= {low}")
@@ -106,7 +108,12 @@ def render_config(
     Artifacts exported with K reference images also take `reference_images`: the K image files' bytes
     (PNG, JPEG, ...), decoded and fitted on the server as runtime.generate reads --image files.
     """
-    parameters = {"artifacts": str(artifacts), "backend": settings.backend, "max_images": str(settings.max_images)}
+    parameters = {
+        "artifacts": str(artifacts),
+        "backend": settings.backend,
+        "max_images": str(settings.max_images),
+        "max_prompt_bytes": str(settings.max_prompt_bytes),
+    }
     if platform:  # for the reader: which TensorRT the serving image must carry (docs/serving.md)
         parameters["engines_target"] = platform.target
         parameters["engines_tensorrt"] = platform.tensorrt
@@ -213,6 +220,13 @@ def main(argv=None) -> int:
         help=f"seconds in the queue before 503 (default {DEFAULTS.timeout_s:g})",
     )
     parser.add_argument("--max-images", type=int, default=DEFAULTS.max_images, help="images per request at most")
+    parser.add_argument(
+        "--max-prompt-bytes",
+        type=int,
+        default=DEFAULTS.max_prompt_bytes,
+        help=f"UTF-8 bytes of prompt and negative_prompt at most, checked before tokenizing "
+        f"(default {DEFAULTS.max_prompt_bytes})",
+    )
     args = parser.parse_args(argv)
     settings = ModelSettings(
         name=args.name,
@@ -222,6 +236,7 @@ def main(argv=None) -> int:
         max_queue=args.max_queue,
         timeout_s=args.timeout_s,
         max_images=args.max_images,
+        max_prompt_bytes=args.max_prompt_bytes,
     )
     target = write_repository(artifacts=args.artifacts, repository=args.repository, settings=settings)
     print(f"wrote {target}/config.pbtxt and {target}/1/model.py")

@@ -38,6 +38,16 @@ def test_defaults_are_runtime_generate_defaults():
         ({"prompt": b"x", "guidance": -0.5}, "guidance -0.5 must be a finite number >= 0"),
         ({"prompt": b"x", "seed": -1}, "seed -1 must be in [0, 2**63)"),
         ({"prompt": b"x", "num_images": 5}, "num_images 5 is outside 1..4"),
+        # What a JSON client can put in a field where the model parses it: text, NaN, an overflow, a fraction.
+        ({"prompt": b"x", "guidance": "nan"}, "guidance nan must be a finite number >= 0"),
+        ({"prompt": b"x", "guidance": "1e999"}, "guidance inf must be a finite number >= 0"),
+        ({"prompt": b"x", "guidance": b"four"}, "guidance 'four' is not a number"),
+        ({"prompt": b"x", "seed": 2**63}, "seed 9223372036854775808 must be in [0, 2**63)"),
+        ({"prompt": b"x", "seed": "2**63"}, "seed '2**63' is not an integer"),
+        ({"prompt": b"x", "seed": math.nan}, "seed nan is not an integer"),
+        ({"prompt": b"x", "steps": math.inf}, "steps inf is not an integer"),
+        ({"prompt": b"x", "steps": 2.5}, "steps 2.5 is not an integer"),
+        ({"prompt": b"x", "num_images": [1]}, "num_images [1] is not an integer"),
     ],
 )
 def test_bad_values_name_the_value_and_the_range(values, reason):
@@ -46,6 +56,39 @@ def test_bad_values_name_the_value_and_the_range(values, reason):
     with pytest.raises(BadRequest, match=None) as caught:
         parse_request(values)
     assert reason in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_numbers_from_text_and_numpy_scalars_are_taken():
+    import numpy as np
+
+    from deploy.request import parse_request
+
+    request = parse_request({"prompt": b"x", "seed": "7", "steps": np.int32(4), "guidance": "2.5"})
+    assert (request.seed, request.steps, request.guidance) == (7, 4, 2.5)
+    assert parse_request({"prompt": b"x", "seed": np.int64(2**63 - 1), "steps": 3.0}).steps == 3
+
+
+def test_a_prompt_past_the_byte_limit_is_refused_before_tokenizing():
+    import time
+
+    from deploy.request import DEFAULT_MAX_PROMPT_BYTES, BadRequest, parse_request
+
+    def never(text):
+        raise AssertionError("the tokenizer saw a prompt past the byte limit")
+
+    assert DEFAULT_MAX_PROMPT_BYTES == 65536
+    started = time.perf_counter()
+    with pytest.raises(BadRequest) as caught:
+        parse_request({"prompt": b"fox " * 1_250_000}, prompt_length=never, max_tokens=512)  # 5 MB
+    assert time.perf_counter() - started < 0.5  # 5.6 s when the tokenizer counted it first
+    assert str(caught.value).startswith("prompt is 5000000 bytes, past this model's limit of 65536 bytes")
+    assert "--max-prompt-bytes" in str(caught.value) and "\n" not in str(caught.value)
+    with pytest.raises(BadRequest, match="negative_prompt is 11 bytes, past this model's limit of 10 bytes"):
+        parse_request({"prompt": b"x", "negative_prompt": b"a" * 11}, max_prompt_bytes=10)
+    # The limit counts UTF-8 bytes, not characters: 4 x 3 bytes.
+    with pytest.raises(BadRequest, match="prompt is 12 bytes"):
+        parse_request({"prompt": "\u96ea" * 4}, max_prompt_bytes=10)
+    assert parse_request({"prompt": b"a" * 10, "negative_prompt": b"b" * 10}, max_prompt_bytes=10).prompt == "a" * 10
 
 
 def test_a_prompt_the_graphs_would_cut_is_refused_with_its_length():
@@ -158,6 +201,7 @@ def model(monkeypatch):
     module = importlib.reload(deploy.model)
     instance = module.TritonPythonModel()
     instance.max_images = 4
+    instance.max_prompt_bytes = 16
     instance.artifacts = types.SimpleNamespace(
         shapes=types.SimpleNamespace(max_sequence_length=128, reference_images=0)
     )
@@ -183,6 +227,14 @@ def test_model_answers_a_bad_request_with_invalid_arg(model):
     model.runtime = _runtime_raising(AssertionError("not reached"))
     answer = model._answer(_request(prompt=b"a fox", steps=0))
     assert answer.error.code == _TritonError.INVALID_ARG and "steps 0" in answer.error.message
+
+
+def test_model_refuses_a_prompt_past_its_byte_limit_before_the_tokenizer(model):
+    model.runtime = _runtime_raising(AssertionError("not reached"))
+    model.runtime.tokenizer.untruncated_length = _runtime_raising(AssertionError("tokenized"))
+    answer = model._answer(_request(prompt=b"x" * 17))
+    assert answer.error.code == _TritonError.INVALID_ARG
+    assert answer.error.message.startswith("prompt is 17 bytes, past this model's limit of 16 bytes")
 
 
 def test_model_answers_a_generation_failure_with_internal_for_that_request(model):
@@ -278,6 +330,7 @@ def test_only_editing_artifacts_declare_reference_images(tmp_path):
         kind="KIND_CPU",
     )
     assert "reference_images" not in plain
+    assert '{ key: "max_prompt_bytes" value: { string_value: "65536" } }' in plain
     added = [line for line in editing.splitlines() if line not in plain.splitlines()]
     assert added == [
         '  { name: "num_images" data_type: TYPE_INT32 dims: [ 1 ] optional: true },',
@@ -294,6 +347,7 @@ def test_only_editing_artifacts_declare_reference_images(tmp_path):
         (["--instances", "0"], ["--instances 0 must be >= 1"]),
         (["--timeout-s", "0"], ["--timeout-s 0.0 must be > 0"]),
         (["--name", "a/b"], ["--name 'a/b' must be"]),
+        (["--max-prompt-bytes", "0"], ["--max-prompt-bytes 0 must be >= 1"]),
     ],
 )
 def test_generator_errors_are_one_line(export_tiny, tmp_path, extra, needles):
@@ -399,8 +453,21 @@ def test_serve_command_sets_up_the_wheel_stub(tmp_path):
     command, env = server_command(tmp_path / "repo", http_port=1, grpc_port=2, metrics_port=3, triton_env=env_dir)
     assert command[0] == record["tritonserver"] and "--backend-directory=/b" in command
     assert "--http-port=1" in command and "--metrics-port=3" in command
+    # Loopback unless asked: tritonserver's own default, 0.0.0.0, would expose every endpoint.
+    for endpoint in ("http", "grpc", "metrics"):
+        assert f"--{endpoint}-address=127.0.0.1" in command, endpoint
+    command, _ = server_command(tmp_path / "repo", host="0.0.0.0", triton_env=env_dir)
+    assert [a for a in command if "-address=" in a] == [
+        "--http-address=0.0.0.0", "--grpc-address=0.0.0.0", "--metrics-address=0.0.0.0",
+    ]  # fmt: skip
     assert env["LD_LIBRARY_PATH"].split(":")[:2] == ["/libdir", "/libs"]
     assert env["PATH"].split(":")[0] == record["bin"]
+
+
+@pytest.mark.parametrize("host", ["localhost", "1.2.3", "127.0.0.256", "::1", "0.0.0.0:8000", ""])
+def test_serve_refuses_a_malformed_host_in_one_line(tmp_path, host):
+    result = run_cli("-m", "deploy.serve", "--repository", str(tmp_path), "--host", host)
+    assert_one_line_error(result, f"--host {host!r} is not an IPv4 address", "127.0.0.1", "0.0.0.0")
 
 
 def test_stub_env_puts_numpy_1_first_and_the_project_behind_it(tmp_path):
