@@ -18,6 +18,8 @@ from common.specs import Shapes
 
 SHAPES = Shapes(height=128, width=128, max_sequence_length=64)
 FP16_MAX = 65504.0
+# Feed-forward activations to 1.5e5 (issue 21's check), residual stream past 65504 too.
+STRESS = 8.5e4
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +27,7 @@ def stress_checkpoint(_cache_dir):
     from flux2_tiny import ensure_tiny_checkpoint
     from flux2_tiny.config import DEFAULT
 
-    return ensure_tiny_checkpoint(dataclasses.replace(DEFAULT, outlier_scale=3e4))
+    return ensure_tiny_checkpoint(dataclasses.replace(DEFAULT, outlier_scale=STRESS))
 
 
 def _transformer_inputs(checkpoint):
@@ -59,7 +61,7 @@ def test_stress_activations_leave_float16_range_and_diffusers_fp16_fails(stress_
     pipe.transformer.x_embedder.register_forward_hook(keep("residual"))
     pipe.transformer.transformer_blocks[0].ff.linear_in.register_forward_hook(keep("ff"))
     image = pipe(**call, generator=torch.Generator().manual_seed(0)).images
-    assert peaks["residual"] > FP16_MAX and peaks["ff"] > FP16_MAX, peaks
+    assert peaks["residual"] > FP16_MAX and peaks["ff"] >= 1.5e5, peaks
     assert np.isfinite(image).all()
     # Clipping at block ends, as diffusers' float16 blocks do, comes after the overflow.
     half = reference_pipeline(stress_checkpoint, dtype="float16", device="cpu")
@@ -81,18 +83,30 @@ def test_fp16_graph_module_is_finite_and_close_to_fp32(stress_checkpoint, tiny_c
 
 
 @pytest.mark.slow
-def test_fp16_export_of_the_stress_checkpoint(stress_checkpoint, tmp_path, monkeypatch):
-    """The exported fp16 graph passes the fp16 bound; the plain float16 graph of before fails loudly."""
+def test_fp16_export_of_the_stress_checkpoint_draws_within_30_db_of_fp32(stress_checkpoint, tmp_path, monkeypatch):
+    """The exported fp16 graphs pass their bounds and draw within 30 dB of diffusers' fp32 image (activations
+    to 1.5e5); the plain float16 graph of before fails loudly."""
     import export.graphs.transformer as graph
     from common.errors import VerificationError
     from export.run import export_artifacts
+    from runtime.check import run_check
 
+    # A full export, so at 128 tokens: export refuses a length the tiny chat template (111 tokens) fills.
+    shapes = dataclasses.replace(SHAPES, max_sequence_length=128)
+    out = tmp_path / "fp16"
     manifest = export_artifacts(
-        model=str(stress_checkpoint), out=tmp_path / "fp16", precision="fp16", shapes=SHAPES,
-        components=("transformer",), log=lambda m: None,
-    )  # fmt: skip
-    report = (tmp_path / "fp16" / "reports" / "export_check.json").read_text()
+        model=str(stress_checkpoint), out=out, precision="fp16", shapes=shapes, log=lambda m: None
+    )
+    report = (out / "reports" / "export_check.json").read_text()
     assert manifest.precision == "fp16" and '"finite": true' in report
+    checked = run_check(artifacts=out, backend="ort", steps=2, log=lambda m: None)
+    end_to_end = checked["end_to_end"]
+    assert end_to_end["psnr_db"] >= 30, end_to_end  # measured 71.7 dB (3 steps)
+    # diffusers' own float16 pipeline draws NaN here: no floor to hold fp16 to but the reduced minimum
+    assert (
+        end_to_end["diffusers_same_precision_psnr_db"] is None and "NaN" in end_to_end["diffusers_same_precision_note"]
+    )
+    assert checked["passed"], checked
 
     monkeypatch.setattr(graph, "FP32_STREAM", False)
     with pytest.raises(VerificationError, match="NON-FINITE values"):
@@ -252,37 +266,3 @@ def test_fp16_attention_is_float16_and_close_to_fp32_attention(tiny_checkpoint):
     assert seen and set(seen) == {torch.float16}, seen  # every attention call ran on float16 inputs
     metrics = compare(half, inner.float().numpy())
     assert metrics["finite"] and metrics["rel_l2"] < 2e-3, metrics
-
-
-@pytest.mark.slow
-def test_fp16_draws_within_30_db_of_fp32_with_feed_forward_activations_to_1_5e5(_cache_dir, tmp_path):
-    """End to end: runtime.check's fp16 image against diffusers' fp32 pipeline on activations past 65504."""
-    from common.reference_pipeline import reference_pipeline
-    from export.checkpoint import open_checkpoint
-    from export.run import export_artifacts
-    from flux2_tiny import ensure_tiny_checkpoint
-    from flux2_tiny.config import DEFAULT
-    from runtime.check import run_check
-
-    checkpoint = ensure_tiny_checkpoint(dataclasses.replace(DEFAULT, outlier_scale=8.5e4))
-    pipe = reference_pipeline(checkpoint, device="cpu")
-    peak = []
-    pipe.transformer.transformer_blocks[0].ff.linear_in.register_forward_hook(
-        lambda _m, _a, output: peak.append(float(output.abs().max()))
-    )
-    out_layers = open_checkpoint(checkpoint).geometry().text_out_layers
-    # A full export, so at 128 tokens: export refuses a length the tiny chat template (111 tokens) fills.
-    shapes = dataclasses.replace(SHAPES, max_sequence_length=128)
-    pipe(prompt="a red fox", height=128, width=128, num_inference_steps=1, max_sequence_length=shapes.max_sequence_length,
-         text_encoder_out_layers=out_layers, output_type="np")  # fmt: skip
-    assert max(peak) >= 1.5e5, max(peak)
-    out = tmp_path / "fp16"
-    export_artifacts(model=str(checkpoint), out=out, precision="fp16", shapes=shapes, log=lambda m: None)
-    report = run_check(artifacts=out, backend="ort", steps=3, log=lambda m: None)
-    end_to_end = report["end_to_end"]
-    assert end_to_end["psnr_db"] >= 30, end_to_end  # measured 71.7 dB
-    # diffusers' own float16 pipeline draws NaN here: no floor to hold fp16 to but the reduced minimum
-    assert (
-        end_to_end["diffusers_same_precision_psnr_db"] is None and "NaN" in end_to_end["diffusers_same_precision_note"]
-    )
-    assert report["passed"], report
