@@ -9,7 +9,10 @@ This machine is shared, so the two sides are measured interleaved and load lands
 - concurrency 1, paired: for each seed, one image in process, then the same request to the server;
   overhead = median over seeds of (server latency / in-process time) - 1;
 - concurrency C: N in-process images, N requests from C concurrent clients, N in-process images;
-  throughput ratio = server images/s / in-process images/s (the mean of the runs around it).
+  throughput ratio = server images/s / in-process images/s (the mean of the runs around it);
+- queueing, for 1, 4 and 8 clients: the same N requests sent one after another, then from C
+  concurrent clients released together, three rounds alternating; concurrent / sequential wall time
+  (median of the rounds) says whether the queue leaves the one instance idle (goal <= 1.2 at 8).
 Results: bench/results/serve.json and a table.
 """
 
@@ -65,6 +68,38 @@ def ask(url: str, seed: int, steps: int) -> tuple[np.ndarray | None, float]:
     return images[0], time.perf_counter() - started
 
 
+def queueing(url: str, clients: int, n: int, steps: int, rounds: int = 3) -> dict:
+    """Wall time of n requests from `clients` concurrent clients against the same n sent one by one."""
+    import threading
+
+    sequential, concurrent = [], []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        failed = sum(ask(url, seed, steps)[0] is None for seed in range(n))
+        sequential.append(time.perf_counter() - started)
+        gate = threading.Barrier(min(clients, n))
+
+        def burst(seed, gate=gate):
+            if seed < clients:
+                gate.wait()  # the first `clients` requests leave together
+            return ask(url, seed, steps)[0] is None
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            failed += sum(pool.map(burst, range(n)))
+        concurrent.append(time.perf_counter() - started)
+    ratios = [c / s for s, c in zip(sequential, concurrent)]
+    return {
+        "clients": clients,
+        "requests": n,
+        "sequential_images_per_s": n / statistics.median(sequential),
+        "concurrent_images_per_s": n / statistics.median(concurrent),
+        "concurrent_over_sequential_time": statistics.median(ratios),
+        "rounds": [[round(s, 3), round(c, 3)] for s, c in zip(sequential, concurrent)],
+        "failed": failed,
+    }
+
+
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
@@ -111,6 +146,7 @@ def main() -> int:
                 answers = list(pool.map(lambda seed: ask(server.url, seed, steps), range(n)))
             concurrent_s = time.perf_counter() - started
             after = [local.image(seed, steps) for seed in range(n)]
+            queues = [queueing(server.url, clients, 8, steps) for clients in (1, 4, 8)]
         exit_code = server.returncode
     for (got, _), (want, _) in zip(answers, before):
         failed += got is None
@@ -140,7 +176,8 @@ def main() -> int:
             "server_p99_s": percentile([s for _, s in answers], 99),
             "throughput_ratio": server_rate / local_rate,
         },
-        "failed_requests": failed,
+        "queueing": queues,
+        "failed_requests": failed + sum(q["failed"] for q in queues),
         "images_differing_from_in_process": differing,
         "server_exit_code": exit_code,
     }
@@ -156,6 +193,13 @@ def main() -> int:
         f"c={c}: in process {local_rate:.3f} images/s, server {server_rate:.3f} images/s "
         f"(p50 {many['server_p50_s']:.2f} s, p99 {many['server_p99_s']:.2f} s) -> {many['throughput_ratio']:.3f} x"
     )
+    print("clients | sequential images/s | concurrent images/s | concurrent / sequential time (goal <= 1.2 at 8)")
+    for q in queues:
+        print(
+            f"{q['clients']:7d} | {q['sequential_images_per_s']:19.3f} | {q['concurrent_images_per_s']:19.3f} | "
+            f"{q['concurrent_over_sequential_time']:.2f} x (rounds {q['rounds']})"
+        )
+    failed = result["failed_requests"]
     print(f"failed requests {failed}, images differing {differing}, server exit {exit_code}")
     return 0 if failed == 0 and differing == 0 and exit_code == 0 else 1
 

@@ -7,7 +7,11 @@ calls and answers:
 
 - a bad request: TritonError INVALID_ARG (HTTP 400, gRPC INVALID_ARGUMENT) with one line;
 - a failure inside generation: TritonError INTERNAL (HTTP 500) for that request only;
-- a request the client cancelled (gRPC): checked between denoising steps, answered CANCELLED.
+- a request the client cancelled (gRPC): checked between denoising steps, answered CANCELLED;
+- a request of a batch whose queue timeout passed before the model reached it: UNAVAILABLE (503).
+
+Triton hands the instance several waiting requests at once (max_batch_size, deploy/triton.py
+rows_per_execute); each is answered through its response sender as soon as it is drawn.
 
 The model becomes ready (and so the server's /v2/health/ready) only after the engines are loaded
 and one warm-up image is drawn from a request's values, parsed and tokenized as a request's are.
@@ -60,6 +64,8 @@ class TritonPythonModel:
         self.max_images = int(_parameter(self.config, "max_images", "4"))
         # A repository written before the limit existed gets the default.
         self.max_prompt_bytes = int(_parameter(self.config, "max_prompt_bytes", str(DEFAULT_MAX_PROMPT_BYTES)))
+        policy = self.config.get("dynamic_batching", {}).get("default_queue_policy", {})
+        self.timeout_us = int(policy.get("default_timeout_microseconds", 0))
         if args.get("model_instance_kind") == "GPU":
             import torch
 
@@ -122,15 +128,31 @@ class TritonPythonModel:
             description="seconds spent per pipeline stage (tokenize, text_encoder, denoise, vae)",
             kind=pb_utils.MetricFamily.COUNTER,
         )
+        # Triton counts the timeouts of its own queue (nv_inference_request_failure{reason="REJECTED"});
+        # this counts those the model answers for the requests its batch held (docs/serving.md, "Metrics").
+        expired = pb_utils.MetricFamily(
+            name="flux2_requests_expired_total",
+            description="requests answered 503 by the model: their queue timeout passed while they waited in a batch",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
         self.images_metric = images.Metric(labels=labels)
         self.stage_metrics = {stage: seconds.Metric(labels={**labels, "stage": stage}) for stage in STAGES}
-        self._families = (images, seconds)  # the families must outlive their metrics
+        self.expired_metric = expired.Metric(labels=labels)
+        self._families = (images, seconds, expired)  # the families must outlive their metrics
 
     def _values(self, request) -> dict:
+        from deploy.request import BadRequest
+
         values = {}
         for name in INPUTS:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
-            values[name] = None if tensor is None else tensor.as_numpy().reshape(-1)[0]
+            if tensor is None:
+                values[name] = None
+                continue
+            array = tensor.as_numpy()
+            if array.shape[0] != 1:  # max_batch_size lets Triton batch requests, not a client send rows
+                raise BadRequest(f"input {name!r} has {array.shape[0]} rows; send one row per request (shape [1, 1])")
+            values[name] = array.reshape(-1)[0]
         return values
 
     def _references(self, request):
@@ -150,7 +172,24 @@ class TritonPythonModel:
         )
 
     def execute(self, requests):
-        return [self._answer(request) for request in requests]
+        started = time.monotonic()
+        for request in requests:
+            response = self._expired(request, time.monotonic() - started) or self._answer(request)
+            request.get_response_sender().send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return [None] * len(requests)  # every request was answered through its sender
+
+    def _expired(self, request, waited_s: float):
+        """Triton's queue timeout, held for the time a request waited behind the others of its batch."""
+        timeout_us = self.timeout_us
+        override_us = request.timeout()  # allow_timeout_override, as Triton's queue policy reads it
+        if override_us and (not timeout_us or override_us < timeout_us):
+            timeout_us = override_us
+        if not timeout_us or waited_s * 1e6 <= timeout_us:
+            return None
+        self.expired_metric.increment(1)
+        return pb_utils.InferenceResponse(
+            error=pb_utils.TritonError("Request timeout expired", pb_utils.TritonError.UNAVAILABLE)
+        )
 
     def _answer(self, request):
         from deploy.request import BadRequest, sidecar

@@ -262,10 +262,12 @@ def test_repository_holds_config_and_model(export_tiny, tmp_path):
     settings = ModelSettings(name="fox", instances=2, max_queue=3, timeout_s=1.5)
     target = write_repository(artifacts=artifacts, repository=tmp_path / "repo", settings=settings)
     config = (target / "config.pbtxt").read_text()
-    assert 'name: "fox"' in config and "max_batch_size: 1" in config
+    assert 'name: "fox"' in config and "max_batch_size: 3" in config
     assert "dims: [ -1, 256, 256, 3 ]" in config  # the artifacts' image shape
     assert "count: 2 kind: KIND_CPU" in config  # no engines: CPU instances
-    assert "max_queue_size: 3" in config and "default_timeout_microseconds: 1500000" in config
+    # --max-queue 3: Triton's queue holds 3, and hands the instance up to 3 at once
+    assert "max_queue_size: 3" in config and "max_queue_delay_microseconds: 10000" in config
+    assert "default_timeout_microseconds: 1500000" in config
     assert f'string_value: "{artifacts.resolve()}"' in config
     assert (target / "1" / "model.py").read_bytes() == (REPO / "deploy" / "model.py").read_bytes()
     # Written again with the default settings: it replaces the first.
