@@ -86,20 +86,34 @@ def _die_with_parent() -> None:
 def serve(
     *, repository: Path, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002, **options
 ) -> int:
-    """Run tritonserver in the foreground, forwarding SIGTERM/SIGINT; `options` as `server_command`'s."""
+    """Run tritonserver in the foreground, forwarding SIGTERM/SIGINT; `options` as `server_command`'s.
+
+    `openai_port` (an option): also run the OpenAI images API there, in the same lifecycle (deploy/openai_front.py).
+    """
+    openai_port = options.pop("openai_port", None)
     ports = {"http_port": http_port, "grpc_port": grpc_port, "metrics_port": metrics_port}
     command, env = server_command(repository, **ports, **options)
     print(f"serving {repository}: http :{http_port}, grpc :{grpc_port}, metrics :{metrics_port}", file=sys.stderr)
+    front = None
+    if openai_port is not None:
+        from deploy.openai_front import start_front
+
+        # On the address Triton's endpoints listen on (all interfaces, Triton's default).
+        front_options = {"host": "0.0.0.0", "exit_timeout_s": options.get("exit_timeout_s", 300)}
+        front = start_front(repository=repository, triton_http_port=http_port, port=openai_port,
+                            preexec_fn=_die_with_parent, **front_options)  # fmt: skip
     # Its own process group: a terminal's Ctrl-C reaches the server once, through `forward`.
     server = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent, process_group=0)
 
     def forward(signum, _frame):
-        if server.poll() is None:
+        if front is not None:
+            front.stop(signum, server)  # the front drains first, then the server (openai_front.py)
+        elif server.poll() is None:
             server.send_signal(signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        status = server.wait()
+        status = server.wait() if front is None else front.wait_beside(server)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -119,6 +133,12 @@ def main(argv=None) -> int:
         help="env from `python -m deploy.stub_env` (default: tritonserver on PATH)",
     )
     parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver's --log-verbose level")
+    parser.add_argument(
+        "--openai-port",
+        type=int,
+        default=None,
+        help="also serve OpenAI's images API on this port (docs/serving.md; needs the serve extra)",
+    )
     parser.add_argument(
         "--exit-timeout-s", type=int, default=300, help="on SIGTERM, seconds for requests in flight (default 300)"
     )
