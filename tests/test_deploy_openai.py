@@ -97,21 +97,36 @@ def test_tritons_answers_map_to_openai_statuses():
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, export_tiny):
+    import numpy as np
+    from PIL import Image
+
+    from common.specs import Shapes
     from deploy.local_server import LocalServer, processes_mentioning
     from deploy.triton import ModelSettings, write_repository
+    from export.run import export_artifacts
     from tests.support import triton_env
 
     env = triton_env()
     tiny = export_tiny("fp32")
-    repository = tmp_path_factory.mktemp("served-openai") / "repository"
-    for settings in (
-        ModelSettings(name="flux2", backend="ort"),
-        ModelSettings(name="flux2_q1", backend="ort", max_queue=1),
+    root = tmp_path_factory.mktemp("served-openai")
+    # Editing artifacts (one reference image, 128 x 128) for /v1/images/edits, as test_deploy_editing.py exports them.
+    editing = root / "editing"
+    shapes = Shapes(height=128, width=128, max_sequence_length=128, reference_images=1)
+    export_artifacts(model="tiny", out=editing, shapes=shapes, skip_check=True, log=lambda m: None)
+    repository = root / "repository"
+    for artifacts, settings in (
+        (tiny, ModelSettings(name="flux2", backend="ort")),
+        (tiny, ModelSettings(name="flux2_q1", backend="ort", max_queue=1)),
+        (editing, ModelSettings(name="flux2_edit", backend="ort")),
     ):
-        write_repository(artifacts=tiny, repository=repository, settings=settings)
+        write_repository(artifacts=artifacts, repository=repository, settings=settings)
+    # A JPEG of another size than exported: the server fits it to 128 x 128, as runtime.generate --image does.
+    y, x = np.mgrid[0:200, 0:150]
+    pixels = np.stack([x * 255 // 150, y * 255 // 200, (x + y) % 256], axis=-1).astype(np.uint8)
+    Image.fromarray(pixels).save(root / "reference.jpg", quality=90)
     server = LocalServer(repository, triton_env=env, openai=True)
     server.start()
-    server.artifacts = tiny
+    server.artifacts, server.editing, server.image = tiny, editing, root / "reference.jpg"
     yield server
     server.stop()
     assert processes_mentioning(str(repository.resolve())) == [], "a server, front or stub process outlived the test"
@@ -184,10 +199,37 @@ def test_url_responses_and_unknown_models_are_refused(served):
     with pytest.raises(openai.BadRequestError, match="only b64_json is"):
         client.images.generate(model="flux2", prompt=PROMPT, response_format="url")
     with pytest.raises(
-        openai.BadRequestError, match=r"model 'gpt-image-1' is not served here; served: flux2, flux2_q1"
+        openai.BadRequestError, match=r"model 'gpt-image-1' is not served here; served: flux2, flux2_edit, flux2_q1"
     ):
         client.images.generate(model="gpt-image-1", prompt=PROMPT)
-    assert sorted(model.id for model in client.models.list()) == ["flux2", "flux2_q1"]
+    assert sorted(model.id for model in client.models.list()) == ["flux2", "flux2_edit", "flux2_q1"]
+
+
+@pytest.mark.slow
+def test_images_edit_returns_the_png_runtime_generate_draws_from_the_same_file(served, tmp_path):
+    from runtime.generate import generate
+
+    expected = generate(artifacts=served.editing, prompts=["make the fox blue"], out=tmp_path / "generate",
+                        backend="ort", progress=False, log=lambda m: None, steps=STEPS, seed=4, images=[served.image])  # fmt: skip
+    with open(served.image, "rb") as image:
+        answer = _client(served).images.edit(model="flux2_edit", image=image, prompt="make the fox blue",
+                                             response_format="b64_json", extra_body={"seed": 4, "steps": STEPS})  # fmt: skip
+    assert [base64.b64decode(image.b64_json) for image in answer.data] == [expected[0].read_bytes()]
+    assert answer.size == "128x128"
+
+
+@pytest.mark.slow
+def test_edits_refuse_a_wrong_image_count_and_text_to_image_models(served):
+    import openai
+
+    client = _client(served)
+    data = served.image.read_bytes()
+    with pytest.raises(openai.BadRequestError, match=r"2 image file\(s\) sent, but model flux2_edit takes exactly 1"):
+        client.images.edit(model="flux2_edit", image=[("a.jpg", data), ("b.jpg", data)], prompt="blue")
+    with pytest.raises(openai.BadRequestError, match=r"model flux2 is text-to-image; /v1/images/edits needs"):
+        client.images.edit(model="flux2", image=("a.jpg", data), prompt="blue")
+    with pytest.raises(openai.BadRequestError, match=r"mask is not served"):
+        client.images.edit(model="flux2_edit", image=("a.jpg", data), mask=("m.png", data), prompt="blue")
 
 
 @pytest.mark.slow
