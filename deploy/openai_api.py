@@ -137,7 +137,7 @@ def _check_fields(fields: dict, *, form: bool) -> dict:
     """The request's known fields, typed; unknown ones refused, the unsupported OpenAI choices explained."""
     known = {**OPENAI_FIELDS, **EXTRA_FIELDS}
     for name in fields:
-        if name not in known and name not in IGNORED_FIELDS:
+        if name not in known and name not in IGNORED_FIELDS and name != "stream":
             raise OpenAIError(
                 400, f"unrecognized request argument supplied: {name}", param=name, code="unknown_parameter"
             )
@@ -229,10 +229,7 @@ def images_response(pngs: list[bytes], model: ServedModel) -> dict:
 
 async def _edit_fields(http_request) -> tuple[dict, list[bytes]]:
     """A multipart /v1/images/edits body -> (its text fields, the image files' bytes in order)."""
-    try:
-        form = await http_request.form()
-    except Exception as exc:  # python-multipart's and Starlette's parse errors have no common base
-        raise OpenAIError(400, f"the body is not a readable multipart form ({exc})") from None
+    form = await http_request.form()  # a malformed body: Starlette's 400, answered in OpenAI's shape by create_app
     fields, images = {}, []
     for key, value in form.multi_items():
         if key in ("image", "image[]"):
@@ -278,7 +275,7 @@ def create_app(models: dict[str, ServedModel], triton_url: str):
         if not isinstance(fields, dict):
             raise OpenAIError(400, "the body must be a JSON object")
         model, request = generation_request(fields, models)
-        # Blocking tritonclient call in Starlette's worker threads: requests wait in Triton's queue, not here.
+        # The blocking tritonclient call in a worker thread (anyio's 40): requests wait in Triton's queue, not here.
         return images_response(await run_in_threadpool(draw, triton_url, model, request), model)
 
     @app.post("/v1/images/edits")

@@ -62,6 +62,7 @@ REFUSED = [
     ({"prompt": "a fox", "steps": 0}, "steps", "steps 0 is outside 1..100"),
     ({"prompt": "a fox", "guidance": float("inf")}, "guidance", "guidance inf must be a finite number >= 0"),
     ({"n": 1}, "prompt", "missing required parameter: prompt"),
+    ({"prompt": "a fox", "stream": True}, "stream", "stream is not served: images are answered whole"),
 ]  # fmt: skip
 
 
@@ -312,3 +313,46 @@ def test_the_front_dying_stops_triton_and_the_exit_is_not_0(export_tiny, tmp_pat
     lines = [line for line in server.log().splitlines() if line.startswith("error:")]
     assert status != 0 and lines == ["error: the OpenAI front was killed by SIGKILL; stopping tritonserver"], lines
     assert processes_mentioning(str(repository.resolve())) == []
+
+
+def test_the_http_layer_answers_in_openais_shape_without_triton(tmp_path):
+    """The app under uvicorn with Triton unreachable: 503 for a valid request, OpenAI's body for every error."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    pytest.importorskip("fastapi")
+    uvicorn = pytest.importorskip("uvicorn")
+    from deploy.local_server import free_ports
+    from deploy.openai_api import create_app
+
+    [triton_port, port] = free_ports(2)  # nothing listens on the first: Triton is "not up"
+    config = uvicorn.Config(create_app(MODELS, f"127.0.0.1:{triton_port}"), port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+
+    def post(path, data: bytes, content_type="application/json"):
+        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method="POST")
+        request.add_header("Content-Type", content_type)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return answer.status, json.loads(answer.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        status, body = post("/v1/images/generations", json.dumps({"prompt": "a fox", "steps": 2}).encode())
+        assert status == 503 and body["error"]["code"] == "triton_unreachable", body
+        status, body = post("/v1/images/generations", b"{not json")
+        assert status == 400 and body["error"]["message"].startswith("the body is not JSON"), body
+        status, body = post("/v1/images/edits", b"--x\r\nbroken", "multipart/form-data; boundary=x")
+        assert status == 400 and body["error"]["type"] == "invalid_request_error", body
+        status, body = post("/v1/images/variations", b"{}")
+        assert status == 404 and body["error"]["message"] == "Not Found", body
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
