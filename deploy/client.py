@@ -12,7 +12,15 @@ from deploy.request import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationRequest
 
 
 class ServerError(Flux2TrtError):
-    """The server answered an error (bad request, overload, failure) or could not be reached."""
+    """The server answered an error (bad request, overload, failure) or could not be reached.
+
+    `status`: the HTTP status Triton answered (None: not reached); `reason`: Triton's own message,
+    which deploy.openai_api hands on in its error bodies.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, reason: str = ""):
+        super().__init__(message)
+        self.status, self.reason = status, reason or message
 
 
 def request_inputs(module, request: GenerationRequest, reference_images=()):
@@ -53,8 +61,10 @@ def infer(url: str, model: str, request: GenerationRequest, *, reference_images=
             outputs = [httpclient.InferRequestedOutput(name, binary_data=True) for name in ("image", "sidecar")]
             result = client.infer(model, request_inputs(httpclient, request, reference_images), outputs=outputs)
     except InferenceServerException as exc:
-        status = f"HTTP {exc.status()}: " if exc.status() else ""
-        raise ServerError(f"server {url} model {model} answered {status}{exc.message()}") from None
+        status = int(exc.status()) if str(exc.status() or "").isdigit() else None
+        answered = f"HTTP {exc.status()}: " if exc.status() else ""
+        message = f"server {url} model {model} answered {answered}{exc.message()}"
+        raise ServerError(message, status=status, reason=exc.message()) from None
     except OSError as exc:
         raise ServerError(f"cannot reach server {url} ({exc}); is `python -m deploy.serve` running?") from None
     images = result.as_numpy("image")[0]  # [K, H, W, 3]

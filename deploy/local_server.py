@@ -28,11 +28,17 @@ def free_ports(count: int) -> list[int]:
 
 
 class LocalServer:
-    """`python -m deploy.serve` as a child process; `start()` returns once /v2/health/ready says 200."""
+    """`python -m deploy.serve` as a child process; `start()` returns once /v2/health/ready says 200.
 
-    def __init__(self, repository: Path, *, triton_env: Path | None = None, log_path: Path | None = None):
+    `openai`: also the OpenAI front (`--openai-port`), and `start()` waits for its /health too.
+    """
+
+    def __init__(
+        self, repository: Path, *, triton_env: Path | None = None, log_path: Path | None = None, openai: bool = False
+    ):
         self.repository = Path(repository).resolve()
-        self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
+        self.http_port, self.grpc_port, self.metrics_port, self.openai_port = free_ports(4)
+        self.openai = openai
         self.triton_env = triton_env
         self.log_path = Path(log_path or self.repository.with_name(self.repository.name + ".log"))
         self.process: subprocess.Popen | None = None
@@ -65,6 +71,8 @@ class LocalServer:
         command += ["--metrics-port", str(self.metrics_port)]
         if self.triton_env is not None:
             command += ["--triton-env", str(self.triton_env)]
+        if self.openai:
+            command += ["--openai-port", str(self.openai_port)]
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -74,7 +82,8 @@ class LocalServer:
                 tail = "\n".join(self.log().splitlines()[-15:])
                 raise RuntimeError(f"tritonserver exited with {self.process.returncode} before ready:\n{tail}")
             try:
-                if self._get(self.http_port, "/v2/health/ready", timeout=2.0)[0] == 200:
+                ready = self._get(self.http_port, "/v2/health/ready", timeout=2.0)[0] == 200
+                if ready and (not self.openai or self._get(self.openai_port, "/health", timeout=2.0)[0] == 200):
                     return self
             except OSError:
                 pass

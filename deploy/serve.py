@@ -169,14 +169,14 @@ def check_ports_free(ports: dict[str, int]) -> None:
                 ) from None
 
 
-def ending(status: int, stopped: int, removed: int) -> str | None:
+def ending(status: int, stopped: int, removed: int, note: str | None = None) -> str | None:
     """One line on how the server ended, where it did not exit 0; None for a clean exit."""
     if status == 0:
         return None
     how = f"was killed by {signal.Signals(-status).name}" if status < 0 else f"exited with status {status}"
     return (
         f"tritonserver {how}; stopped {stopped} Python-backend stub(s) it left and removed {removed} shared-memory "
-        "file(s) (its log above says more)"
+        f"file(s){'; ' + note if note else ''} (its log above says more)"
     )
 
 
@@ -199,29 +199,45 @@ def serve(
     metrics_port: int = 8002,
     **options,
 ) -> int:
-    """Run tritonserver in the foreground, forwarding SIGTERM/SIGINT; `options` as `server_command`'s."""
+    """Run tritonserver in the foreground, forwarding SIGTERM/SIGINT; `options` as `server_command`'s.
+
+    `openai_port` (an option): also run the OpenAI images API there, in the same lifecycle (deploy/openai_front.py).
+    """
+    openai_port = options.pop("openai_port", None)
     ports = {"http_port": http_port, "grpc_port": grpc_port, "metrics_port": metrics_port}
-    check_ports_free({"--" + name.replace("_", "-"): port for name, port in ports.items()})
+    check_ports_free({"--" + name.replace("_", "-"): port for name, port in ports.items()}
+                     | ({"--openai-port": openai_port} if openai_port is not None else {}))  # fmt: skip
     command, env = server_command(repository, host=host, **ports, **options)
     print(
         f"serving {repository}: http {host}:{http_port}, grpc {host}:{grpc_port}, metrics {host}:{metrics_port}",
         file=sys.stderr,
     )
+    front = None
+    if openai_port is not None:
+        from deploy.openai_front import start_front
+
+        # On the address Triton's endpoints listen on; it reaches Triton on loopback where Triton listens there.
+        triton_host = "127.0.0.1" if host in ("0.0.0.0", "127.0.0.1") else host
+        front_options = {"host": host, "triton_host": triton_host, "exit_timeout_s": options.get("exit_timeout_s", 300)}
+        front = start_front(repository=repository, triton_http_port=http_port, port=openai_port,
+                            preexec_fn=_die_with_parent, **front_options)  # fmt: skip
     # Its own process group: a terminal's Ctrl-C reaches the server once, through `forward`.
     server = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent, process_group=0)
 
     def forward(signum, _frame):
-        if server.poll() is None:
+        if front is not None:
+            front.stop(signum, server)  # the front drains first, then the server (openai_front.py)
+        elif server.poll() is None:
             server.send_signal(signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        status = server.wait()
+        status = server.wait() if front is None else front.wait_beside(server)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         stopped, removed = clean_up(shm_prefix())
-    line = ending(status, stopped, removed)
+    line = None if front is not None and front.reported else ending(status, stopped, removed, front and front.note)
     if line:
         print(f"error: {line}", file=sys.stderr, flush=True)
     return status if status >= 0 else 128 - status
@@ -245,6 +261,12 @@ def main(argv=None) -> int:
         help="env from `python -m deploy.stub_env` (default: tritonserver on PATH)",
     )
     parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver's --log-verbose level")
+    parser.add_argument(
+        "--openai-port",
+        type=int,
+        default=None,
+        help="also serve OpenAI's images API on this port (docs/serving.md; needs the serve extra)",
+    )
     parser.add_argument(
         "--exit-timeout-s", type=int, default=300, help="on SIGTERM, seconds for requests in flight (default 300)"
     )

@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.atomic import atomic_write_json, atomic_write_via, writable_error
+from common.atomic import atomic_write_bytes, atomic_write_json, writable_error
 from common.cli import OneLineParser, one_of, run_cli
 from common.errors import UsageError
 from common.staging import remove_stale_staging
@@ -70,12 +70,22 @@ def make_out(out: Path) -> Path:
     return out
 
 
-def save_image(out: Path, stem: str, image_uint8, sidecar: dict) -> Path:
+def encode_png(image_uint8) -> bytes:
+    """The PNG file of one image [H, W, 3] uint8: the one encoder behind every PNG flux2-trt hands out
+    (runtime.generate's and deploy.client's files, deploy.openai_api's b64_json), so they are equal byte for byte."""
+    import io
+
     from PIL import Image
 
+    buffer = io.BytesIO()
+    Image.fromarray(image_uint8).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def save_image(out: Path, stem: str, image_uint8, sidecar: dict) -> Path:
     png = out / f"{stem}.png"
     try:
-        atomic_write_via(png, lambda p: Image.fromarray(image_uint8).save(p, format="PNG"))
+        atomic_write_bytes(png, encode_png(image_uint8))
         atomic_write_json(out / f"{stem}.json", sidecar)
     except OSError as exc:
         if not is_storage_error(exc):
