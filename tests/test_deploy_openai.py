@@ -139,10 +139,11 @@ def _client(server, **options):
     return OpenAI(base_url=f"http://127.0.0.1:{server.openai_port}/v1", api_key="unused", **options)
 
 
-def _pending(server, model: str) -> float:
-    """Requests waiting in Triton's queue for `model` (its Prometheus gauge)."""
-    name = "nv_inference_pending_request_count{"
-    lines = [line for line in server.metrics().splitlines() if line.startswith(name) and f'model="{model}"' in line]
+def _metric(server, name: str, model: str) -> float:
+    """One Prometheus metric of `model`, summed over its label sets."""
+    lines = [
+        line for line in server.metrics().splitlines() if line.startswith(name + "{") and f'model="{model}"' in line
+    ]
     return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
 
 
@@ -276,14 +277,17 @@ def test_sigterm_stops_the_front_taking_requests_lets_those_in_flight_finish_the
             return
         answers.append((len(answer.data), time.monotonic() - started))
 
+    drawn_before = _metric(served, "flux2_images_total", "flux2")
     threads = [threading.Thread(target=ask) for _ in range(2)]
     for thread in threads:
         thread.start()
-    deadline, held = time.monotonic() + 30, False
-    while not held and time.monotonic() < deadline:  # one running on Triton, one waiting in its queue
-        held = _pending(served, "flux2") >= 1
-        time.sleep(0.01)
-    assert held, "the two requests never reached Triton together"
+    # Batched together or one queued behind the other: once the first of their images is drawn both
+    # are on Triton and neither has finished (2 images of 100 steps each).
+    deadline, held = time.monotonic() + 60, False
+    while not held and time.monotonic() < deadline:
+        held = _metric(served, "flux2_images_total", "flux2") > drawn_before
+        time.sleep(0.02)
+    assert held, "the two requests never drew their first image"
     stopped = time.monotonic() - started
     served.process.send_signal(signal.SIGTERM)
     time.sleep(0.5)
