@@ -1,4 +1,4 @@
-"""One declaration per precision: everything the code knows about fp32, fp16, bf16 and fp8.
+"""One declaration per precision: everything the code knows about fp32, fp16, bf16, fp8 and nvfp4.
 
 A precision name is read from the command line or a manifest once (`precision(name)`), and every
 consumer then asks the record: the dtype the PyTorch modules compute in, the bounds a graph is held
@@ -127,6 +127,21 @@ _DECLARED = (
         traced_as="bf16",
         rewrite="fp8",
         min_compute_capability="8.9",  # FP8 tensor cores start with Ada
+        other_components={"text_encoder": "bf16", "vae": "bf16", "vae_encoder": "bf16"},
+    ),
+    # NVFP4 linears (E2M1 weights and activations in blocks of 16, E4M3 block scales, fp32 global
+    # scales; common/nvfp4.py) in the transformer, the same exclusions as fp8, everything else bf16.
+    # The bf16 graph is written first and rewritten beside it: 2 + 0.5625 bytes per element at the peak.
+    Precision(
+        "nvfp4",
+        "bfloat16",
+        Tolerance(2.5e-1, 0.97),
+        3,
+        "BF16",
+        FP32_TWIN,
+        traced_as="bf16",
+        rewrite="nvfp4",
+        min_compute_capability="10.0",  # FP4 tensor cores start with Blackwell (B200 10.0, RTX 50 12.0)
         other_components={"text_encoder": "bf16", "vae": "bf16", "vae_encoder": "bf16"},
     ),
 )
