@@ -57,8 +57,8 @@ def _anon_kib(pid: int | str = "self") -> int:
 
 def child(step: str, source: Path, target: Path) -> None:
     """Run one step; print the RssAnon after imports, then a JSON line with the step's own facts."""
+    from common.cpu_twin import fp32_twin
     from export.fp8.rewrite import DEFAULT_TRANSFORMER_EXCLUDE, quantize_graph
-    from export.fp8.twin import fp32_twin
 
     target.parent.mkdir(parents=True, exist_ok=True)
     before = _anon_kib()

@@ -69,9 +69,9 @@ def test_fp8_transformer_matches_pytorch_fp32(fp8_tiny):
 @pytest.mark.slow
 def test_fp8_graph_rerun_independently(fp8_tiny, tmp_path):
     """Do not trust the report: build the twin again from the artifact and compare with PyTorch here."""
+    from common.cpu_twin import fp32_twin, ort_session
     from common.specs import component_specs
     from export.checkpoint import open_checkpoint
-    from export.fp8.twin import fp32_twin, ort_session
     from export.verify.onnx_run import compare
     from export.verify.reference import ReferenceInputs, build_graph_module
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from common.cpu_twin import fp32_twin, ort_session
 from common.metrics import psnr
 from common.specs import ComponentSpec, TensorSpec
 from export.fp8.rewrite import (
@@ -17,7 +18,6 @@ from export.fp8.rewrite import (
     quantize_graph,
     weight_bytes,
 )
-from export.fp8.twin import fp32_twin, ort_session
 from export.verify.onnx_run import compare, run_graph
 from export.writing.trace import export_graph
 

@@ -1,11 +1,10 @@
-"""Check FP8 Q/DQ graphs on a CPU: an fp32 twin in ONNX Runtime, and end to end through diffusers.
+"""Check quantized (FP8, NVFP4) graphs on a CPU end to end through diffusers.
 
-ONNX Runtime's CPU provider runs FLOAT8E4M3FN QuantizeLinear/DequantizeLinear but no bf16 kernels.
-The fp32 twin is the FP8 graph with every bf16 tensor, Cast target and constant turned into
-float32: the same Q/DQ nodes, the same FP8 weight bytes, the same scales (bf16 values are exact in
-float32), float32 everywhere else. Its error against fp32 PyTorch is the FP8 quantization error
-alone; the bf16 graph adds bf16 rounding on top, which `export.verify.onnx_run`'s reference evaluator
-measures on small graphs.
+The float32 twin of a quantized graph (`common.cpu_twin`: bf16 widened to float32, FP8 Q/DQ kept,
+NVFP4 weights dequantized exactly and its dynamic activation quantization in standard operators)
+is what ONNX Runtime's CPU provider runs. Its error against fp32 PyTorch is the quantization
+error alone; the bf16 graph adds bf16 rounding on top, which `export.verify.onnx_run`'s reference
+evaluator measures on small graphs.
 
 End to end: diffusers' `Flux2Pipeline` in bf16, once as it is and once with its transformer
 replaced by `TwinTransformer`, a shim that runs the twin in ONNX Runtime; same prompt, seed and
@@ -17,69 +16,17 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
+from common.cpu_twin import ort_session
 from common.metrics import psnr
-from export.writing.external_data import copy_with_external_data
 
 # The end-to-end check: a prompt outside the calibration set, FLUX.2 [dev]'s default guidance.
 E2E_PROMPT = "A photograph of a red fox sitting in fresh snow at dawn, soft light, shallow depth of field."
 E2E_SEED = 0
 E2E_STEPS = 8
 E2E_GUIDANCE = 4.0
-
-
-def fp32_twin(source: Path, target: Path) -> None:
-    """Write the float32 twin of the graph at `source` to `target` (+ `.data`)."""
-    import onnx
-    from onnx import AttributeProto, TensorProto, numpy_helper
-
-    bf16, f32 = TensorProto.BFLOAT16, TensorProto.FLOAT
-    model = onnx.load(str(source), load_external_data=False)
-
-    def widen_tensor_proto(tensor):  # an inline tensor (node attribute)
-        if tensor.data_type != bf16:
-            return
-        array = numpy_helper.to_array(tensor).astype(np.float32)
-        tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
-
-    for node in model.graph.node:
-        for attr in node.attribute:
-            if attr.name in ("to", "dtype", "output_dtype") and attr.type == AttributeProto.INT and attr.i == bf16:
-                attr.i = f32
-            elif attr.type == AttributeProto.TENSOR:
-                widen_tensor_proto(attr.t)
-            elif attr.type == AttributeProto.TENSORS:
-                for tensor in attr.tensors:
-                    widen_tensor_proto(tensor)
-    for value in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
-        if value.type.tensor_type.elem_type == bf16:
-            value.type.tensor_type.elem_type = f32
-
-    def transform(tensor, reader):
-        if tensor.data_type != bf16:
-            return None
-        values = reader.array(tensor).astype(np.float32)
-        if not tensor.external_data:
-            tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
-            return None
-        tensor.data_type = f32
-        return values
-
-    copy_with_external_data(model, Path(source).parent, target, transform)
-
-
-def ort_session(path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    # ONNX Runtime's extended optimisations fuse Q/DQ + MatMul into MatMulIntegerToFloat, which has
-    # no float8 kernel ("Type 'tensor(float8e4m3fn)' ... is invalid"): keep the basic level.
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 class TwinTransformer(nn.Module):

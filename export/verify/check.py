@@ -95,7 +95,8 @@ def _expected(target: CheckTarget, held: list) -> tuple[dict, dict]:
 
 def _verify_twin(target: CheckTarget, report: dict) -> None:
     """A Q/DQ graph: its float32 twin in ONNX Runtime, the graph itself where the evaluator can."""
-    from export.fp8.twin import end_to_end, fp32_twin, ort_session
+    from common.cpu_twin import fp32_twin, ort_session
+    from export.fp8.twin import end_to_end
 
     if target.traced_bytes * 2 > TWIN_MAX_BYTES:
         report["note"] = f"{target.traced_bytes} bytes of bf16 weights: the fp32 twin is too large to run on a CPU here"

@@ -46,6 +46,15 @@ class TensorReader:
         path = self.folder / info["location"]
         return np.memmap(path, dtype=dtype, mode="r", offset=int(info.get("offset", 0)), shape=tuple(tensor.dims))
 
+    def packed(self, tensor) -> np.ndarray:
+        """A tensor's stored bytes as uint8 (4-bit types pack two elements per byte: `array` cannot shape them)."""
+        info = _external(tensor)
+        if info is None:
+            return np.frombuffer(tensor.raw_data, dtype=np.uint8)
+        length = int(info["length"])
+        path = self.folder / info["location"]
+        return np.memmap(path, dtype=np.uint8, mode="r", offset=int(info.get("offset", 0)), shape=(length,))
+
 
 def flat_chunks(values: np.ndarray):
     """(start, chunk) views over a tensor's elements, CHUNK_ELEMENTS at a time."""
