@@ -66,7 +66,7 @@ def export_component(job: ComponentJob) -> tuple[ComponentRecord, dict]:
         traced_bytes = _data_bytes(path)
         if job.precision.quantized:
             bar.set_postfix_str(f"{job.precision} rewrite of the written graph")
-            report["fp8"] = _quantize(job, path)
+            report[job.precision.name] = _quantize(job, path)
             facts["nodes"] = _node_count(path)
             bar.update()
         bar.set_postfix_str("sha256")
@@ -84,7 +84,11 @@ def export_component(job: ComponentJob) -> tuple[ComponentRecord, dict]:
     finally:
         bar.close()
     if job.folder_precision.quantized and not job.precision.quantized:
-        report["note"] = "bf16 in an fp8 export: FP8 applies to the transformer (and --text-encoder-precision fp8)"
+        folder = job.folder_precision
+        report["note"] = (
+            f"{job.precision} in an {folder} export: {folder} applies to the transformer "
+            f"(and --text-encoder-precision {folder})"
+        )
     return entry, report
 
 
@@ -115,7 +119,7 @@ def _quantize(job: ComponentJob, path: Path) -> dict:
 
 
 # Precision.rewrite -> the post-pass that realises it on a written graph, in place.
-REWRITES = {"fp8": fp8_export.quantize}
+REWRITES = {"fp8": fp8_export.quantize, "nvfp4": fp8_export.quantize_nvfp4}
 
 
 def _data_bytes(path: Path) -> int:

@@ -208,7 +208,7 @@ def _normalised(job: ExportJob) -> tuple[tuple[str, ...], Shapes]:
 def plan_export(job: ExportJob) -> ExportPlan:
     """Validate the request and read the checkpoint's configs; refuse in one line before any writing."""
     folder_precision = declared(job.precision)
-    fp8 = job.fp8 if job.fp8 is not None or not folder_precision.quantized else Fp8Options()
+    fp8 = job.fp8 if job.fp8 is not None or not folder_precision.quantized else Fp8Options(folder_precision.name)
     components, shapes = _normalised(job)
     validate_request(
         precision=folder_precision.name,
@@ -363,7 +363,7 @@ def _record(plan: ExportPlan, staging: Path, rows) -> ArtifactsManifest:
         staging / "reports" / "export_check.json", {"precision": plan.precision.name, "components": reports}
     )
     if plan.precision.quantized:
-        fp8_export.write_reports(staging / "reports", reports)
+        fp8_export.write_reports(staging / "reports", reports, plan.precision)
     atomic_write_json(staging / MANIFEST_NAME, manifest.to_json())
     return manifest
 

@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from common.dtypes import numpy_of_onnx
+from common.external_data import TensorReader, copy_with_external_data, flat_chunks
 from common.precision import PRECISIONS
 from common.precision import precision as declared
-from export.writing.external_data import TensorReader, copy_with_external_data, flat_chunks
 
 FP8_E4M3_MAX = 448.0
 
@@ -84,7 +84,7 @@ def plan_precisions(paths, exclude: tuple[str, ...]) -> dict[str, str]:
     return {path: (fp8.traced.name if is_excluded(path, exclude) else fp8.name) for path in paths}
 
 
-def _module_path(node, module_prefix: str) -> str | None:
+def linear_path(node, module_prefix: str) -> str | None:
     props = {p.key: p.value for p in node.metadata_props}
     try:
         classes = ast.literal_eval(props.get("pkg.torch.onnx.class_hierarchy", "[]"))
@@ -108,7 +108,7 @@ def find_linear_uses(model, module_prefix: str = "") -> list[LinearUse]:
     for node in model.graph.node:
         if node.op_type not in _LINEAR_OPS:
             continue
-        path = _module_path(node, module_prefix)
+        path = linear_path(node, module_prefix)
         if path is None:
             continue
         weight, via = node.input[1], []
@@ -186,7 +186,7 @@ class _Edits:
     def __post_init__(self):
         self.initializers = {t.name: t for t in self.graph.initializer}
         self.nodes_by_name = {node.name: node for node in self.graph.node}
-        self.weight_users = _count_users(self.graph)
+        self.weight_users = count_users(self.graph)
 
 
 def quantize_graph(
@@ -274,23 +274,23 @@ def _quantize_linear(record: LayerRecord, path_uses: list[LinearUse], input_amax
     fp8_name = f"{path}.weight_fp8"
     edits.fp8_weights[first.weight] = (fp8_name, weight_scale)
     w_scale_name, x_scale_name = f"{path}.weight_scale", f"{path}.input_scale"
-    edits.new_initializers.append(_scalar(w_scale_name, weight_scale, compute_type))
-    edits.new_initializers.append(_scalar(x_scale_name, input_scale, compute_type))
+    edits.new_initializers.append(scalar_initializer(w_scale_name, weight_scale, compute_type))
+    edits.new_initializers.append(scalar_initializer(x_scale_name, input_scale, compute_type))
     # The DQ sits directly on the initializer; a Transpose between it and the MatMul is
     # kept (TensorRT propagates DQ through Transpose). Shared weights are not expected.
     if edits.weight_users.get(first.weight, 0) != len(path_uses):
         raise Fp8GraphError(f"weight {first.weight} of linear {path} is also used outside that linear")
     zero = edits.zero_point.name
     weight_dq = f"{path}.weight_dequantized"
-    weight_dq_node = _node("DequantizeLinear", [fp8_name, w_scale_name, zero], weight_dq, path)
+    weight_dq_node = make_node("DequantizeLinear", [fp8_name, w_scale_name, zero], weight_dq, path)
     for index, use in enumerate(path_uses):
         suffix = f".{index}" if len(path_uses) > 1 else ""
         q_out, dq_out = f"{path}.input_fp8{suffix}", f"{path}.input_dequantized{suffix}"
         node = edits.nodes_by_name[use.node]
         edits.new_nodes.setdefault(use.node, []).extend(
             [
-                _node("QuantizeLinear", [use.activation, x_scale_name, zero], q_out, path),
-                _node("DequantizeLinear", [q_out, x_scale_name, zero], dq_out, path),
+                make_node("QuantizeLinear", [use.activation, x_scale_name, zero], q_out, path),
+                make_node("DequantizeLinear", [q_out, x_scale_name, zero], dq_out, path),
             ]
         )
         node.input[0] = dq_out
@@ -321,7 +321,7 @@ def _apply(model, edits: _Edits) -> None:
             info.type.tensor_type.elem_type = TensorProto.FLOAT8E4M3FN
 
 
-def _count_users(graph) -> dict[str, int]:
+def count_users(graph) -> dict[str, int]:
     users: dict[str, int] = {}
     for node in graph.node:
         for name in node.input:
@@ -329,7 +329,7 @@ def _count_users(graph) -> dict[str, int]:
     return users
 
 
-def _scalar(name: str, value: np.ndarray, data_type: int):
+def scalar_initializer(name: str, value: np.ndarray, data_type: int):
     from onnx import TensorProto
 
     tensor = TensorProto(name=name, data_type=data_type)
@@ -337,10 +337,10 @@ def _scalar(name: str, value: np.ndarray, data_type: int):
     return tensor
 
 
-def _node(op_type: str, inputs: list[str], output: str, path: str):
+def make_node(op_type: str, inputs: list[str], output: str, path: str, **attributes):
     from onnx import helper
 
-    node = helper.make_node(op_type, inputs, [output], name=f"{output}/{op_type}")
+    node = helper.make_node(op_type, inputs, [output], name=f"{output}/{op_type}", **attributes)
     entry = node.metadata_props.add()
     entry.key, entry.value = "flux2_trt.fp8_layer", path  # for a reader; audit_qdq does not trust it
     return node
@@ -364,7 +364,7 @@ def audit_qdq(model, module_prefix: str = "") -> dict[str, dict]:
     for node in model.graph.node:
         if node.op_type not in _LINEAR_OPS:
             continue
-        path = _module_path(node, module_prefix)
+        path = linear_path(node, module_prefix)
         if path is None:
             continue
         entry = result.setdefault(
@@ -399,6 +399,19 @@ def audit_qdq(model, module_prefix: str = "") -> dict[str, dict]:
     for entry in result.values():
         entry["weight_dq_fp8"] = len(entry.pop("weight_dq_nodes"))
     return result
+
+
+def audit_problems(model, module_prefix: str, records: list[LayerRecord]) -> list[str]:
+    """What the written graph holds that the records did not ask for (empty: as asked)."""
+    audit = audit_qdq(model, module_prefix)
+    problems = []
+    for record in records:
+        found = audit.get(record.path, {})
+        want = (1, record.calls) if record.quantized else (0, 0)
+        got = (found.get("weight_dq_fp8"), found.get("activation_qdq"))
+        if got != want:
+            problems.append(f"{record.path}: weight DQ / activation Q-DQ {got}, expected {want}")
+    return problems
 
 
 def weight_bytes(model, exclude: tuple[str, ...]) -> dict:

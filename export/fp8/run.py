@@ -37,13 +37,17 @@ from export.fp8.rewrite import DEFAULT_TEXT_ENCODER_EXCLUDE, DEFAULT_TRANSFORMER
 
 # Bump when the FP8 graphs this code writes change for the same inputs (part of the cache key).
 FP8_CODE_VERSION = 2  # 2: the renamed FP8 weights keep their value_info entries
+# Per rewrite (Precision.rewrite), as FP8_CODE_VERSION is for fp8.
+CODE_VERSIONS = {"fp8": FP8_CODE_VERSION, "nvfp4": 1}
 FP8 = PRECISIONS["fp8"]
 # The text encoder's choices in an fp8 folder: as traced (bf16), or FP8 linears too.
-TEXT_ENCODER_PRECISIONS = (FP8.traced.name, FP8.name)
 
 
 @dataclass(frozen=True)
 class Fp8Options:
+    """The quantized export's choices (fp8 or nvfp4: the same calibration, exclusions and reports)."""
+
+    precision: str = "fp8"  # the folder's quantized precision
     exclude: tuple[str, ...] = DEFAULT_TRANSFORMER_EXCLUDE
     text_encoder_precision: str = "bf16"
     text_encoder_exclude: tuple[str, ...] = DEFAULT_TEXT_ENCODER_EXCLUDE
@@ -55,7 +59,7 @@ class Fp8Options:
 
     def component_precision(self, component: str) -> str:
         """The precision of `component`'s graph in the fp8 folder these options export."""
-        return FP8.of_component(component, self.quantizes_text_encoder).name
+        return declared(self.precision).of_component(component, self.quantizes_text_encoder).name
 
     def exclude_for(self, component: str) -> tuple[str, ...]:
         return {"transformer": self.exclude, "text_encoder": self.text_encoder_exclude}[component]
@@ -68,7 +72,7 @@ class Fp8Options:
             "component_precision": precision,
             "exclude": list(self.exclude_for(component)),
             "calibration": dataclasses.asdict(self.calibration),
-            "fp8_code": FP8_CODE_VERSION,
+            f"{declared(self.precision).rewrite}_code": CODE_VERSIONS[declared(self.precision).rewrite],
         }
 
 
@@ -88,8 +92,8 @@ def add_arguments(parser) -> None:
     group.add_argument(
         "--text-encoder-precision",
         default=None,
-        metavar="bf16|fp8",
-        help=f"one of {', '.join(TEXT_ENCODER_PRECISIONS)} (default bf16): FP8 linears in the text encoder too",
+        metavar="bf16|fp8|nvfp4",
+        help="bf16 (the default) or the folder's --precision (fp8 or nvfp4): quantized linears in the text encoder too",
     )
     defaults = CalibrationSettings()
     group.add_argument(
@@ -123,15 +127,16 @@ def options_from_args(args, precision: str) -> Fp8Options | None:
             flag = "--" + given[0].replace("_", "-")
             raise UsageError(f"{flag} applies to --precision fp8 only (got --precision {precision})")
         return None
-    options = Fp8Options()
+    options = Fp8Options(precision=declared(precision).name)
     if args.fp8_exclude is not None:
         patterns = () if args.fp8_exclude.strip().lower() == "none" else parse_csv(args.fp8_exclude)
         options = dataclasses.replace(options, exclude=patterns)
     if args.text_encoder_precision is not None:
-        if args.text_encoder_precision not in TEXT_ENCODER_PRECISIONS:
+        choices = (declared(precision).traced.name, declared(precision).name)
+        if args.text_encoder_precision not in choices:
             raise UsageError(
                 f"--text-encoder-precision {args.text_encoder_precision!r} is not one of "
-                f"{', '.join(TEXT_ENCODER_PRECISIONS)}"
+                f"{', '.join(choices)} (with --precision {precision})"
             )
         options = dataclasses.replace(options, text_encoder_precision=args.text_encoder_precision)
     calibration = {
@@ -188,47 +193,69 @@ def check_options(options: Fp8Options, checkpoint, geometry, components) -> None
             check_patterns(exclude, linear_names(checkpoint, geometry, component), component)
 
 
-def quantize(path: Path, options: Fp8Options, component: str, calibration_inputs) -> dict:
-    """Rewrite the bf16 graph at `path` (+ .data) into its FP8 Q/DQ form in place; the report's "fp8" part.
+def quantize(path: Path, options: Fp8Options, component: str, calibration_inputs, precision=FP8) -> dict:
+    """Rewrite the bf16 graph at `path` (+ .data) into its quantized form in place; the report's part.
 
-    `calibration_inputs` is (checkpoint, geometry, shapes), what the calibration runs the pipeline on.
+    `precision` is fp8 (Q/DQ, `export.fp8.rewrite`) or nvfp4 (`export.nvfp4.rewrite`): the same
+    calibration, exclusions and report, another rewrite. `calibration_inputs` is (checkpoint,
+    geometry, shapes), what the calibration runs the pipeline on.
     """
     from export.fp8.calibrate import calibrate
 
+    precision = declared(precision)
     exclude = options.exclude_for(component)
     calibration = calibrate(*calibration_inputs, options.calibration)
     data = path.with_name(path.name + ".data")
     bf16_bytes = data.stat().st_size if data.exists() else 0
     records = _rewrite(
-        path.parent, path.name, calibration[component], exclude, COMPONENTS[component].initializer_prefix
+        path.parent, path.name, calibration[component], exclude, COMPONENTS[component].initializer_prefix, precision
     )
-    fp8_bytes = data.stat().st_size if data.exists() else 0
-    fp8_layers = [r.path for r in records if r.quantized]
+    quantized_bytes = data.stat().st_size if data.exists() else 0
+    quantized = [r.path for r in records if r.quantized]
+    name, traced = precision.name, precision.traced.name
     return {
         "exclude": list(exclude),
-        "counts": {FP8.name: len(fp8_layers), FP8.traced.name: len(records) - len(fp8_layers)},
-        "fp8_layers": fp8_layers,
-        "bf16_layers": [r.path for r in records if not r.quantized],
+        "counts": {name: len(quantized), traced: len(records) - len(quantized)},
+        f"{name}_layers": quantized,
+        f"{traced}_layers": [r.path for r in records if not r.quantized],
         "layers": [r.to_json() for r in records],
         "calibration": {key: calibration[key] for key in ("key", "settings", "prompts", "transformer_calls", "reused")},
-        "sizes": {"bf16_data_bytes": bf16_bytes, "fp8_data_bytes": fp8_bytes, "ratio": fp8_bytes / max(bf16_bytes, 1)},
+        "sizes": {
+            f"{traced}_data_bytes": bf16_bytes,
+            f"{name}_data_bytes": quantized_bytes,
+            "ratio": quantized_bytes / max(bf16_bytes, 1),
+        },
     }
 
 
-def _rewrite(staging: Path, onnx_name: str, amax: dict, exclude, module_prefix: str):
+def quantize_nvfp4(path: Path, options: Fp8Options, component: str, calibration_inputs) -> dict:
+    return quantize(path, options, component, calibration_inputs, PRECISIONS["nvfp4"])
+
+
+def _rewriter(precision):
+    """(quantize_graph, audit problems) of the rewrite `precision` names."""
+    if precision.rewrite == FP8.rewrite:
+        from export.fp8 import rewrite
+    else:
+        from export.nvfp4 import rewrite
+    return rewrite.quantize_graph, rewrite.audit_problems
+
+
+def _rewrite(staging: Path, onnx_name: str, amax: dict, exclude, module_prefix: str, precision=FP8):
     import onnx
 
     from common.onnx_checks import dynamic_dims, float64_uses
-    from export.fp8.rewrite import Fp8GraphError, audit_qdq, quantize_graph
+    from export.fp8.rewrite import Fp8GraphError
 
-    work = Path(tempfile.mkdtemp(prefix=".fp8-", dir=staging))
+    quantize_graph, audit_problems = _rewriter(precision)
+    work = Path(tempfile.mkdtemp(prefix=f".{precision}-", dir=staging))
     try:
         try:
             records = quantize_graph(
                 staging / onnx_name, work / onnx_name, input_amax=amax, exclude=exclude, module_prefix=module_prefix
             )
         except Fp8GraphError as exc:
-            raise Flux2TrtError(f"cannot place FP8 Q/DQ in {staging / onnx_name}: {exc}") from None
+            raise Flux2TrtError(f"cannot place {precision} quantization in {staging / onnx_name}: {exc}") from None
         for name in (onnx_name, onnx_name + ".data"):
             os.replace(work / name, staging / name)
     finally:
@@ -239,15 +266,9 @@ def _rewrite(staging: Path, onnx_name: str, amax: dict, exclude, module_prefix: 
     path = staging / onnx_name
     model = onnx.load(str(path), load_external_data=False)
     problems = [f"float64 at {p}" for p in float64_uses(model)] + [f"dynamic shape: {p}" for p in dynamic_dims(model)]
-    audit = audit_qdq(model, module_prefix)
-    for record in records:
-        found = audit.get(record.path, {})
-        want = (1, record.calls) if record.quantized else (0, 0)
-        got = (found.get("weight_dq_fp8"), found.get("activation_qdq"))
-        if got != want:
-            problems.append(f"{record.path}: weight DQ / activation Q-DQ {got}, expected {want}")
+    problems += audit_problems(model, module_prefix, records)
     if problems:
-        raise InternalError(f"FP8 graph {path} is not what was asked for: {'; '.join(problems[:5])}")
+        raise InternalError(f"{precision} graph {path} is not what was asked for: {'; '.join(problems[:5])}")
     onnx.checker.check_model(str(path), full_check=False)
     return records
 
@@ -258,11 +279,12 @@ def _node_count(path: Path) -> int:
     return len(onnx.load(str(path), load_external_data=False).graph.node)
 
 
-def write_reports(reports_dir: Path, reports: dict) -> None:
-    """reports/fp8_layers.json (which linear is in which precision, and its scales) and fp8_check.json."""
+def write_reports(reports_dir: Path, reports: dict, precision=FP8) -> None:
+    """reports/<precision>_layers.json (which linear is in which precision, and its scales) and <precision>_check.json."""
+    name = declared(precision).name
     layers, check = {}, {}
     for component, report in reports.items():
-        details = report.get("fp8")
+        details = report.get(name)
         if not details:
             continue
         layers[component] = {key: details[key] for key in ("exclude", "counts", "calibration", "layers")}
@@ -276,5 +298,5 @@ def write_reports(reports_dir: Path, reports: dict) -> None:
         }
         if "end_to_end" in report:
             check["end_to_end"] = report["end_to_end"]
-    atomic_write_json(Path(reports_dir) / "fp8_layers.json", layers)
-    atomic_write_json(Path(reports_dir) / "fp8_check.json", check)
+    atomic_write_json(Path(reports_dir) / f"{name}_layers.json", layers)
+    atomic_write_json(Path(reports_dir) / f"{name}_check.json", check)
