@@ -63,6 +63,10 @@ class Precision:
     traced_as: str = ""
     rewrite: str | None = None  # None: a cast at trace time; "fp8": export.fp8's Q/DQ post-pass
     min_compute_capability: str | None = None  # the oldest GPU whose tensor cores run it
+    architecture: str | None = None  # that GPU's architecture, for messages: "Ada", "Blackwell"
+    # The TensorRT-RTX targets an engine of it is built for when none is asked for; None: TensorRT-RTX's
+    # own defaults. Set where those defaults include GPUs that cannot run it (docs/engines.md#nvfp4).
+    rtx_compute_capabilities: tuple[str, ...] | None = None
     # The components of a folder at this precision that are not of it, and what they are instead.
     other_components: dict = field(default_factory=dict)
     # fp16/bf16 graphs list the matrix multiplies they keep in float32 (attention's), for engines.check.
@@ -96,6 +100,18 @@ class Precision:
             return self
         return precision(self.other_components.get(component, self.name))
 
+    @property
+    def layers_report(self) -> str | None:
+        """The export's per-linear report of a quantized precision, under reports/: `fp8_layers.json`."""
+        return f"{self.rewrite}_layers.json" if self.quantized else None
+
+    def capability_need(self) -> str:
+        """What GPU this precision's engines need, in words: `NVFP4 needs compute capability 10.0 or newer (Blackwell)`."""
+        if self.min_compute_capability is None:
+            return f"{self.name.upper()} runs on every GPU"
+        era = f" ({self.architecture})" if self.architecture else ""
+        return f"{self.name.upper()} needs compute capability {self.min_compute_capability} or newer{era}"
+
     def runs_on(self, capability: tuple[int, int]) -> bool:
         """Whether a GPU of compute capability (major, minor) can run this precision's engines."""
         if self.min_compute_capability is None:
@@ -127,6 +143,7 @@ _DECLARED = (
         traced_as="bf16",
         rewrite="fp8",
         min_compute_capability="8.9",  # FP8 tensor cores start with Ada
+        architecture="Ada",
         other_components={"text_encoder": "bf16", "vae": "bf16", "vae_encoder": "bf16"},
     ),
     # NVFP4 linears (E2M1 weights and activations in blocks of 16, E4M3 block scales, fp32 global
@@ -142,6 +159,10 @@ _DECLARED = (
         traced_as="bf16",
         rewrite="nvfp4",
         min_compute_capability="10.0",  # FP4 tensor cores start with Blackwell (B200 10.0, RTX 50 12.0)
+        architecture="Blackwell",
+        # TensorRT-RTX's defaults start at 8.0; measured: it refuses an explicit 8.x for FP4 ("HW-specific
+        # datatypes: fp4_e2m1") and drops 8.x from its defaults only in a verbose log line.
+        rtx_compute_capabilities=("12.0", "12.1"),
         other_components={"text_encoder": "bf16", "vae": "bf16", "vae_encoder": "bf16"},
     ),
 )

@@ -12,7 +12,7 @@ version, the GPU or compute capabilities, the ONNX files' sha256 and the build f
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +29,7 @@ from common.engine_manifest import (
 from common.errors import Flux2TrtError, UsageError
 from common.integrity import verify_artifacts
 from common.manifest import ComponentRecord, key_of, read_manifest, sha256_file
+from common.precision import PRECISIONS
 from common.precision import precision as declared
 from common.staging import folder_lock, remove_stale_staging
 from common.tensorrt_env import (
@@ -170,7 +171,7 @@ def _resolve_target(requested: str, log) -> str | None:
     return target
 
 
-def _platform(target: str, trt, build: BuildConfig) -> Platform:
+def _platform(target: str, trt, build: BuildConfig, capabilities_from: str | None = None) -> Platform:
     """What this machine builds for: its GPU (tensorrt), or the compute capabilities asked for (rtx)."""
     if target == "tensorrt":
         from common.tensorrt_env import present_gpu
@@ -187,13 +188,19 @@ def _platform(target: str, trt, build: BuildConfig) -> Platform:
                 f"present ({why}; measured: its kernel compiler fails its CUDA check); build them on a GPU node "
                 f"or leave --strip-weights out"
             )
-    requested = build.compute_capabilities
-    return Platform(
-        target,
-        trt.__version__,
-        compute_capabilities=tuple(requested or RTX_DEFAULT_COMPUTE_CAPABILITIES),
-        compute_capabilities_from="--compute-capability" if requested else "TensorRT-RTX default",
-    )
+    capabilities = build.compute_capabilities or RTX_DEFAULT_COMPUTE_CAPABILITIES
+    source = capabilities_from or ("--compute-capability" if build.compute_capabilities else "TensorRT-RTX default")
+    return Platform(target, trt.__version__, compute_capabilities=capabilities, compute_capabilities_from=source)
+
+
+def _for_precision(target: str, build: BuildConfig, precision: str) -> tuple[BuildConfig, str | None]:
+    """`build` with the precision's own TensorRT-RTX targets where none were asked for (nvfp4: 12.0,
+    12.1), so the builder is told them and the manifest records what the plan holds; and where they
+    came from (None: from `build` itself)."""
+    own = declared(precision).rtx_compute_capabilities
+    if target != "rtx" or build.compute_capabilities or not own:
+        return build, None
+    return replace(build, compute_capabilities=own), f"{precision} default"
 
 
 def _check_precision_fits(target: str, build: BuildConfig, precision: str) -> None:
@@ -204,9 +211,24 @@ def _check_precision_fits(target: str, build: BuildConfig, precision: str) -> No
     if old:
         raise UsageError(
             f"--compute-capability {','.join(c.replace('.', '') for c in old)} cannot run {precision} engines "
-            f"({str(precision).upper()} needs compute capability {declaration.min_compute_capability} or newer); drop it or "
-            f"export at {declaration.traced}"
+            f"({declaration.capability_need()}); drop it{_buildable_here(declaration)} or export at {declaration.traced}"
         )
+
+
+def _buildable_here(declaration) -> str:
+    own = declaration.rtx_compute_capabilities
+    return f" (TensorRT-RTX builds {declaration} for {','.join(c.replace('.', '') for c in own)})" if own else ""
+
+
+def _check_gpu_fits(platform: Platform, precision: str) -> None:
+    """`--target tensorrt` builds for the GPU it runs on: refuse one whose tensor cores lack the precision."""
+    declaration = declared(precision)
+    if platform.compute_capability is None or declaration.runs_on(cc_tuple(platform.compute_capability)):
+        return
+    raise UsageError(
+        f"this node's {platform.gpu} (compute capability {platform.compute_capability}) cannot run {precision} "
+        f"engines ({declaration.capability_need()}); build them on such a GPU or export at {declaration.traced}"
+    )
 
 
 @dataclass
@@ -316,7 +338,9 @@ def plan_build(
     if target is None:
         return None
     _check_precision_fits(target, build, manifest.precision)
-    platform = platform or _platform(target, trt, build)
+    build, capabilities_from = _for_precision(target, build, manifest.precision)
+    platform = platform or _platform(target, trt, build, capabilities_from)
+    _check_gpu_fits(platform, manifest.precision)
     api = TrtApi(trt, target)
     cache = TimingCache.open(timing_cache, api, log)
 
@@ -453,6 +477,11 @@ def main(argv=None) -> int:
         default=None,
         help="rtx: comma-separated targets, e.g. 89,120 (default: TensorRT-RTX's own, "
         + ",".join(c.replace(".", "") for c in RTX_DEFAULT_COMPUTE_CAPABILITIES)
+        + "".join(
+            f"; {p}: {','.join(c.replace('.', '') for c in p.rtx_compute_capabilities)}"
+            for p in PRECISIONS.values()
+            if p.rtx_compute_capabilities
+        )
         + ")",
     )
     parser.add_argument("--force", action="store_true", help="rebuild every engine even when its cache key matches")

@@ -2,7 +2,7 @@
 
 First, on a CPU, without TensorRT and without reading weights: operator support and per-node types
 against TensorRT's published operator list (`tensorrt_ops.json`), opset range, no float64, fully
-static shapes, one external-data file beside each model, well-formed FP8 Q/DQ, and graph inputs
+static shapes, one external-data file beside each model, well-formed FP8 and NVFP4 Q/DQ, and graph inputs
 and outputs equal to the manifest's declaration. Then, where TensorRT or TensorRT-RTX imports, each
 graph goes through its real ONNX parser (engines.trt_parse): the parse result, the layer count, a
 census of layer output types, and what the precision promises (FP8 quantizers, matrix multiply
@@ -21,6 +21,7 @@ from common.errors import ArtifactsError, EngineCompatibilityError
 from common.manifest import ComponentRecord, read_manifest
 from common.precision import precision as declared
 from engines import graph_checks
+from engines.nvfp4_qdq import check_nvfp4_qdq
 from engines.ops_table import load_table
 from engines.qdq import check_fp8_qdq
 
@@ -33,6 +34,7 @@ GRAPH_CHECKS = {
     "static": graph_checks.check_static,
     "external data": graph_checks.check_external_data,
     "fp8 q/dq": check_fp8_qdq,
+    "nvfp4 q/dq": check_nvfp4_qdq,
 }
 
 
@@ -131,7 +133,7 @@ def format_table(reports: list[ComponentReport], table: dict) -> str:
 
 def run_parse(folder: Path, out) -> list:
     """The real parser's half; [] with one printed line where no TensorRT imports."""
-    from engines.trt_parse import format_parse_table, parse_artifacts, parser_api, read_fp8_layers
+    from engines.trt_parse import format_parse_table, parse_artifacts, parser_api, read_layers_report
 
     api, found = parser_api()
     if api is None:
@@ -141,7 +143,7 @@ def run_parse(folder: Path, out) -> list:
     reports = parse_artifacts(api, Path(folder), manifest)
     expected = {
         name: sum(1 for r in report.get("layers", []) if declared(r["precision"]).quantized)
-        for name, report in read_fp8_layers(folder).items()
+        for name, report in read_layers_report(folder, manifest.precision).items()
     }
     print(format_parse_table(reports, f"{api.label} {api.version}", expected), file=out)
     return reports

@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.onnx_checks import dynamic_dims, external_data_files, float64_uses
-from engines.ops_table import ONNX_TO_TABLE_TYPE
+from engines.ops_table import ONNX_TO_TABLE_TYPE, TRT_DOMAIN, operator_entry
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
-CHECKS = ("opset", "operators", "types", "limits", "float64", "static", "external data", "fp8 q/dq", "io")
+CHECKS = (
+    "opset", "operators", "types", "limits", "float64", "static", "external data", "fp8 q/dq", "nvfp4 q/dq", "io",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,7 @@ def check_opset(graph: Graph, table: dict) -> list[Finding]:
             )
         )
     for entry in graph.model.opset_import:
-        if entry.domain not in DEFAULT_DOMAINS:
+        if entry.domain not in (*DEFAULT_DOMAINS, TRT_DOMAIN):  # "trt": TensorRT's own operators
             found.append(
                 Finding(
                     "opset",
@@ -130,7 +132,7 @@ def check_operators(graph: Graph, table: dict) -> list[Finding]:
     for index, node in enumerate(graph.model.graph.node):
         if (node.domain, node.op_type) in local_functions:
             continue  # a model-local function: the parser inlines it, its body's nodes are what counts
-        entry = table["operators"].get(node.op_type) if node.domain in DEFAULT_DOMAINS else None
+        entry = operator_entry(table, node.domain, node.op_type)
         if entry is None:
             domain = f" in domain {node.domain!r}" if node.domain not in DEFAULT_DOMAINS else ""
             found.append(
@@ -176,7 +178,7 @@ def _data_inputs(node, opset: int) -> list[int]:
 def check_types(graph: Graph, table: dict) -> list[Finding]:
     found = []
     for index, node in enumerate(graph.model.graph.node):
-        entry = table["operators"].get(node.op_type) if node.domain in DEFAULT_DOMAINS else None
+        entry = operator_entry(table, node.domain, node.op_type)
         if not entry or not entry["supported"]:
             continue  # reported by check_operators
         names = [node.input[i] for i in _data_inputs(node, graph.opset) if node.input[i]]

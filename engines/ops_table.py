@@ -38,6 +38,28 @@ ONNX_TO_TABLE_TYPE = {
     "FLOAT8E4M3FN": "FP8",
     "FLOAT4E2M1": "FP4",
 }
+# TensorRT's own operators, in ONNX domain "trt", which operators.md does not list: what the parser
+# imports, in the table's entry shape. Measured with TensorRT-RTX 1.7.1's parser and builder (SM120):
+# x FP32, FP16 and BF16 parse and build; outputs FP4 values and FP8 block scales (docs/engines.md#nvfp4).
+TRT_DOMAIN = "trt"
+TRT_DOMAIN_OPERATORS = {
+    "TRT_FP4DynamicQuantize": {
+        "supported": True,
+        "types": ["FP32", "FP16", "BF16"],
+        "restrictions": "axis -1, block_size 16, scale_type FLOAT8E4M3FN; a scalar float32 global scale",
+    },
+}
+
+
+def operator_entry(table: dict, domain: str, op_type: str) -> dict | None:
+    """The table's entry for an operator of `domain` ("" or "ai.onnx": operators.md; "trt": TensorRT's own)."""
+    if domain in ("", "ai.onnx"):
+        return table["operators"].get(op_type)
+    if domain == TRT_DOMAIN:
+        return TRT_DOMAIN_OPERATORS.get(op_type)
+    return None
+
+
 # Typos in the published list, read as what they plainly mean.
 _TYPE_FIXES = {"INF64": "INT64"}
 

@@ -11,7 +11,10 @@ included, so it needs host memory of the weights' size); nothing is compiled. Pe
     the export keeps none there on purpose, measured on every tiny graph);
   * FP8 components (the export's `reports/fp8_layers.json`): one FP8 QUANTIZE layer per FP8 linear,
     each feeding a matrix multiply through a DEQUANTIZE, one FP8 weight constant per FP8 linear,
-    and none on a linear the report keeps in bf16.
+    and none on a linear the report keeps in bf16;
+  * NVFP4 components (`reports/nvfp4_layers.json`): one FP4 DYNAMIC_QUANTIZE layer per NVFP4 linear
+    and one FP4 weight (a DEQUANTIZE of an FP4 constant) per NVFP4 linear, each reaching a matrix
+    multiply through its DEQUANTIZE (and the Cast / Transpose the export puts between).
 
 Layer names are the ONNX node names; the export names an FP8 activation quantizer
 `<linear path>.input_fp8[.i]/QuantizeLinear` (export/fp8/rewrite.py), which maps a QUANTIZE layer to
@@ -39,7 +42,7 @@ class ParseReport:
     layers: int = 0
     census: Counter = field(default_factory=Counter)  # (layer type, output type) -> count
     findings: list[Finding] = field(default_factory=list)
-    fp8_linears: int | None = None  # FP8 QUANTIZE layers found, for the table
+    quantized_linears: int | None = None  # FP8 / FP4 quantized linears found, for the table
 
     def output_types(self) -> Counter:
         totals = Counter()
@@ -62,14 +65,17 @@ def parser_api():
     return None, f"{trt_reason}; {rtx_reason}"
 
 
-def read_fp8_layers(artifacts: Path) -> dict:
-    """The export's FP8 report: {component: {"layers": [{"path", "precision"}, ...]}}; {} when absent."""
-    path = Path(artifacts) / "reports" / "fp8_layers.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+def read_layers_report(artifacts: Path, precision: str) -> dict:
+    """The export's per-linear report of a quantized folder (`Precision.layers_report`:
+    reports/fp8_layers.json, reports/nvfp4_layers.json): {component: {"layers": [{"path", "precision"},
+    ...]}}; {} when the precision has none or the file is absent."""
+    name = declared(precision).layers_report
+    path = Path(artifacts) / "reports" / name if name else None
+    return json.loads(path.read_text(encoding="utf-8")) if path is not None and path.is_file() else {}
 
 
 def parse_component(
-    api, component: str, onnx_path: Path, precision: str, fp8_report: dict | None, kept_float32=()
+    api, component: str, onnx_path: Path, precision: str, layers_report: dict | None, kept_float32=()
 ) -> ParseReport:
     from engines.trt_build import EngineBuildError, parse_onnx
 
@@ -86,8 +92,9 @@ def parse_component(
         dtype = layer.get_output_type(0).name if layer.num_outputs else "-"
         report.census[(layer.type.name, dtype)] += 1
     report.findings += matmul_findings(layers, precision, kept_float32)
-    if fp8_report:
-        report.findings += fp8_findings(layers, fp8_report, report)
+    rewrite = declared(precision).rewrite
+    if layers_report and rewrite in QUANTIZED_CENSUS:
+        report.findings += QUANTIZED_CENSUS[rewrite](layers, layers_report, report)
     return report
 
 
@@ -166,27 +173,100 @@ def fp8_findings(layers, fp8_report: dict, report: ParseReport) -> list[Finding]
                 "fp8", "FP8 weights", f"{weights} FP8 constants for {len(fp8_paths)} FP8 linears in the export's report"
             )
         )
-    report.fp8_linears = len(set(quantized) & fp8_paths)
+    report.quantized_linears = len(set(quantized) & fp8_paths)
     return found
 
 
+def _producers(layers) -> dict[str, object]:
+    return {layer.get_output(i).name: layer for layer in layers for i in range(layer.num_outputs)}
+
+
+# Layers the export puts between an NVFP4 DEQUANTIZE and its matrix multiply (Cast to bf16, the
+# weight's Transpose; the parser adds a broadcast SHUFFLE).
+_PASS_THROUGH = ("CAST", "SHUFFLE")
+
+
+def _reaches_matmul(layer, consumers, depth: int = 4) -> bool:
+    """Whether `layer`'s output reaches a MATRIX_MULTIPLY through CAST / SHUFFLE layers only."""
+    for reader in consumers.get(layer.get_output(0).name, []):
+        if reader.type.name == "MATRIX_MULTIPLY":
+            return True
+        if reader.type.name in _PASS_THROUGH and depth > 0 and _reaches_matmul(reader, consumers, depth - 1):
+            return True
+    return False
+
+
+def _is_fp4_constant(layer) -> bool:
+    return layer is not None and layer.type.name == "CONSTANT" and layer.get_output_type(0).name == "FP4"
+
+
+def _fp4_value_dequantizes(layer, consumers) -> list:
+    """The DEQUANTIZE layers that read `layer`'s first output as their values (input 0)."""
+    name = layer.get_output(0).name
+    return [r for r in consumers.get(name, []) if r.type.name == "DEQUANTIZE" and r.get_input(0).name == name]
+
+
+def nvfp4_findings(layers, nvfp4_report: dict, report: ParseReport) -> list[Finding]:
+    """FP4 activation quantizers and FP4 weights in TensorRT's network against the report's NVFP4 linears.
+
+    Counted, not mapped by name: each must reach a matrix multiply through its DEQUANTIZE."""
+    expected = sum(1 for r in nvfp4_report.get("layers", []) if declared(r["precision"]).quantized)
+    consumers, producers = _consumers(layers), _producers(layers)
+    quantizers = [q for q in layers if q.type.name == "DYNAMIC_QUANTIZE" and q.get_output_type(0).name == "FP4"]
+    weights = [
+        d for d in layers if d.type.name == "DEQUANTIZE" and _is_fp4_constant(producers.get(d.get_input(0).name))
+    ]
+    found = []
+    feeding = 0
+    for quantize in quantizers:
+        if any(_reaches_matmul(dq, consumers) for dq in _fp4_value_dequantizes(quantize, consumers)):
+            feeding += 1
+        else:
+            found.append(
+                Finding(
+                    "nvfp4",
+                    f"layer {quantize.name} (DYNAMIC_QUANTIZE)",
+                    "feeds no matrix multiply through a DEQUANTIZE",
+                )
+            )
+    for weight in weights:
+        if not _reaches_matmul(weight, consumers):
+            found.append(Finding("nvfp4", f"layer {weight.name} (DEQUANTIZE)", "FP4 weight feeds no matrix multiply"))
+    for what, count in (
+        ("FP4 activation quantizers (DYNAMIC_QUANTIZE)", len(quantizers)),
+        ("FP4 weights", len(weights)),
+    ):
+        if count != expected:
+            found.append(
+                Finding(
+                    "nvfp4", what, f"{count} in TensorRT's network for {expected} NVFP4 linears in the export's report"
+                )
+            )
+    report.quantized_linears = min(feeding, len(weights))
+    return found
+
+
+# Precision.rewrite -> what TensorRT's network must show for it (as export.component_export's REWRITES).
+QUANTIZED_CENSUS = {"fp8": fp8_findings, "nvfp4": nvfp4_findings}
+
+
 def parse_artifacts(api, folder: Path, manifest: ArtifactsManifest) -> list[ParseReport]:
-    fp8_layers = read_fp8_layers(folder)
+    layers_report = read_layers_report(folder, manifest.precision)
     reports = []
     for name, entry in manifest.components.items():
         kept = entry.float32_matmuls or ()
-        reports.append(parse_component(api, name, folder / entry.file, entry.precision, fp8_layers.get(name), kept))
+        reports.append(parse_component(api, name, folder / entry.file, entry.precision, layers_report.get(name), kept))
     return reports
 
 
-def format_parse_table(reports: list[ParseReport], label: str, fp8_expected: dict) -> str:
-    header = f"{'component':<13}{'parse':<7}{'layers':>7}  {'matrix multiplies':<20}{'fp8 quantize':<16}result"
+def format_parse_table(reports: list[ParseReport], label: str, quantized_expected: dict) -> str:
+    header = f"{'component':<13}{'parse':<7}{'layers':>7}  {'matrix multiplies':<20}{'quantized':<16}result"
     lines = [f"{label} ONNX parser: TensorRT's own network per graph (no build)", header, "-" * len(header)]
     for report in reports:
         matmuls = Counter({d: n for (t, d), n in report.census.items() if t == "MATRIX_MULTIPLY"})
         matmul_text = ", ".join(f"{d} {n}" for d, n in sorted(matmuls.items())) or "-"
-        expected = fp8_expected.get(report.component)
-        fp8_text = "-" if expected is None else f"{report.fp8_linears or 0} / {expected} linears"
+        expected = quantized_expected.get(report.component)
+        fp8_text = "-" if expected is None else f"{report.quantized_linears or 0} / {expected} linears"
         result = "pass" if not report.findings else "FAIL"
         lines.append(
             f"{report.component:<13}{'ok' if report.parsed else 'FAIL':<7}{report.layers:>7}  {matmul_text:<20}{fp8_text:<16}{result}"

@@ -14,7 +14,7 @@ from common.specs import Shapes
 from common.tensorrt_env import module_status
 from engines.build import build_engines
 from engines.check import run_check
-from engines.trt_parse import parse_artifacts, parse_component, read_fp8_layers
+from engines.trt_parse import parse_artifacts, parse_component, read_layers_report
 from tests.support import run_cli
 
 HAS_RTX, RTX_REASON = module_status("rtx")
@@ -99,9 +99,9 @@ def test_every_component_parses_keeps_its_precision_and_builds(exported, api, mo
         kept = manifest.components[component].float32_matmuls or ()
         assert matmuls.pop(want) > 0 and matmuls == ({"FLOAT": len(kept)} if kept and want != "FLOAT" else {})
     if precision == "fp8":
-        linears = [r for r in read_fp8_layers(out)["transformer"]["layers"] if r["precision"] == "fp8"]
+        linears = [r for r in read_layers_report(out, "fp8")["transformer"]["layers"] if r["precision"] == "fp8"]
         transformer = reports["transformer"]
-        assert transformer.fp8_linears == len(linears) > 0
+        assert transformer.quantized_linears == len(linears) > 0
         assert transformer.census[("QUANTIZE", "FP8")] == len(linears)  # one per use; each linear used once here
         assert transformer.census[("CONSTANT", "FP8")] == len(linears)
     else:
@@ -163,7 +163,7 @@ def test_a_float32_matrix_multiply_in_an_fp16_graph_is_named(api, tmp_path):
 
 def test_fp8_census_names_a_linear_quantized_against_the_report(exported, api):
     out = exported("dev", "fp8")
-    report = read_fp8_layers(out)["transformer"]
+    report = read_layers_report(out, "fp8")["transformer"]
     first_fp8 = next(r for r in report["layers"] if r["precision"] == "fp8")
     doctored = {
         **report,
