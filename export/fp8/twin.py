@@ -78,7 +78,7 @@ class TwinTransformer(nn.Module):
         return (torch.from_numpy(velocity).to(hidden_states.device, hidden_states.dtype),)
 
 
-def end_to_end(checkpoint, geometry, shapes, twin_graph: Path, *, steps: int = E2E_STEPS) -> dict:
+def end_to_end(checkpoint, geometry, shapes, twin_graph: Path, *, steps: int = E2E_STEPS, name: str = "fp8") -> dict:
     """PSNR of the pipeline with the FP8 twin transformer against the bf16 (and fp32) pipeline."""
     import time
 
@@ -110,7 +110,7 @@ def end_to_end(checkpoint, geometry, shapes, twin_graph: Path, *, steps: int = E
     fp32_image = draw(load_pipeline(checkpoint, torch.float32))
     return {
         "method": "diffusers Flux2Pipeline (bf16) vs the same pipeline with its transformer replaced by the fp32 "
-        "twin of the FP8 graph in ONNX Runtime",
+        f"twin of the {name} graph in ONNX Runtime",
         "prompt": E2E_PROMPT,
         "seed": E2E_SEED,
         "steps": steps,
@@ -118,8 +118,8 @@ def end_to_end(checkpoint, geometry, shapes, twin_graph: Path, *, steps: int = E
         "height": shapes.height,
         "width": shapes.width,
         "psnr_db": {
-            "fp8_vs_bf16": psnr(fp8_image, bf16_image),
-            "fp8_vs_fp32": psnr(fp8_image, fp32_image),
+            f"{name}_vs_bf16": psnr(fp8_image, bf16_image),
+            f"{name}_vs_fp32": psnr(fp8_image, fp32_image),
             "bf16_vs_fp32": psnr(bf16_image, fp32_image),  # the bf16 pipeline's own distance from fp32
         },
         "seconds": round(time.perf_counter() - started, 2),

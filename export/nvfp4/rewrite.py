@@ -63,6 +63,7 @@ class _Edits:
     scales_after: dict = field(default_factory=dict)  # fp4 weight name -> its block scales' TensorProto
     new_initializers: list = field(default_factory=list)
     value_infos: list = field(default_factory=list)
+    shapes: dict = field(default_factory=dict)  # value name -> static shape
 
     def __post_init__(self):
         self.initializers = {t.name: t for t in self.graph.initializer}
@@ -89,6 +90,7 @@ def quantize_graph(
     if missing:
         raise Fp8GraphError(f"no calibrated input amax for {len(missing)} NVFP4 layer(s), e.g. {missing[:3]}")
     edits = _Edits(model.graph, TensorReader(source.parent))
+    edits.shapes = _activation_shapes(model)
     records = []
     for path, path_uses in by_path.items():
         weight_proto = edits.initializers[path_uses[0].weight]
@@ -101,6 +103,25 @@ def quantize_graph(
     _apply(model, edits)
     copy_with_external_data(model, source.parent, target, _weight_writer(edits))
     return records
+
+
+def _activation_shapes(model) -> dict[str, list[int]]:
+    """Static shapes of the graph's values, by name (from its value_info, else ONNX shape inference)."""
+    import onnx
+
+    def shapes_of(values):
+        return {
+            v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in values
+            if v.type.tensor_type.HasField("shape")
+            and all(d.HasField("dim_value") for d in v.type.tensor_type.shape.dim)
+        }
+
+    found = shapes_of(list(model.graph.input) + list(model.graph.value_info))
+    if len(found) < len(model.graph.node) // 2:
+        inferred = onnx.shape_inference.infer_shapes(model)
+        found.update(shapes_of(inferred.graph.value_info))
+    return found
 
 
 def _weight_orientation(use, edits: _Edits) -> bool:
@@ -180,6 +201,16 @@ def _quantize_linear(record: LayerRecord, path_uses: list, input_amax: float, ed
         )
         entry = quantize.metadata_props.add()
         entry.key, entry.value = "flux2_trt.nvfp4_layer", path
+        # ONNX shape inference does not know TensorRT's operator: its outputs' types are declared.
+        shape = edits.shapes.get(use.activation)
+        if shape is None or shape[-1] % nvfp4.BLOCK:
+            raise Fp8GraphError(f"linear {path}: input {use.activation} has shape {shape}, not [..., 16 k]")
+        edits.value_infos += [
+            helper.make_tensor_value_info(values, TensorProto.FLOAT4E2M1, shape),
+            helper.make_tensor_value_info(
+                block_scales, TensorProto.FLOAT8E4M3FN, [*shape[:-1], shape[-1] // nvfp4.BLOCK]
+            ),
+        ]
         edits.new_nodes.setdefault(use.node, []).extend(
             [
                 quantize,
@@ -218,6 +249,7 @@ def _apply(model, edits: _Edits) -> None:
             initializers.append(edits.scales_after[fp4_name])
     del model.graph.initializer[:]
     model.graph.initializer.extend(initializers + edits.new_initializers)
+    model.graph.value_info.extend(edits.value_infos)
     for info in list(model.graph.value_info):  # a renamed weight's old type entry would name nothing
         if info.name in edits.weights:
             model.graph.value_info.remove(info)

@@ -119,8 +119,9 @@ def _verify_twin(target: CheckTarget, report: dict) -> None:
             report["bf16_graph"] = {"method": None, "note": "too large for onnx's reference evaluator here"}
         report["passed"] = bool(passed)
         if COMPONENTS[target.spec.name].drives_pipeline:
-            print("fp8: end-to-end check against the bf16 pipeline", file=sys.stderr)
-            report["end_to_end"] = end_to_end(target.checkpoint, target.geometry, target.shapes, twin)
+            name = target.precision.name
+            print(f"{name}: end-to-end check against the bf16 pipeline", file=sys.stderr)
+            report["end_to_end"] = end_to_end(target.checkpoint, target.geometry, target.shapes, twin, name=name)
     if not report["passed"]:
         worst = []
         for label, outputs in (

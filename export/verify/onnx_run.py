@@ -66,6 +66,24 @@ def _bf16_accumulating_ops():
     return [make(getattr(op_list, name)) for name in _ACCUMULATING_OPS]
 
 
+def _trt_fp4_dynamic_quantize():
+    """TensorRT's `trt::TRT_FP4DynamicQuantize` for onnx's evaluator: common.nvfp4's block rule."""
+    import ml_dtypes
+    from onnx.reference.op_run import OpRun
+
+    from common import nvfp4
+
+    def _run(self, x, global_scale, axis=-1, block_size=nvfp4.BLOCK, scale_type=None):
+        if axis not in (-1, x.ndim - 1) or block_size != nvfp4.BLOCK:
+            raise NotImplementedError(f"TRT_FP4DynamicQuantize axis={axis} block_size={block_size}")
+        blocks = np.asarray(x, dtype=np.float32).reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size)
+        codes, scales = nvfp4.quantize_blocks(blocks, np.float32(global_scale))
+        values = nvfp4.E2M1_VALUES[codes].reshape(x.shape).astype(ml_dtypes.float4_e2m1fn)
+        return values, scales
+
+    return type("TRT_FP4DynamicQuantize", (OpRun,), {"_run": _run, "op_domain": "trt"})
+
+
 def run_graph(path: Path, feeds: dict[str, np.ndarray], method: str) -> dict[str, np.ndarray]:
     if method == ORT_CPU:
         import onnxruntime as ort
@@ -80,7 +98,7 @@ def run_graph(path: Path, feeds: dict[str, np.ndarray], method: str) -> dict[str
         from onnx.reference import ReferenceEvaluator
 
         model = onnx.load(str(path), load_external_data=True)
-        evaluator = ReferenceEvaluator(model, new_ops=_bf16_accumulating_ops())
+        evaluator = ReferenceEvaluator(model, new_ops=_bf16_accumulating_ops() + [_trt_fp4_dynamic_quantize()])
         names = [o.name for o in model.graph.output]
         return dict(zip(names, evaluator.run(names, feeds)))
     raise ValueError(f"unknown verification method {method!r}")

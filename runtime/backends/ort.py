@@ -13,6 +13,7 @@ import numpy as np
 
 from common.errors import ArtifactsError, UsageError
 from common.manifest import ArtifactsManifest
+from common.precision import FP32_TWIN
 from common.precision import precision as declared
 
 
@@ -32,13 +33,21 @@ def backend_name(providers) -> str:
 
 
 def cannot_run(providers, precision: str, artifacts: Path) -> str | None:
-    """Why ONNX Runtime with `providers` cannot run the graphs of `artifacts` at `precision`; None when it can."""
-    if backend_name(providers) == "ort-cpu" and not declared(precision).ort_cpu_runs:
+    """Why ONNX Runtime with `providers` cannot run the graphs of `artifacts` at `precision`; None when it can.
+
+    A quantized folder (fp8, nvfp4) runs on the CPU provider through float32 twins of its graphs
+    (`common.cpu_twin`), made when a session opens: slow and memory-hungry, for checking on a CPU.
+    """
+    if backend_name(providers) == "ort-cpu" and not _runs_on_cpu(precision):
         return (
             f"ONNX Runtime's CPU provider cannot run {precision} graphs ({artifacts}); "
             "use --backend torch here (PyTorch modules at bf16; it has no FP8), or --backend trt on a GPU node"
         )
     return None
+
+
+def _runs_on_cpu(precision: str) -> bool:
+    return declared(precision).ort_cpu_runs or declared(precision).cpu_check == FP32_TWIN
 
 
 class OrtBackend:
@@ -60,6 +69,7 @@ class OrtBackend:
         if refusal is not None:
             raise UsageError(refusal)
         self._sessions: dict = {}
+        self._twins = None  # a temporary folder of float32 twins, made on first need
 
     def _session(self, component: str):
         if component not in self._sessions:
@@ -72,6 +82,9 @@ class OrtBackend:
                 raise ArtifactsError(
                     f"{self.artifacts} has no {component} graph; re-run export with --components including {component}"
                 )
+            if self.name == "ort-cpu" and not declared(entry.precision).ort_cpu_runs:
+                self._sessions[component] = self._twin_session(entry)
+                return self._sessions[component]
             options = ort.SessionOptions()
             options.log_severity_level = 3
             self._sessions[component] = ort.InferenceSession(
@@ -79,8 +92,29 @@ class OrtBackend:
             )
         return self._sessions[component]
 
+    def _twin_session(self, entry):
+        """The float32 twin of a graph the CPU provider cannot run (bf16, FP8 in a bf16 graph, NVFP4)."""
+        import tempfile
+
+        from common.cpu_twin import fp32_twin, ort_session
+
+        if self._twins is None:
+            self._twins = tempfile.TemporaryDirectory(prefix="flux2-ort-twins-")
+        twin = Path(self._twins.name) / entry.file
+        if not twin.exists():
+            fp32_twin(self.artifacts / entry.file, twin)
+        return ort_session(twin)
+
     def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         session = self._session(component)
+        # A twin takes float32 where the graph took bf16.
+        wanted = {i.name: i.type for i in session.get_inputs()}
+        feeds = {
+            name: (
+                value.astype(np.float32) if wanted.get(name) == "tensor(float)" and value.dtype != np.float32 else value
+            )
+            for name, value in feeds.items()
+        }
         names = [o.name for o in session.get_outputs()]
         return dict(zip(names, session.run(names, feeds)))
 
@@ -95,3 +129,6 @@ class OrtBackend:
 
     def close(self) -> None:
         self._sessions.clear()
+        if self._twins is not None:
+            self._twins.cleanup()
+            self._twins = None
