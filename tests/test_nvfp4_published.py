@@ -199,3 +199,23 @@ def test_a_plain_bf16_single_file_reads_as_plain_tensors(tiny_transformer, tmp_p
     modulation = transformer.tensor("norm_out.linear.weight")  # (shift, scale) in the file, (scale, shift) here
     assert modulation.source == "final_layer.adaLN_modulation.1.weight"
     assert torch.equal(modulation.value, state_dict["norm_out.linear.weight"].to(torch.bfloat16))
+
+
+def test_a_file_saved_under_comfyuis_prefix_reads_the_same(published_files, tiny_transformer, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    config, _ = tiny_transformer
+    with safe_open(str(published_files["mixed"]), framework="pt") as handle:
+        metadata = handle.metadata()
+    prefixed = tmp_path / "prefixed.safetensors"
+    tensors = load_file(str(published_files["mixed"]))
+    save_file({f"model.diffusion_model.{k}": v for k, v in tensors.items()}, str(prefixed), metadata=metadata)
+    original = published.read_published(published_files["mixed"], config)
+    moved = published.read_published(prefixed, config)
+    assert moved.prefix == "model.diffusion_model." and moved.nvfp4_layers == original.nvfp4_layers
+    for a, b in zip(original.tensors(), moved.tensors(), strict=True):
+        if a.is_nvfp4:
+            assert np.array_equal(a.value.codes, b.value.codes) and a.input_scale == b.input_scale
+        else:
+            assert torch.equal(a.value, b.value)

@@ -243,14 +243,14 @@ def _check_layers(path: Path, header: Mapping, layers: list[str]) -> dict[str, t
         base[weight] = (rows, 2 * half)
     for key, (dtype, shape) in header.items():
         layer, _, part = key.rpartition(".")
-        if layer in declared:
+        if layer in declared and part != "bias":  # a bias stays plain beside NVFP4 weights
             if part not in ("weight", *_SCALE_PARTS):
                 raise UsageError(f"transformer weights {path}: {key} is not a part of NVFP4 layer {layer}")
             continue
         if part in _SCALE_PARTS or dtype not in _PLAIN_DTYPES:
             raise UsageError(
-                f"transformer weights {path}: {key} ({dtype}) belongs to no layer the header declares NVFP4; "
-                f"expected plain {'/'.join(_PLAIN_DTYPES)} tensors outside the declared layers"
+                f"transformer weights {path}: {key} is {dtype}, expected a plain {'/'.join(_PLAIN_DTYPES)} tensor "
+                f"(only the layers the header's {QUANTIZATION_METADATA} declares NVFP4 hold quantized parts)"
             )
         base[key] = shape
     return base
