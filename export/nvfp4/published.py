@@ -36,6 +36,9 @@ from common.errors import InternalError, UsageError
 from common.nvfp4 import BLOCK, Nvfp4Tensor
 
 QUANTIZATION_METADATA = "_quantization_metadata"
+# A layer's format in that metadata: the key of ComfyUI's QUANT_ALGOS (comfy/quant_ops.py), a name of
+# the file's, not the project's precision (common/precision.py).
+LAYER_FORMAT = "nvfp4"
 # What ComfyUI's loaders prefix a diffusion model's keys with; a file saved from ComfyUI may carry it.
 _COMFY_PREFIX = "model.diffusion_model."
 _SCALE_PARTS = ("weight_scale", "weight_scale_2", "input_scale")
@@ -199,7 +202,7 @@ def _nvfp4_layers(path: Path, metadata: Mapping, header: Mapping, prefix: str) -
     layers = []
     for layer, conf in declared.items():
         fmt = conf.get("format") if isinstance(conf, dict) else conf
-        if fmt != "nvfp4":
+        if fmt != LAYER_FORMAT:
             raise UsageError(
                 f"transformer weights {path}: layer {layer} is declared {fmt!r}; only NVFP4 layers "
                 '({"format": "nvfp4"}) and plain bf16 tensors can be imported'
