@@ -94,7 +94,7 @@ def block_scales_for(blocks_amax: np.ndarray, global_scale_value) -> np.ndarray:
     return np.minimum(wanted, np.float32(E4M3_MAX)).astype(ml_dtypes.float8_e4m3fn)
 
 
-def _quantize_blocks(blocks: np.ndarray, global_scale_value) -> tuple[np.ndarray, np.ndarray]:
+def quantize_blocks(blocks: np.ndarray, global_scale_value) -> tuple[np.ndarray, np.ndarray]:
     """[..., K/16, 16] float32 -> (4-bit codes [..., K/16, 16], E4M3 scales [..., K/16])."""
     scales = block_scales_for(np.abs(blocks).max(axis=-1), global_scale_value)
     divisor = scales_float32(scales, global_scale_value)[..., None]
@@ -117,7 +117,7 @@ def quantize(weight: np.ndarray, global_scale_value=None) -> Nvfp4Tensor:
     step = max(1, _ROWS_ELEMENTS // columns)
     for start in range(0, rows, step):
         part = np.asarray(weight[start : start + step], dtype=np.float32).reshape(-1, columns // BLOCK, BLOCK)
-        part_codes, part_scales = _quantize_blocks(part, global_scale_value)
+        part_codes, part_scales = quantize_blocks(part, global_scale_value)
         codes[start : start + step] = pack(part_codes.reshape(part.shape[0], columns))
         block_scales[start : start + step] = part_scales
     return Nvfp4Tensor(codes, block_scales, global_scale_value)
@@ -135,7 +135,7 @@ def fake_quantize(values: np.ndarray, global_scale_value) -> np.ndarray:
     its two DequantizeLinears compute them: per block of 16, scale amax / 6 / global in E4M3."""
     values = np.asarray(values, dtype=np.float32)
     blocks = values.reshape(values.shape[:-1] + (values.shape[-1] // BLOCK, BLOCK))
-    codes, scales = _quantize_blocks(blocks, global_scale_value)
+    codes, scales = quantize_blocks(blocks, global_scale_value)
     return (E2M1_VALUES[codes] * scales_float32(scales, global_scale_value)[..., None]).reshape(values.shape)
 
 
