@@ -71,6 +71,10 @@ class Precision:
     other_components: dict = field(default_factory=dict)
     # fp16/bf16 graphs list the matrix multiplies they keep in float32 (attention's), for engines.check.
     lists_float32_matmuls: bool = False
+    # The CPU runtime (ONNX Runtime's CPU provider) runs this precision's folders through float32
+    # twins (common.cpu_twin). nvfp4 only: torch modules at bf16 would not compute its 4-bit math;
+    # fp8 folders keep the torch stand-in their checks were measured with (docs/runtime.md).
+    ort_cpu_twin: bool = False
 
     def __str__(self) -> str:
         return self.name
@@ -158,6 +162,7 @@ _DECLARED = (
         FP32_TWIN,
         traced_as="bf16",
         rewrite="nvfp4",
+        ort_cpu_twin=True,
         min_compute_capability="10.0",  # FP4 tensor cores start with Blackwell (B200 10.0, RTX 50 12.0)
         architecture="Blackwell",
         # TensorRT-RTX's defaults start at 8.0; measured: it refuses an explicit 8.x for FP4 ("HW-specific

@@ -133,7 +133,7 @@ def _weight_orientation(use, edits: _Edits) -> bool:
 
 
 def _quantize_linear(record: LayerRecord, path_uses: list, input_amax: float, edits: _Edits) -> None:
-    from onnx import TensorProto, helper
+    from onnx import TensorProto
 
     path, first = record.path, path_uses[0]
     if len({u.weight for u in path_uses}) != 1:
@@ -185,7 +185,13 @@ def _quantize_linear(record: LayerRecord, path_uses: list, input_amax: float, ed
     weight_consumer = edits.nodes_by_name[first.via[-1]] if first.via else edits.nodes_by_name[first.node]
     weight_consumer.input[0 if first.via else 1] = f"{path}.weight_cast"
     edits.new_nodes.setdefault(weight_consumer.name, [])[:0] = chain
-    # Activation side, per call: TensorRT's dynamic FP4 quantize -> DQ(scales) -> DQ(values) -> Cast.
+    _quantize_inputs(path, path_uses, x_global, compute_type, edits)
+
+
+def _quantize_inputs(path: str, path_uses: list, x_global: str, compute_type: int, edits: _Edits) -> None:
+    """Activation side, per call: TensorRT's dynamic FP4 quantize -> DQ(scales) -> DQ(values) -> Cast."""
+    from onnx import TensorProto, helper
+
     for index, use in enumerate(path_uses):
         suffix = f".{index}" if len(path_uses) > 1 else ""
         values, block_scales = f"{path}.input_fp4{suffix}", f"{path}.input_block_scales{suffix}"

@@ -13,7 +13,6 @@ import numpy as np
 
 from common.errors import ArtifactsError, UsageError
 from common.manifest import ArtifactsManifest
-from common.precision import FP32_TWIN
 from common.precision import precision as declared
 
 
@@ -35,8 +34,8 @@ def backend_name(providers) -> str:
 def cannot_run(providers, precision: str, artifacts: Path) -> str | None:
     """Why ONNX Runtime with `providers` cannot run the graphs of `artifacts` at `precision`; None when it can.
 
-    A quantized folder (fp8, nvfp4) runs on the CPU provider through float32 twins of its graphs
-    (`common.cpu_twin`), made when a session opens: slow and memory-hungry, for checking on a CPU.
+    An nvfp4 folder runs on the CPU provider through float32 twins of its graphs (`common.cpu_twin`,
+    `Precision.ort_cpu_twin`), made when a session opens: slow and memory-hungry, for checking on a CPU.
     """
     if backend_name(providers) == "ort-cpu" and not _runs_on_cpu(precision):
         return (
@@ -47,7 +46,7 @@ def cannot_run(providers, precision: str, artifacts: Path) -> str | None:
 
 
 def _runs_on_cpu(precision: str) -> bool:
-    return declared(precision).ort_cpu_runs or declared(precision).cpu_check == FP32_TWIN
+    return declared(precision).ort_cpu_runs or declared(precision).ort_cpu_twin
 
 
 class OrtBackend:
