@@ -83,6 +83,9 @@ class LocalServer:
                 raise RuntimeError(f"tritonserver exited with {self.process.returncode} before ready:\n{tail}")
             try:
                 ready = self._get(self.http_port, "/v2/health/ready", timeout=2.0)[0] == 200
+                # Triton's metrics service can answer after its HTTP readiness (CI once read a refused
+                # metrics port right after start): ready means every endpoint a caller uses answers.
+                ready = ready and self._get(self.metrics_port, "/metrics", timeout=2.0)[0] == 200
                 if ready and (not self.openai or self._get(self.openai_port, "/health", timeout=2.0)[0] == 200):
                     return self
             except OSError:
