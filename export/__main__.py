@@ -51,6 +51,14 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--force", action="store_true", help="re-export even when cached artifacts match")
     parser.add_argument("--skip-check", action="store_true", help="do not run the numerics check against PyTorch")
+    parser.add_argument(
+        "--transformer-weights",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="a single-file FLUX.2 transformer in BFL naming (the published FLUX.2-dev-NVFP4 files, with "
+        "--precision nvfp4, or a plain bf16 file) replacing the checkpoint's transformer weights (docs/nvfp4.md)",
+    )
     fp8_export.add_arguments(parser)
     # The plain path (load the modules, then export), kept for benchmarks and comparisons.
     parser.add_argument("--no-stream", dest="stream", action="store_false", help=argparse.SUPPRESS)
@@ -85,6 +93,7 @@ def main(argv=None) -> int:
         skip_check=args.skip_check,
         fp8=fp8_export.options_from_args(args, args.precision),
         stream=args.stream,
+        transformer_weights=args.transformer_weights,
     )
     run_export(job)
     return 0

@@ -37,13 +37,14 @@ from common.specs import (
     Shapes,
     component_specs,
 )
-from common.staging import folder_lock, remove_stale_staging
+from common.staging import folder_lock, owner_tag, remove_stale_staging
 from common.storage import ensure_space, is_storage_error, storage_error
 from common.tokenizer import TOKENIZER_FILES, PromptTokenizer
 from export import checkpoint as ckpt
 from export.component_export import ComponentJob, export_component
 from export.fp8 import run as fp8_export
 from export.fp8.run import Fp8Options
+from export.nvfp4 import importing
 from export.space import expected_bytes
 from export.verify.reference import ReferenceInputs
 
@@ -77,6 +78,8 @@ class ExportJob:
     force: bool = False
     skip_check: bool = False
     fp8: object = None  # export.fp8.run.Fp8Options for precision fp8
+    # A single-file transformer in BFL naming replacing the checkpoint's (export.nvfp4.importing).
+    transformer_weights: Path | None = None
     # True traces without weights and streams them from the checkpoint into the ONNX file
     # (`export.writing.streaming`); False loads the modules and exports them as they are.
     stream: bool = True
@@ -191,6 +194,7 @@ class ExportPlan:
     jobs: tuple  # export.component_export.ComponentJob, staging left to fill in
     previous: ArtifactsManifest | None
     force: bool
+    published: object = None  # export.nvfp4.published.PublishedTransformer of --transformer-weights
 
 
 def _normalised(job: ExportJob) -> tuple[tuple[str, ...], Shapes]:
@@ -229,6 +233,11 @@ def plan_export(job: ExportJob) -> ExportPlan:
             f"--height/--width {shapes.height}x{shapes.width} must be multiples of {geometry.pixels_per_token} "
             f"for the VAE in {checkpoint.root / 'vae'}"
         )
+    published = None
+    if job.transformer_weights is not None:
+        published = importing.open_weights(job.transformer_weights, checkpoint, folder_precision)
+        if fp8 is not None:
+            fp8 = dataclasses.replace(fp8, transformer_weights=str(published.path))
     if folder_precision.quantized:
         fp8_export.check_options(fp8, checkpoint, geometry, components)
     reference = ReferenceInputs(checkpoint, geometry, shapes)
@@ -264,6 +273,11 @@ def plan_export(job: ExportJob) -> ExportPlan:
                     "component": component,
                     "spec": specs[component].to_json(),
                     **({"fp8": fp8.key_payload(component)} if folder_precision.quantized else {}),
+                    **(
+                        {"transformer_weights": importing.fingerprint(published)}
+                        if published is not None and component == "transformer"
+                        else {}
+                    ),
                 }
             ),
             checkpoint=checkpoint,
@@ -280,7 +294,17 @@ def plan_export(job: ExportJob) -> ExportPlan:
         for component in components
     )
     return ExportPlan(
-        out, folder_precision, checkpoint, geometry, shapes, source, versions, jobs, _previous_manifest(out), job.force
+        out,
+        folder_precision,
+        checkpoint,
+        geometry,
+        shapes,
+        source,
+        versions,
+        jobs,
+        _previous_manifest(out),
+        job.force,
+        published,
     )
 
 
@@ -300,9 +324,33 @@ def _check_prompt_room(reference: ReferenceInputs, components: tuple[str, ...]) 
 def _run_export(job: ExportJob, log=None) -> ArtifactsManifest:
     log = log or (lambda message: print(message, file=sys.stderr))
     plan = plan_export(job)
-    out, rows = plan.out, []
+    out = plan.out
     _make_parent(out)
-    with folder_lock(out, "export"), atomic_dir(out) as staging:
+    # Named as staging folders are, so a killed export's staged transformer is removed by the next one.
+    staged = out.parent / f".{out.name}.tmp-{owner_tag()}-transformer"
+    with folder_lock(out, "export"):
+        try:
+            return _write_export(_with_imported_weights(plan, staged, log), log)
+        finally:
+            importing.remove_staged(staged)
+
+
+def _with_imported_weights(plan: ExportPlan, staged: Path, log) -> ExportPlan:
+    """`plan` reading its transformer from --transformer-weights' staged checkpoint, where a graph needs it."""
+    transformer = next((j for j in plan.jobs if j.component == "transformer"), None)
+    if plan.published is None or transformer is None:
+        return plan
+    if not plan.force and _reusable(plan.previous, plan.out, "transformer", transformer.key) is not None:
+        return plan  # the graph from this file is there already: nothing is read
+    log(f"staging the transformer of {plan.published.path} as a diffusers folder in {staged}")
+    checkpoint = importing.stage_checkpoint(plan.published, plan.checkpoint, staged)
+    jobs = tuple(dataclasses.replace(j, checkpoint=checkpoint) if j is transformer else j for j in plan.jobs)
+    return dataclasses.replace(plan, jobs=jobs)
+
+
+def _write_export(plan: ExportPlan, log) -> ArtifactsManifest:
+    out, rows = plan.out, []
+    with atomic_dir(out) as staging:
         remove_stale_staging(out.parent, name=out.name, log=log)  # what a killed export of `out` left
         (staging / "reports").mkdir()
         for component_job in plan.jobs:

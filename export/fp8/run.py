@@ -52,6 +52,8 @@ class Fp8Options:
     text_encoder_precision: str = "bf16"
     text_encoder_exclude: tuple[str, ...] = DEFAULT_TEXT_ENCODER_EXCLUDE
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
+    # --transformer-weights: the NVFP4 layers, codes and scales come from that file, not calibration.
+    transformer_weights: str | None = None
 
     @property
     def quantizes_text_encoder(self) -> bool:
@@ -204,11 +206,26 @@ def quantize(path: Path, options: Fp8Options, component: str, calibration_inputs
 
     precision = declared(precision)
     exclude = options.exclude_for(component)
-    calibration = calibrate(*calibration_inputs, options.calibration)
+    imported = _imported(options, component, calibration_inputs[0])
+    if imported is not None and len(imported.static_input_names) == len(imported.nvfp4_names):
+        # The file decides the layers and carries every scale: nothing to calibrate.
+        calibration = {component: {}, "imported": str(imported.path)}
+    else:
+        # Layers the file gives no input_scale still need a constant global scale (TensorRT): calibrated
+        # on the file's own weights (the staged checkpoint's transformer).
+        calibration = calibrate(*calibration_inputs, options.calibration)
+        if imported is not None:
+            calibration = {**calibration, "imported": str(imported.path)}
     data = path.with_name(path.name + ".data")
     bf16_bytes = data.stat().st_size if data.exists() else 0
     records = _rewrite(
-        path.parent, path.name, calibration[component], exclude, COMPONENTS[component].initializer_prefix, precision
+        path.parent,
+        path.name,
+        calibration[component],
+        exclude,
+        COMPONENTS[component].initializer_prefix,
+        precision,
+        imported,
     )
     quantized_bytes = data.stat().st_size if data.exists() else 0
     quantized = [r.path for r in records if r.quantized]
@@ -219,7 +236,11 @@ def quantize(path: Path, options: Fp8Options, component: str, calibration_inputs
         f"{name}_layers": quantized,
         f"{traced}_layers": [r.path for r in records if not r.quantized],
         "layers": [r.to_json() for r in records],
-        "calibration": {key: calibration[key] for key in ("key", "settings", "prompts", "transformer_calls", "reused")},
+        "calibration": {
+            key: calibration[key]
+            for key in ("key", "settings", "prompts", "transformer_calls", "reused", "imported")
+            if key in calibration
+        },
         "sizes": {
             f"{traced}_data_bytes": bf16_bytes,
             f"{name}_data_bytes": quantized_bytes,
@@ -232,6 +253,15 @@ def quantize_nvfp4(path: Path, options: Fp8Options, component: str, calibration_
     return quantize(path, options, component, calibration_inputs, PRECISIONS["nvfp4"])
 
 
+def _imported(options: Fp8Options, component: str, checkpoint):
+    """The --transformer-weights file of an nvfp4 transformer, its header read (export.nvfp4.published)."""
+    if options.transformer_weights is None or component != "transformer":
+        return None
+    from export.nvfp4.published import read_published
+
+    return read_published(options.transformer_weights, checkpoint.configs["transformer"])
+
+
 def _rewriter(precision):
     """(quantize_graph, audit problems) of the rewrite `precision` names."""
     if precision.rewrite == FP8.rewrite:
@@ -241,7 +271,7 @@ def _rewriter(precision):
     return rewrite.quantize_graph, rewrite.audit_problems
 
 
-def _rewrite(staging: Path, onnx_name: str, amax: dict, exclude, module_prefix: str, precision=FP8):
+def _rewrite(staging: Path, onnx_name: str, amax: dict, exclude, module_prefix: str, precision=FP8, imported=None):
     import onnx
 
     from common.onnx_checks import dynamic_dims, float64_uses
@@ -251,8 +281,14 @@ def _rewrite(staging: Path, onnx_name: str, amax: dict, exclude, module_prefix: 
     work = Path(tempfile.mkdtemp(prefix=f".{precision}-", dir=staging))
     try:
         try:
+            extra = {"imported": imported} if imported is not None else {}
             records = quantize_graph(
-                staging / onnx_name, work / onnx_name, input_amax=amax, exclude=exclude, module_prefix=module_prefix
+                staging / onnx_name,
+                work / onnx_name,
+                input_amax=amax,
+                exclude=exclude,
+                module_prefix=module_prefix,
+                **extra,
             )
         except Fp8GraphError as exc:
             raise Flux2TrtError(f"cannot place {precision} quantization in {staging / onnx_name}: {exc}") from None

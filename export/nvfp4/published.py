@@ -112,6 +112,12 @@ class PublishedTransformer:
         """Diffusers keys whose value is an Nvfp4Tensor."""
         return tuple(name for name in self.names if self._plans[name].nvfp4)
 
+    @property
+    def static_input_names(self) -> tuple[str, ...]:
+        """Diffusers keys of NVFP4 weights whose layer has a static `input_scale` in the file."""
+        static = set(self.static_input_layers)
+        return tuple(n for n in self.nvfp4_names if self._plans[n].source.removesuffix(".weight") in static)
+
     def tensors(self) -> Iterator[PublishedTensor]:
         """Every tensor, one at a time, in state-dict order."""
         from safetensors import safe_open

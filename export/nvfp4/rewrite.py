@@ -64,6 +64,7 @@ class _Edits:
     new_initializers: list = field(default_factory=list)
     value_infos: list = field(default_factory=list)
     shapes: dict = field(default_factory=dict)  # value name -> static shape
+    imported: object = None  # export.nvfp4.published.PublishedTransformer, or None: quantize here
 
     def __post_init__(self):
         self.initializers = {t.name: t for t in self.graph.initializer}
@@ -72,9 +73,19 @@ class _Edits:
 
 
 def quantize_graph(
-    source: Path, target: Path, *, input_amax: dict[str, float], exclude: tuple[str, ...], module_prefix: str = ""
+    source: Path,
+    target: Path,
+    *,
+    input_amax: dict[str, float],
+    exclude: tuple[str, ...],
+    module_prefix: str = "",
+    imported=None,
 ) -> list[LayerRecord]:
-    """Rewrite the graph at `source` into `target` with NVFP4 on every non-excluded linear; one record per linear."""
+    """Rewrite the graph at `source` into `target` with NVFP4 on every non-excluded linear; one record per linear.
+
+    `imported` (an export.nvfp4.published.PublishedTransformer) replaces calibration and quantization:
+    its NVFP4 layers are the graph's, with their own codes and scales; the rest stay bf16.
+    """
     import onnx
 
     source, target = Path(source), Path(target)
@@ -85,19 +96,29 @@ def quantize_graph(
     by_path: dict = {}
     for use in uses:
         by_path.setdefault(use.path, []).append(use)
-    plan = plan_precisions(by_path, exclude)
-    missing = [p for p, name in plan.items() if declared(name).quantized and p not in input_amax]
+    if imported is not None:
+        nvfp4_weights = set(imported.nvfp4_names)
+        plan = {path: NVFP4.name if f"{path}.weight" in nvfp4_weights else NVFP4.traced.name for path in by_path}
+    else:
+        plan = plan_precisions(by_path, exclude)
+    needed = set(plan)
+    if imported is not None:  # the file's static input_scale, else a calibrated amax
+        needed -= {layer.removesuffix(".weight") for layer in imported.static_input_names}
+    missing = [p for p, name in plan.items() if declared(name).quantized and p in needed and p not in input_amax]
     if missing:
         raise Fp8GraphError(f"no calibrated input amax for {len(missing)} NVFP4 layer(s), e.g. {missing[:3]}")
     edits = _Edits(model.graph, TensorReader(source.parent))
     edits.shapes = _activation_shapes(model)
+    edits.imported = imported
     records = []
     for path, path_uses in by_path.items():
         weight_proto = edits.initializers[path_uses[0].weight]
         record = LayerRecord(path, plan[path], tuple(weight_proto.dims), len(path_uses))
         records.append(record)
         if record.quantized:
-            _quantize_linear(record, path_uses, input_amax[path], edits)
+            _quantize_linear(record, path_uses, input_amax.get(path), edits)
+        elif imported is not None:
+            record.reason = f"bf16 in {imported.path.name}"
         else:
             record.reason = f"excluded by {next(p for p in exclude if is_excluded(path, (p,)))!r}"
     _apply(model, edits)
@@ -132,7 +153,33 @@ def _weight_orientation(use, edits: _Edits) -> bool:
     return (transposes + trans_b) % 2 == 1
 
 
-def _quantize_linear(record: LayerRecord, path_uses: list, input_amax: float, edits: _Edits) -> None:
+def _scales(record: LayerRecord, weight_proto, input_amax: float | None, edits: _Edits):
+    """(weight global scale, input global scale or None for one computed per call) of one NVFP4 linear."""
+    if edits.imported is None:
+        record.weight_amax = abs_max(edits.reader.array(weight_proto))
+        record.input_amax = float(input_amax)
+        weight_global, input_global = nvfp4.global_scale(record.weight_amax), nvfp4.global_scale(record.input_amax)
+    else:
+        layer = edits.imported.tensor(f"{record.path}.weight")  # one layer's codes, read again when written
+        weight_global, input_global = layer.value.global_scale, layer.input_scale
+        record.reason = f"imported from {edits.imported.path.name}"
+        if input_global is None:  # TensorRT takes the activation's global scale as a constant only
+            if input_amax is None:
+                raise Fp8GraphError(f"linear {record.path} has no input_scale in the file and no calibrated amax")
+            record.input_amax = float(input_amax)
+            input_global = nvfp4.global_scale(record.input_amax)
+            record.reason += "; no input_scale there: the activation's global scale is calibrated"
+        rows, columns = layer.value.shape
+        if {rows, columns} != set(weight_proto.dims) or rows * columns != int(np.prod(weight_proto.dims)):
+            raise Fp8GraphError(
+                f"linear {record.path}: the file's weight is {rows}x{columns}, the graph's {weight_proto.dims}"
+            )
+    record.weight_scale = float(weight_global)
+    record.input_scale = float(input_global)
+    return np.float32(weight_global), np.float32(input_global)
+
+
+def _quantize_linear(record: LayerRecord, path_uses: list, input_amax: float | None, edits: _Edits) -> None:
     from onnx import TensorProto
 
     path, first = record.path, path_uses[0]
@@ -146,23 +193,19 @@ def _quantize_linear(record: LayerRecord, path_uses: list, input_amax: float, ed
     rows, columns = tuple(weight_proto.dims) if stored_nk else tuple(reversed(weight_proto.dims))
     if columns % nvfp4.BLOCK:
         raise Fp8GraphError(f"linear {path}: K = {columns} is not a multiple of {nvfp4.BLOCK}")
-    record.weight_amax = abs_max(edits.reader.array(weight_proto))
-    weight_global = nvfp4.global_scale(record.weight_amax)
-    record.weight_scale = float(weight_global)
-    record.input_amax = float(input_amax)
-    input_global = nvfp4.global_scale(record.input_amax)
-    record.input_scale = float(input_global)
+    weight_global, input_global = _scales(record, weight_proto, input_amax, edits)
 
     fp4_name, scales_name = f"{path}.weight_fp4", f"{path}.weight_block_scales"
     w_global, x_global = f"{path}.weight_global_scale", f"{path}.input_global_scale"
-    edits.weights[first.weight] = (fp4_name, scales_name, weight_global, not stored_nk)
+    source = f"{path}.weight" if edits.imported is not None else None
+    edits.weights[first.weight] = (fp4_name, scales_name, weight_global, not stored_nk, source)
     scales_proto = TensorProto(
         name=scales_name, data_type=TensorProto.FLOAT8E4M3FN, dims=[rows, columns // nvfp4.BLOCK]
     )
     edits.scales_after[fp4_name] = scales_proto
     edits.new_initializers += [
-        scalar_initializer(w_global, np.float32(weight_global), TensorProto.FLOAT),
-        scalar_initializer(x_global, np.float32(input_global), TensorProto.FLOAT),
+        scalar_initializer(w_global, weight_global, TensorProto.FLOAT),
+        scalar_initializer(x_global, input_global, TensorProto.FLOAT),
     ]
     # Weight side: DQ(scales) -> DQ(codes) [N, K] float32 -> Transpose where the graph wants [K, N]
     # -> Cast to the compute type, into the first node that read the bf16 weight.
@@ -189,15 +232,21 @@ def _quantize_linear(record: LayerRecord, path_uses: list, input_amax: float, ed
 
 
 def _quantize_inputs(path: str, path_uses: list, x_global: str, compute_type: int, edits: _Edits) -> None:
-    """Activation side, per call: TensorRT's dynamic FP4 quantize -> DQ(scales) -> DQ(values) -> Cast."""
+    """Activation side, per call: TensorRT's dynamic FP4 quantize -> DQ(scales) -> DQ(values) -> Cast.
+
+    The block scales are each call's own (TensorRT computes them); the global scale must be a
+    constant (TensorRT-RTX 1.7.1: "Scale input must be an initializer"): calibrated, or the file's
+    input_scale.
+    """
     from onnx import TensorProto, helper
 
     for index, use in enumerate(path_uses):
         suffix = f".{index}" if len(path_uses) > 1 else ""
+        call_global = x_global
         values, block_scales = f"{path}.input_fp4{suffix}", f"{path}.input_block_scales{suffix}"
         quantize = helper.make_node(
             DYNAMIC_QUANTIZE,
-            [use.activation, x_global],
+            [use.activation, call_global],
             [values, block_scales],
             name=f"{values}/{DYNAMIC_QUANTIZE}",
             domain=TRT_DOMAIN,
@@ -220,7 +269,7 @@ def _quantize_inputs(path: str, path_uses: list, x_global: str, compute_type: in
         edits.new_nodes.setdefault(use.node, []).extend(
             [
                 quantize,
-                make_node("DequantizeLinear", [block_scales, x_global], f"{path}.input_scales{suffix}", path),
+                make_node("DequantizeLinear", [block_scales, call_global], f"{path}.input_scales{suffix}", path),
                 make_node(
                     "DequantizeLinear",
                     [values, f"{path}.input_scales{suffix}"],
@@ -251,7 +300,7 @@ def _apply(model, edits: _Edits) -> None:
     for tensor in model.graph.initializer:
         initializers.append(tensor)
         if tensor.name in edits.weights:
-            fp4_name, scales_name, _, _ = edits.weights[tensor.name]
+            fp4_name, scales_name = edits.weights[tensor.name][:2]
             initializers.append(edits.scales_after[fp4_name])
     del model.graph.initializer[:]
     model.graph.initializer.extend(initializers + edits.new_initializers)
@@ -274,10 +323,13 @@ def _weight_writer(edits: _Edits):
 
     def transform(tensor, tensors: TensorReader):
         if tensor.name in edits.weights:
-            fp4_name, scales_name, weight_global, transpose = edits.weights[tensor.name]
-            weight = tensors.array(tensor)
-            weight = weight.T if transpose else weight  # [N, K]
-            quantized = nvfp4.quantize(weight, weight_global)
+            fp4_name, scales_name, weight_global, transpose, source = edits.weights[tensor.name]
+            if source is not None:  # the file's own codes and scales, as they are
+                quantized = edits.imported.tensor(source).value
+            else:
+                weight = tensors.array(tensor)
+                weight = weight.T if transpose else weight  # [N, K]
+                quantized = nvfp4.quantize(weight, weight_global)
             pending[scales_name] = quantized.block_scales
             tensor.name = fp4_name
             tensor.data_type = TensorProto.FLOAT4E2M1
