@@ -153,8 +153,8 @@ def _weight_orientation(use, edits: _Edits) -> bool:
     return (transposes + trans_b) % 2 == 1
 
 
-def _scales(record: LayerRecord, weight_proto, input_amax: float | None, edits: _Edits):
-    """(weight global scale, input global scale or None for one computed per call) of one NVFP4 linear."""
+def _scales(record: LayerRecord, weight_proto, shape: tuple[int, int], input_amax: float | None, edits: _Edits):
+    """(weight global scale, input global scale) of one NVFP4 linear whose weight is `shape` [N, K]."""
     if edits.imported is None:
         record.weight_amax = abs_max(edits.reader.array(weight_proto))
         record.input_amax = float(input_amax)
@@ -169,11 +169,8 @@ def _scales(record: LayerRecord, weight_proto, input_amax: float | None, edits: 
             record.input_amax = float(input_amax)
             input_global = nvfp4.global_scale(record.input_amax)
             record.reason += "; no input_scale there: the activation's global scale is calibrated"
-        rows, columns = layer.value.shape
-        if {rows, columns} != set(weight_proto.dims) or rows * columns != int(np.prod(weight_proto.dims)):
-            raise Fp8GraphError(
-                f"linear {record.path}: the file's weight is {rows}x{columns}, the graph's {weight_proto.dims}"
-            )
+        if layer.value.shape != shape:
+            raise Fp8GraphError(f"linear {record.path}: the file's weight is {layer.value.shape}, the graph's {shape}")
     record.weight_scale = float(weight_global)
     record.input_scale = float(input_global)
     return np.float32(weight_global), np.float32(input_global)
@@ -193,7 +190,7 @@ def _quantize_linear(record: LayerRecord, path_uses: list, input_amax: float | N
     rows, columns = tuple(weight_proto.dims) if stored_nk else tuple(reversed(weight_proto.dims))
     if columns % nvfp4.BLOCK:
         raise Fp8GraphError(f"linear {path}: K = {columns} is not a multiple of {nvfp4.BLOCK}")
-    weight_global, input_global = _scales(record, weight_proto, input_amax, edits)
+    weight_global, input_global = _scales(record, weight_proto, (rows, columns), input_amax, edits)
 
     fp4_name, scales_name = f"{path}.weight_fp4", f"{path}.weight_block_scales"
     w_global, x_global = f"{path}.weight_global_scale", f"{path}.input_global_scale"
