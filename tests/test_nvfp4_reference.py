@@ -1,12 +1,18 @@
 """export.nvfp4.reference: NVFP4 fake quantization in PyTorch, and the export's check against it."""
 
+import json
+
 import ml_dtypes
 import numpy as np
 import pytest
 import torch
 
 from common import nvfp4
-from export.nvfp4.reference import LayerQuant, apply_nvfp4, fake_quantize
+from common.errors import VerificationError
+from export.nvfp4 import reference
+from export.nvfp4.reference import LayerQuant, apply_nvfp4, fake_quantize, layers_from_graph
+from export.verify.fake_quant import NVFP4_METHOD, NVFP4_TOLERANCE
+from tests.test_nvfp4_export import FAST
 
 
 def _activations(seed: int = 0) -> np.ndarray:
@@ -83,3 +89,81 @@ def test_apply_nvfp4_refuses_a_layer_it_cannot_place_and_still_restores():
     with pytest.raises(ValueError, match=r"weight \(8, 64\) does not fit the linear's \(24, 64\)"):
         with apply_nvfp4(model, {"0": small}):
             pass
+
+
+# ---------------------------------------------------------------------------------------------
+# On the tiny nvfp4 export (the check runs inside it)
+
+
+@pytest.fixture(scope="module")
+def nvfp4_tiny(tmp_path_factory, tiny_checkpoint, small_shapes):
+    from export.run import export_artifacts
+
+    out = tmp_path_factory.mktemp("nvfp4-ref") / "tiny"
+    export_artifacts(
+        model=str(tiny_checkpoint), out=out, precision="nvfp4", shapes=small_shapes, fp8=FAST,
+        components=("transformer",), log=lambda m: None,
+    )  # fmt: skip
+    return out
+
+
+def _transformer_report(out) -> dict:
+    return json.loads((out / "reports" / "export_check.json").read_text())["components"]["transformer"]
+
+
+@pytest.mark.slow
+def test_layers_from_graph_are_the_reported_layers(nvfp4_tiny):
+    layers = layers_from_graph(nvfp4_tiny / "transformer.onnx")
+    report = json.loads((nvfp4_tiny / "reports" / "nvfp4_layers.json").read_text())["transformer"]["layers"]
+    quantized = {r["path"]: r for r in report if r["precision"] == "nvfp4"}
+    assert set(layers) == set(quantized) and len(layers) == 28
+    for path, quant in layers.items():
+        assert quant.input_scale == pytest.approx(quantized[path]["input_scale"], rel=1e-7)
+        assert float(quant.weight.global_scale) == pytest.approx(quantized[path]["weight_scale"], rel=1e-7)
+        shape = tuple(quantized[path]["weight_shape"])  # as the bf16 graph held it: [N, K] or [K, N]
+        assert quant.weight.shape in (shape, shape[::-1])
+
+
+@pytest.mark.slow
+def test_the_twin_matches_the_fake_quantized_module_far_closer_than_fp32(nvfp4_tiny):
+    transformer = _transformer_report(nvfp4_tiny)
+    part = transformer["fake_quant_reference"]
+    assert part["method"] == NVFP4_METHOD and part["passed"] is True and transformer["passed"] is True
+    fake_quant, fp32 = part["outputs"]["velocity"], transformer["outputs"]["velocity"]
+    assert fake_quant["rel_l2"] <= NVFP4_TOLERANCE.max_rel_l2
+    assert fake_quant["rel_l2"] < fp32["rel_l2"] / 3, (fake_quant, fp32)  # not the quantization error
+
+
+@pytest.mark.slow
+def test_a_nibble_order_error_fails_the_check(nvfp4_tiny, tiny_checkpoint, small_shapes, monkeypatch):
+    """The reference reading the weights' nibbles the other way round (the published file's order) fails."""
+    from common.precision import precision
+    from common.specs import component_specs
+    from export import checkpoint as ckpt
+    from export.verify import check
+    from export.verify.onnx_run import REFERENCE_EVALUATOR_MAX_BYTES
+    from export.verify.reference import ReferenceInputs
+
+    def swapped(path):
+        def flip(q):
+            codes = ((q.weight.codes >> 4) | (q.weight.codes << 4)).astype(np.uint8)
+            return LayerQuant(nvfp4.Nvfp4Tensor(codes, q.weight.block_scales, q.weight.global_scale), q.input_scale)
+
+        return {name: flip(q) for name, q in layers_from_graph(path).items()}
+
+    monkeypatch.setattr(reference, "layers_from_graph", swapped)
+    monkeypatch.setattr("export.fp8.twin.end_to_end", lambda *a, **k: {})  # the image is not what this tests
+    checkpoint = ckpt.open_checkpoint(tiny_checkpoint)
+    geometry = checkpoint.geometry()
+    spec = component_specs(geometry, small_shapes)["transformer"]
+    # Past the reference evaluator's size: the bf16 graph's (slow) run is not what this tests.
+    traced_bytes = REFERENCE_EVALUATOR_MAX_BYTES + 1
+    target = check.CheckTarget(
+        nvfp4_tiny / "transformer.onnx", spec, precision("nvfp4"), traced_bytes, checkpoint, geometry, small_shapes,
+        ReferenceInputs(checkpoint, geometry, small_shapes),
+    )  # fmt: skip
+    report = check.new_report(target.precision)
+    with pytest.raises(VerificationError, match=r"fake-quant reference velocity: rel_l2"):
+        check.verify_graph(target, report)
+    assert report["passed"] is False
+    assert report["fake_quant_reference"]["outputs"]["velocity"]["rel_l2"] > 5 * NVFP4_TOLERANCE.max_rel_l2
