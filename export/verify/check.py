@@ -4,7 +4,9 @@ The precision's declaration (`common.precision`) says how its graphs run on a CP
 in ONNX Runtime, bf16 in onnx's reference evaluator (small graphs only), FP8 Q/DQ through its
 float32 twin in ONNX Runtime plus, where small enough, the bf16 graph itself in the reference
 evaluator, and for the transformer an image through diffusers' pipeline. Whatever the path, the
-outputs are judged by the precision's tolerance and the report has one shape.
+outputs are judged by the precision's tolerance and the report has one shape. A rewrite with a
+fake-quantized PyTorch reference (NVFP4: `export.verify.fake_quant`) also holds the twin to that
+reference, under a bound tight enough that a layout error of the graph's weights fails it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from common.errors import VerificationError
 from common.precision import FP32_TWIN, REFERENCE_EVALUATOR, Precision
 from common.specs import ComponentSpec
 from export.components import COMPONENTS
+from export.verify import fake_quant as fake_quant_references
 from export.verify.onnx_run import REFERENCE_EVALUATOR_MAX_BYTES, method_for, run_graph
 
 # The fp32 twin doubles the bf16 weights in memory; beyond this it is not run on a CPU here.
@@ -101,15 +104,23 @@ def _verify_twin(target: CheckTarget, report: dict) -> None:
     if target.traced_bytes * 2 > TWIN_MAX_BYTES:
         report["note"] = f"{target.traced_bytes} bytes of bf16 weights: the fp32 twin is too large to run on a CPU here"
         return
-    feeds, expected = _expected(target, [])
+    component = COMPONENTS[target.spec.name]
+    module = component.graph_module(target.checkpoint, target.geometry, target.shapes, "fp32")
+    feeds, expected = _expected(target, [module])
     ((output, value),) = expected.items()
+    # Computed before the twin runs, so the fp32 module is freed first (as _expected frees it).
+    fake_quant = fake_quant_references.REFERENCES.get(target.precision.rewrite)
+    if fake_quant is not None:
+        inputs = [feeds[t.name] for t in target.spec.inputs]
+        fake_quant = fake_quant(getattr(module, component.wrapper_attribute), module, target.path, inputs)
+    del module
     tolerance = target.precision.tolerance
     with tempfile.TemporaryDirectory(prefix="flux2-fp8-twin-") as folder:
         twin = Path(folder) / target.path.name
         fp32_twin(target.path, twin)
-        (actual,) = ort_session(twin).run([output], feeds)
+        (actual_twin,) = ort_session(twin).run([output], feeds)
         report["method"] = FP32_TWIN
-        report["outputs"] = {output: tolerance.judge(actual, value)}
+        report["outputs"] = {output: tolerance.judge(actual_twin, value)}
         passed = report["outputs"][output]["passed"]
         if target.traced_bytes <= REFERENCE_EVALUATOR_MAX_BYTES:
             actual = run_graph(target.path, feeds, REFERENCE_EVALUATOR)[output]
@@ -117,8 +128,11 @@ def _verify_twin(target: CheckTarget, report: dict) -> None:
             passed &= report["bf16_graph"]["outputs"][output]["passed"]
         else:
             report["bf16_graph"] = {"method": None, "note": "too large for onnx's reference evaluator here"}
+        if fake_quant is not None:
+            report["fake_quant_reference"] = fake_quant.judge(output, actual_twin)
+            passed &= report["fake_quant_reference"]["passed"]
         report["passed"] = bool(passed)
-        if COMPONENTS[target.spec.name].drives_pipeline:
+        if component.drives_pipeline:
             name = target.precision.name
             print(f"{name}: end-to-end check against the bf16 pipeline", file=sys.stderr)
             report["end_to_end"] = end_to_end(target.checkpoint, target.geometry, target.shapes, twin, name=name)
@@ -129,6 +143,8 @@ def _verify_twin(target: CheckTarget, report: dict) -> None:
             ("bf16 graph", report["bf16_graph"].get("outputs", {})),
         ):
             worst += [tolerance.describe(f"{label} {name}", metrics) for name, metrics in outputs.items()]
+        if fake_quant is not None and not report["fake_quant_reference"]["passed"]:
+            worst += fake_quant.describe(report["fake_quant_reference"])
         raise VerificationError(
             f"{target.spec.name} {target.precision} graph does not match PyTorch fp32: {'; '.join(worst)}"
         )
