@@ -1,7 +1,7 @@
 """make bench-engines: TensorRT-RTX ahead-of-time build time and peak host memory, against the ONNX data size.
 
 Takes the full-width FLUX.2 [dev] transformer slice of `bench.export_memory` (1 double + 1 single
-block at FLUX.2 [dev]'s real widths, 4.3 GiB of bf16), exports its transformer at fp16, bf16 and fp8
+block at FLUX.2 [dev]'s real widths, 4.3 GiB of bf16), exports its transformer at fp16, bf16, fp8 and nvfp4
 (`--components transformer --skip-check`), then builds each with
 `python -m engines.build --target rtx --force` in its own process while this one samples that
 process tree's peak anonymous memory (RssAnon) and peak RSS from /proc every 50 ms. Reported as
