@@ -78,7 +78,7 @@ lint: setup
 clean:
 	rm -rf artifacts out
 
-# TensorRT-RTX ahead-of-time build of the full-width 1+1 transformer slice at fp16 and fp8: time and
+# TensorRT-RTX ahead-of-time build of the full-width 1+1 transformer slice at fp16, bf16, fp8, nvfp4: time and
 # peak host memory against the ONNX data size (~15 GB of disk, ~14 GB of RAM: a build box).
 .PHONY: bench-engines
 bench-engines: setup

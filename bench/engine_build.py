@@ -1,7 +1,7 @@
 """make bench-engines: TensorRT-RTX ahead-of-time build time and peak host memory, against the ONNX data size.
 
 Takes the full-width FLUX.2 [dev] transformer slice of `bench.export_memory` (1 double + 1 single
-block at FLUX.2 [dev]'s real widths, 4.3 GiB of bf16), exports its transformer at fp16, bf16 and fp8
+block at FLUX.2 [dev]'s real widths, 4.3 GiB of bf16), exports its transformer at fp16, bf16, fp8 and nvfp4
 (`--components transformer --skip-check`), then builds each with
 `python -m engines.build --target rtx --force` in its own process while this one samples that
 process tree's peak anonymous memory (RssAnon) and peak RSS from /proc every 50 ms. Reported as
@@ -28,7 +28,8 @@ from pathlib import Path
 from bench.export_memory import GiB, TreeSampler, ensure_slice, machine, warm_page_cache
 
 REPO = Path(__file__).resolve().parent.parent
-PRECISIONS = ("fp16", "bf16", "fp8")
+PRECISIONS = ("fp16", "bf16", "fp8", "nvfp4")
+QUANTIZED = ("fp8", "nvfp4")
 FAST_CALIBRATION = ["--calib-prompts", "1", "--calib-steps", "2"]  # scales do not change build cost
 
 
@@ -62,7 +63,7 @@ def export_transformer(model: str, out: Path, precision: str, shapes, log) -> No
     command = [sys.executable, "-m", "export", "--model", model, "--out", str(out), "--precision", precision,
                "--components", "transformer", "--skip-check", "--height", str(shapes[0]), "--width", str(shapes[1]),
                "--max-sequence-length", str(shapes[2])]  # fmt: skip
-    command += FAST_CALIBRATION if precision == "fp8" else []
+    command += FAST_CALIBRATION if precision in QUANTIZED else []
     measured, tail = _run(command, log)
     if measured["returncode"]:
         raise SystemExit(f"error: export of {model} at {precision} failed (exit {measured['returncode']})")
@@ -111,6 +112,27 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def merged(results: Path, model: str, shapes, rows: list[dict]) -> dict:
+    """The results file with `rows` in place of the builds they repeat (same precision, stripped or not).
+
+    A run of one precision (`--precisions nvfp4`) keeps the other precisions' rows of the same model
+    and shapes, so the file stays the whole table without rebuilding what did not change. Each row
+    carries the machine it was measured on.
+    """
+    machine_now = machine()
+    rows = [{**row, "machine": machine_now} for row in rows]
+    previous = json.loads(results.read_text(encoding="utf-8")) if results.is_file() else {}
+    kept = []
+    if previous.get("model") == model and list(previous.get("shapes", ())) == list(shapes):
+        fresh = {(row["precision"], row["strip_weights"]) for row in rows}
+        for row in previous.get("builds", []):
+            if (row["precision"], row["strip_weights"]) not in fresh:
+                kept.append({"machine": previous.get("machine"), **row})
+    order = {name: i for i, name in enumerate(PRECISIONS)}
+    builds = sorted(kept + rows, key=lambda row: (order.get(row["precision"], len(order)), row["strip_weights"]))
+    return {"model": model, "shapes": list(shapes), "builds": builds}
+
+
 def bench_engines(*, model: str, cache: Path, results: Path, shapes, strip: bool, precisions=PRECISIONS) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -126,10 +148,7 @@ def bench_engines(*, model: str, cache: Path, results: Path, shapes, strip: bool
             rows.append(build(artifacts, precision, True, log))
     print(table(rows))
     results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(
-        json.dumps({"model": model, "shapes": shapes, "machine": machine(), "builds": rows}, indent=2) + "\n",
-        encoding="utf-8",
-    )
+    results.write_text(json.dumps(merged(results, model, shapes, rows), indent=2) + "\n", encoding="utf-8")
     print(f"results in {results}")
     return 0
 
