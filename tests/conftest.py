@@ -141,3 +141,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if EXPORTING_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def nvfp4_tiny(tmp_path_factory, tiny_checkpoint, small_shapes):
+    """The tiny default exported once at nvfp4, its text encoder NVFP4 too (calibrated on 3 prompts x 2
+    steps): the nvfp4 export, text-encoder, reference and engine tests share it."""
+    from export.fp8.calibrate import CalibrationSettings
+    from export.fp8.run import Fp8Options
+    from export.run import export_artifacts
+
+    options = Fp8Options(
+        precision="nvfp4", text_encoder_precision="nvfp4", calibration=CalibrationSettings(prompts=3, steps=2)
+    )
+    out = tmp_path_factory.mktemp("nvfp4") / "tiny"
+    export_artifacts(
+        model=str(tiny_checkpoint), out=out, precision="nvfp4", shapes=small_shapes, fp8=options, log=lambda m: None
+    )
+    return out

@@ -10,29 +10,15 @@ import torch
 from common import nvfp4
 from common.external_data import TensorReader
 from common.manifest import read_manifest
-from export.fp8.calibrate import CalibrationSettings
 from export.fp8.rewrite import DEFAULT_TRANSFORMER_EXCLUDE
-from export.fp8.run import Fp8Options
 from export.nvfp4.rewrite import audit_nvfp4, weight_bytes
 from tests.support import run_cli
 
-# Tests calibrate on 3 prompts x 2 steps, as the fp8 tests do.
-FAST = Fp8Options(precision="nvfp4", calibration=CalibrationSettings(prompts=3, steps=2))
+# The shared export (tests/conftest.py `nvfp4_tiny`) calibrates on 3 prompts x 2 steps, as the fp8 tests do.
 # Measured on the tiny default (8 steps, 256^2): the twin's image 29.7 dB from diffusers fp32 and
 # 29.3 dB from diffusers bf16 (bf16 itself is 38.3 dB from fp32). 4-bit weights and activations on a
 # random model: the bar says it draws the same picture, not a near-copy (docs/nvfp4.md).
 MIN_PSNR_DB = 25.0
-
-
-@pytest.fixture(scope="module")
-def nvfp4_tiny(tmp_path_factory, tiny_checkpoint, small_shapes):
-    from export.run import export_artifacts
-
-    out = tmp_path_factory.mktemp("nvfp4") / "tiny"
-    export_artifacts(
-        model=str(tiny_checkpoint), out=out, precision="nvfp4", shapes=small_shapes, fp8=FAST, log=lambda m: None
-    )
-    return out
 
 
 def _reports(out):
@@ -109,7 +95,7 @@ def test_fp4_weights_are_the_checkpoint_weights_quantized(nvfp4_tiny, tiny_check
 def test_nvfp4_folder_runs_on_the_cpu_and_checks_against_diffusers(nvfp4_tiny, tmp_path):
     manifest = read_manifest(nvfp4_tiny)
     assert {c: e.precision for c, e in manifest.components.items()} == {
-        "text_encoder": "bf16",
+        "text_encoder": "nvfp4",  # the shared export quantizes it too (tests/test_nvfp4_text_encoder.py)
         "transformer": "nvfp4",
         "vae": "bf16",
     }

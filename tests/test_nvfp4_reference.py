@@ -12,7 +12,6 @@ from common.errors import VerificationError
 from export.nvfp4 import reference
 from export.nvfp4.reference import LayerQuant, apply_nvfp4, fake_quantize, layers_from_graph
 from export.verify.fake_quant import NVFP4_METHOD, NVFP4_TOLERANCE
-from tests.test_nvfp4_export import FAST
 
 
 def _activations(seed: int = 0) -> np.ndarray:
@@ -93,18 +92,6 @@ def test_apply_nvfp4_refuses_a_layer_it_cannot_place_and_still_restores():
 
 # ---------------------------------------------------------------------------------------------
 # On the tiny nvfp4 export (the check runs inside it)
-
-
-@pytest.fixture(scope="module")
-def nvfp4_tiny(tmp_path_factory, tiny_checkpoint, small_shapes):
-    from export.run import export_artifacts
-
-    out = tmp_path_factory.mktemp("nvfp4-ref") / "tiny"
-    export_artifacts(
-        model=str(tiny_checkpoint), out=out, precision="nvfp4", shapes=small_shapes, fp8=FAST,
-        components=("transformer",), log=lambda m: None,
-    )  # fmt: skip
-    return out
 
 
 def _transformer_report(out) -> dict:

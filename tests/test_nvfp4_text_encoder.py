@@ -5,7 +5,6 @@ text encoder, with its own exclusions (none by default), calibration (the same p
 and report entries, and the folder that results running on the CPU.
 """
 
-import dataclasses
 import json
 import shutil
 
@@ -16,7 +15,6 @@ from common.manifest import read_manifest
 from export.components import COMPONENTS
 from export.nvfp4.rewrite import DYNAMIC_QUANTIZE, TRT_DOMAIN, audit_nvfp4
 from tests.support import run_cli
-from tests.test_nvfp4_export import FAST
 
 # Measured on the tiny default (tiny text encoder: 6 layers x 7 linears, no exclusions; see
 # docs/nvfp4.md): 42 NVFP4 linears; the fp32 twin is 1.1e-3 rel L2 from PyTorch fp32, the NVFP4
@@ -26,15 +24,8 @@ MIN_REL_L2 = 2e-4
 
 
 @pytest.fixture(scope="module")
-def nvfp4_text_encoder(tmp_path_factory, tiny_checkpoint, small_shapes):
-    from export.run import export_artifacts
-
-    out = tmp_path_factory.mktemp("nvfp4-te") / "tiny"
-    options = dataclasses.replace(FAST, text_encoder_precision="nvfp4")
-    export_artifacts(
-        model=str(tiny_checkpoint), out=out, precision="nvfp4", shapes=small_shapes, fp8=options, log=lambda m: None
-    )
-    return out
+def nvfp4_text_encoder(nvfp4_tiny):
+    return nvfp4_tiny  # conftest's shared nvfp4 export, text encoder included
 
 
 def _read(out, name):
