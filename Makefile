@@ -84,6 +84,12 @@ clean:
 bench-engines: setup
 	$(PY) -m bench.engine_build
 
+.PHONY: bench-nvfp4-import
+# The full-width 1+1 slice written as the published NVFP4 file and imported: ONNX bytes against the file's
+# (goal <= 1.05 x), peak memory, time (~15 GB of disk, ~10 GB of RAM): see docs/nvfp4.md.
+bench-nvfp4-import: setup
+	$(PY) -m bench.nvfp4_import
+
 .PHONY: bench-fp8-rewrite
 # Bytes (sha256), time and peak anonymous memory of the FP8 rewrite and its fp32 twin: see docs/fp8.md.
 bench-fp8-rewrite: setup
