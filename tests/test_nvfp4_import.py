@@ -220,3 +220,23 @@ def test_runtime_generate_on_the_cpu_draws_the_files_own_w4a4_math(
     good = psnr(ours / 255.0, _file_math_image(**files) / 255.0)
     swapped = psnr(ours / 255.0, _file_math_image(**files, swap=True) / 255.0)
     assert good >= 40.0 and swapped < good - 10, (good, swapped)
+
+
+@pytest.mark.slow
+def test_a_plain_bf16_single_file_exports_the_same_graph_bytes_as_the_folder(tiny_checkpoint, small_shapes, tmp_path):
+    """The folder's own transformer as a BFL-named bf16 single file: the bf16 graph's weights are byte-identical."""
+    from safetensors.torch import save_file
+
+    from export.run import export_artifacts
+    from flux2_tiny.nvfp4_file import bfl_state_dict
+
+    single = tmp_path / "flux2-tiny-bf16.safetensors"
+    save_file({k: v.contiguous() for k, v in bfl_state_dict(_state_dict(tiny_checkpoint)).items()}, str(single))
+    data = {}
+    for name, weights in (("folder", None), ("file", single)):
+        out = tmp_path / name
+        export_artifacts(model=str(tiny_checkpoint), out=out, precision="bf16", shapes=small_shapes,
+                         components=("transformer",), skip_check=True, transformer_weights=weights,
+                         log=lambda m: None)  # fmt: skip
+        data[name] = (out / "transformer.onnx.data").read_bytes()
+    assert data["file"] == data["folder"] and len(data["file"]) > 100_000
