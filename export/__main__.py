@@ -11,7 +11,7 @@ from common.specs import COMPONENTS, DEFAULT_HEIGHT, DEFAULT_MAX_SEQUENCE_LENGTH
 from export.fp8 import run as fp8_export
 
 
-def main(argv=None) -> int:
+def _parser() -> OneLineParser:
     parser = OneLineParser(prog="python -m export", description="Export FLUX.2 to ONNX and verify it against PyTorch.")
     parser.add_argument(
         "--model", required=True, help="checkpoint folder (diffusers layout), or tiny, tiny-klein, tiny-klein-distilled"
@@ -62,6 +62,11 @@ def main(argv=None) -> int:
     fp8_export.add_arguments(parser)
     # The plain path (load the modules, then export), kept for benchmarks and comparisons.
     parser.add_argument("--no-stream", dest="stream", action="store_false", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
 
     from export.run import ExportJob, run_export

@@ -233,11 +233,7 @@ def plan_export(job: ExportJob) -> ExportPlan:
             f"--height/--width {shapes.height}x{shapes.width} must be multiples of {geometry.pixels_per_token} "
             f"for the VAE in {checkpoint.root / 'vae'}"
         )
-    published = None
-    if job.transformer_weights is not None:
-        published = importing.open_weights(job.transformer_weights, checkpoint, folder_precision)
-        if fp8 is not None:
-            fp8 = dataclasses.replace(fp8, transformer_weights=str(published.path))
+    published, fp8 = _imported_weights(job, checkpoint, folder_precision, fp8)
     if folder_precision.quantized:
         fp8_export.check_options(fp8, checkpoint, geometry, components)
     reference = ReferenceInputs(checkpoint, geometry, shapes)
@@ -250,35 +246,13 @@ def plan_export(job: ExportJob) -> ExportPlan:
     )
     versions = library_versions()
     specs = component_specs(geometry, shapes)
-    keyed = {
-        "precision": folder_precision.name,
-        "geometry": geometry.to_json(),
-        "source": source.key_payload(),
-        "versions": versions,
-        "code": EXPORT_CODE_VERSION,
-        "checked": not job.skip_check,
-        "streamed": job.stream,
-    }
-    if shapes.reference_images:
-        # K and the reference size fix the transformer's RoPE tables beyond its input shapes
-        # (2 x 64x64 and 1 x 128x64 give the same token count); absent at K = 0.
-        keyed["references"] = [shapes.reference_images, *shapes.reference_size]
+    keyed = _common_key(job, folder_precision, geometry, source, versions, shapes)
     jobs = tuple(
         ComponentJob(
             component=component,
             spec=specs[component],
-            key=key_of(
-                {
-                    **keyed,
-                    "component": component,
-                    "spec": specs[component].to_json(),
-                    **({"fp8": fp8.key_payload(component)} if folder_precision.quantized else {}),
-                    **(
-                        {"transformer_weights": importing.fingerprint(published)}
-                        if published is not None and component == "transformer"
-                        else {}
-                    ),
-                }
+            key=_component_key(
+                keyed, component, specs[component], fp8 if folder_precision.quantized else None, published
             ),
             checkpoint=checkpoint,
             geometry=geometry,
@@ -306,6 +280,44 @@ def plan_export(job: ExportJob) -> ExportPlan:
         job.force,
         published,
     )
+
+
+def _common_key(job: ExportJob, folder_precision: Precision, geometry, source: Source, versions: dict, shapes) -> dict:
+    """What every graph of the export depends on (each key adds its own part, `_component_key`)."""
+    keyed = {
+        "precision": folder_precision.name,
+        "geometry": geometry.to_json(),
+        "source": source.key_payload(),
+        "versions": versions,
+        "code": EXPORT_CODE_VERSION,
+        "checked": not job.skip_check,
+        "streamed": job.stream,
+    }
+    if shapes.reference_images:
+        # K and the reference size fix the transformer's RoPE tables beyond its input shapes
+        # (2 x 64x64 and 1 x 128x64 give the same token count); absent at K = 0.
+        keyed["references"] = [shapes.reference_images, *shapes.reference_size]
+    return keyed
+
+
+def _component_key(keyed: dict, component: str, spec, quantization, published) -> str:
+    """A graph's cache key: the export's common part, its spec, its quantization and its imported weights."""
+    payload = {**keyed, "component": component, "spec": spec.to_json()}
+    if quantization is not None:
+        payload["fp8"] = quantization.key_payload(component)
+    if published is not None and component == "transformer":
+        payload["transformer_weights"] = importing.fingerprint(published)
+    return key_of(payload)
+
+
+def _imported_weights(job: ExportJob, checkpoint, folder_precision: Precision, fp8):
+    """(the --transformer-weights file read and checked, or None; the quantization options that follow it)."""
+    if job.transformer_weights is None:
+        return None, fp8
+    published = importing.open_weights(job.transformer_weights, checkpoint, folder_precision)
+    if fp8 is not None:
+        fp8 = dataclasses.replace(fp8, transformer_weights=str(published.path))
+    return published, fp8
 
 
 def _check_prompt_room(reference: ReferenceInputs, components: tuple[str, ...]) -> None:
