@@ -404,13 +404,18 @@ def audit_qdq(model, module_prefix: str = "") -> dict[str, dict]:
 def audit_problems(model, module_prefix: str, records: list[LayerRecord]) -> list[str]:
     """What the written graph holds that the records did not ask for (empty: as asked)."""
     audit = audit_qdq(model, module_prefix)
+    return mismatches(audit, records, ("weight_dq_fp8", "activation_qdq"), "weight DQ / activation Q-DQ")
+
+
+def mismatches(audit: dict, records: list[LayerRecord], counts: tuple[str, str], what: str) -> list[str]:
+    """Each linear whose (weight dequantizers, activation quantizers) in `audit` is not (1, calls) or (0, 0)."""
     problems = []
     for record in records:
         found = audit.get(record.path, {})
         want = (1, record.calls) if record.quantized else (0, 0)
-        got = (found.get("weight_dq_fp8"), found.get("activation_qdq"))
+        got = tuple(found.get(name) for name in counts)
         if got != want:
-            problems.append(f"{record.path}: weight DQ / activation Q-DQ {got}, expected {want}")
+            problems.append(f"{record.path}: {what} {got}, expected {want}")
     return problems
 
 

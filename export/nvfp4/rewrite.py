@@ -40,6 +40,7 @@ from export.fp8.rewrite import (
     is_excluded,
     linear_path,
     make_node,
+    mismatches,
     scalar_initializer,
 )
 
@@ -385,14 +386,9 @@ def audit_nvfp4(model, module_prefix: str = "") -> dict[str, dict]:
 def audit_problems(model, module_prefix: str, records: list[LayerRecord]) -> list[str]:
     """What the written graph holds that the records did not ask for (empty: as asked)."""
     audit = audit_nvfp4(model, module_prefix)
-    problems = []
-    for record in records:
-        found = audit.get(record.path, {})
-        want = (1, record.calls) if record.quantized else (0, 0)
-        got = (found.get("weight_dq_fp4"), found.get("activation_fp4"))
-        if got != want:
-            problems.append(f"{record.path}: FP4 weight DQ / dynamic activation quantize {got}, expected {want}")
-    return problems
+    return mismatches(
+        audit, records, ("weight_dq_fp4", "activation_fp4"), "FP4 weight DQ / dynamic activation quantize"
+    )
 
 
 def weight_bytes(model, exclude: tuple[str, ...]) -> dict:
