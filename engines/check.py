@@ -141,10 +141,11 @@ def run_parse(folder: Path, out) -> list:
         return []
     manifest = read_manifest(folder)
     reports = parse_artifacts(api, Path(folder), manifest)
-    expected = {
-        name: sum(1 for r in report.get("layers", []) if declared(r["precision"]).quantized)
-        for name, report in read_layers_report(folder, manifest.precision).items()
-    }
+    expected = {}
+    for name, entry in manifest.components.items():
+        report = read_layers_report(folder, entry.precision).get(name)
+        if report is not None:
+            expected[name] = sum(1 for r in report.get("layers", []) if declared(r["precision"]).quantized)
     print(format_parse_table(reports, f"{api.label} {api.version}", expected), file=out)
     return reports
 

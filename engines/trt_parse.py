@@ -251,11 +251,12 @@ QUANTIZED_CENSUS = {"fp8": fp8_findings, "nvfp4": nvfp4_findings}
 
 
 def parse_artifacts(api, folder: Path, manifest: ArtifactsManifest) -> list[ParseReport]:
-    layers_report = read_layers_report(folder, manifest.precision)
     reports = []
     for name, entry in manifest.components.items():
         kept = entry.float32_matmuls or ()
-        reports.append(parse_component(api, name, folder / entry.file, entry.precision, layers_report.get(name), kept))
+        # Each graph's own report: an nvfp4 folder's text encoder may be fp8 (reports/fp8_layers.json).
+        layers_report = read_layers_report(folder, entry.precision).get(name)
+        reports.append(parse_component(api, name, folder / entry.file, entry.precision, layers_report, kept))
     return reports
 
 

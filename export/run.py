@@ -257,7 +257,9 @@ def plan_export(job: ExportJob) -> ExportPlan:
             checkpoint=checkpoint,
             geometry=geometry,
             shapes=shapes,
-            precision=folder_precision.of_component(component, fp8 is not None and fp8.quantizes_text_encoder),
+            precision=declared(fp8.component_precision(component))
+            if fp8 is not None
+            else folder_precision.of_component(component),
             folder_precision=folder_precision,
             reference=reference,
             staging=Path(),  # the export's staging folder, given when it is made

@@ -95,3 +95,36 @@ def test_tensorrt_rtx_parses_every_nvfp4_linear_and_builds_for_blackwell(nvfp4_t
     platform = json.loads((artifacts / "engines" / "rtx" / "manifest.json").read_text())["engines"]["text_encoder"]
     assert platform["platform"]["compute_capabilities"] == ["12.0", "12.1"]
     assert (artifacts / "engines" / "rtx" / "text_encoder.plan").stat().st_size > 0
+
+
+def test_text_encoder_choices_follow_the_folder():
+    """An nvfp4 folder's text encoder may be fp8 (its GPUs run FP8); an fp8 folder's may not be nvfp4."""
+    from common.precision import precision
+    from export.fp8.run import text_encoder_choices
+
+    assert text_encoder_choices(precision("nvfp4")) == ("bf16", "fp8", "nvfp4")
+    assert text_encoder_choices(precision("fp8")) == ("bf16", "fp8")
+    result = run_cli("-m", "export", "--model", "tiny", "--out", "/tmp/never-written", "--precision", "fp8",
+                     "--text-encoder-precision", "nvfp4")  # fmt: skip
+    assert result.returncode == 2 and "is not one of bf16, fp8 (with --precision fp8)" in result.stderr, result.stderr
+
+
+@pytest.mark.slow
+def test_an_nvfp4_folder_with_an_fp8_text_encoder(tiny_checkpoint, small_shapes, tmp_path):
+    from export.fp8.calibrate import CalibrationSettings
+    from export.fp8.run import Fp8Options
+    from export.run import export_artifacts
+
+    options = Fp8Options(
+        precision="nvfp4", text_encoder_precision="fp8", calibration=CalibrationSettings(prompts=3, steps=2)
+    )
+    out = tmp_path / "tiny"
+    export_artifacts(model=str(tiny_checkpoint), out=out, precision="nvfp4", shapes=small_shapes, fp8=options,
+                     components=("text_encoder",), log=lambda m: None)  # fmt: skip
+    assert read_manifest(out).components["text_encoder"].precision == "fp8"
+    layers = _read(out, "fp8_layers.json")["text_encoder"]
+    assert (
+        layers["counts"]["fp8"] == LINEARS and _read(out, "export_check.json")["components"]["text_encoder"]["passed"]
+    )
+    check = run_cli("-m", "engines.check", str(out))
+    assert check.returncode == 0 and f"{LINEARS} / {LINEARS} linears" in check.stdout, check.stdout + check.stderr

@@ -60,8 +60,12 @@ class Fp8Options:
         return declared(self.text_encoder_precision).quantized
 
     def component_precision(self, component: str) -> str:
-        """The precision of `component`'s graph in the fp8 folder these options export."""
-        return declared(self.precision).of_component(component, self.quantizes_text_encoder).name
+        """The precision of `component`'s graph in the quantized folder these options export.
+
+        The text encoder has its own (`--text-encoder-precision`): an nvfp4 folder's may be fp8."""
+        if self.quantizes_text_encoder and component == "text_encoder":
+            return declared(self.text_encoder_precision).name
+        return declared(self.precision).of_component(component).name
 
     def exclude_for(self, component: str) -> tuple[str, ...]:
         return {"transformer": self.exclude, "text_encoder": self.text_encoder_exclude}[component]
@@ -74,7 +78,7 @@ class Fp8Options:
             "component_precision": precision,
             "exclude": list(self.exclude_for(component)),
             "calibration": dataclasses.asdict(self.calibration),
-            f"{declared(self.precision).rewrite}_code": CODE_VERSIONS[declared(self.precision).rewrite],
+            f"{declared(precision).rewrite}_code": CODE_VERSIONS[declared(precision).rewrite],
         }
 
 
@@ -122,6 +126,17 @@ def add_arguments(parser) -> None:
 _FP8_FLAGS = ("fp8_exclude", "text_encoder_precision", "calib_prompts", "calib_steps", "calib_seed", "calib_device")
 
 
+def text_encoder_choices(folder) -> tuple[str, ...]:
+    """The text encoder's precisions in a `folder` precision export: as traced, or a quantized precision
+    whose GPUs run the folder's (an nvfp4 folder's text encoder may be fp8; an fp8 one's not nvfp4)."""
+
+    def oldest(p):
+        return tuple(int(part) for part in (p.min_compute_capability or "0.0").split("."))
+
+    quantized = [p.name for p in PRECISIONS.values() if p.quantized and oldest(p) <= oldest(folder)]
+    return (folder.traced.name, *quantized)
+
+
 def options_from_args(args, precision: str) -> Fp8Options | None:
     given = [name for name in _FP8_FLAGS if getattr(args, name) is not None]
     if not declared(precision).quantized:
@@ -134,7 +149,7 @@ def options_from_args(args, precision: str) -> Fp8Options | None:
         patterns = () if args.fp8_exclude.strip().lower() == "none" else parse_csv(args.fp8_exclude)
         options = dataclasses.replace(options, exclude=patterns)
     if args.text_encoder_precision is not None:
-        choices = (declared(precision).traced.name, declared(precision).name)
+        choices = text_encoder_choices(declared(precision))
         if args.text_encoder_precision not in choices:
             raise UsageError(
                 f"--text-encoder-precision {args.text_encoder_precision!r} is not one of "
@@ -316,8 +331,17 @@ def _node_count(path: Path) -> int:
 
 
 def write_reports(reports_dir: Path, reports: dict, precision=FP8) -> None:
-    """reports/<precision>_layers.json (which linear is in which precision, and its scales) and <precision>_check.json."""
-    name = declared(precision).name
+    """reports/<precision>_layers.json (which linear is in which precision, and its scales) and
+    <precision>_check.json, for the folder's precision and any other quantized precision a graph has
+    (an nvfp4 folder's fp8 text encoder)."""
+    names = {declared(precision).name} | {
+        p.name for p in PRECISIONS.values() if p.quantized and any(p.name in r for r in reports.values())
+    }
+    for name in sorted(names):
+        _write_reports_of(reports_dir, reports, name)
+
+
+def _write_reports_of(reports_dir: Path, reports: dict, name: str) -> None:
     layers, check = {}, {}
     for component, report in reports.items():
         details = report.get(name)
