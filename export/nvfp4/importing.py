@@ -39,9 +39,8 @@ def open_weights(path: str | Path, checkpoint, precision):
 
     path = Path(path).expanduser().absolute()
     if not path.is_file():
-        raise UsageError(
-            f"--transformer-weights {path} does not exist; pass a single-file FLUX.2 transformer (.safetensors)"
-        )
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise UsageError(f"--transformer-weights {path} {what}; pass a single-file FLUX.2 transformer (.safetensors)")
     published = read_published(path, checkpoint.configs["transformer"])
     if published.nvfp4_layers and precision.rewrite != NVFP4.rewrite:
         raise UsageError(
