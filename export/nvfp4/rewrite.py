@@ -60,7 +60,7 @@ class _Edits:
     graph: object
     reader: TensorReader
     new_nodes: dict = field(default_factory=dict)  # node name -> nodes to insert before it
-    weights: dict = field(default_factory=dict)  # bf16 weight name -> (fp4 name, scales name, g_w, transpose)
+    weights: dict = field(default_factory=dict)  # bf16 weight -> (fp4 name, scales name, g_w, transpose, file key)
     scales_after: dict = field(default_factory=dict)  # fp4 weight name -> its block scales' TensorProto
     new_initializers: list = field(default_factory=list)
     value_infos: list = field(default_factory=list)
@@ -100,6 +100,11 @@ def quantize_graph(
     if imported is not None:
         nvfp4_weights = set(imported.nvfp4_names)
         plan = {path: NVFP4.name if f"{path}.weight" in nvfp4_weights else NVFP4.traced.name for path in by_path}
+        unplaced = sorted(nvfp4_weights - {f"{path}.weight" for path in by_path})
+        if unplaced:  # an NVFP4 layer of the file that is no linear of the graph would be silently dropped
+            raise Fp8GraphError(
+                f"{len(unplaced)} NVFP4 weight(s) of {imported.path} are no linear of the graph, e.g. {unplaced[0]}"
+            )
     else:
         plan = plan_precisions(by_path, exclude)
     needed = set(plan)
