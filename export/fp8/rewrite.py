@@ -173,20 +173,24 @@ class LayerRecord:
 
 
 @dataclass
-class _Edits:
-    """What the rewrite inserts, gathered per linear and applied to the graph at the end."""
+class GraphEdits:
+    """What a rewrite inserts, gathered per linear and applied to the graph at the end (FP8, NVFP4)."""
 
     graph: object  # the onnx.GraphProto being rewritten
     reader: TensorReader
-    zero_point: object  # the shared FLOAT8E4M3FN zero point initializer
     new_nodes: dict = field(default_factory=dict)  # node name -> nodes to insert before it
-    fp8_weights: dict = field(default_factory=dict)  # original weight name -> (fp8 name, scale)
     new_initializers: list = field(default_factory=list)
 
     def __post_init__(self):
         self.initializers = {t.name: t for t in self.graph.initializer}
         self.nodes_by_name = {node.name: node for node in self.graph.node}
         self.weight_users = count_users(self.graph)
+
+
+@dataclass
+class _Edits(GraphEdits):
+    zero_point: object = None  # the shared FLOAT8E4M3FN zero point initializer
+    fp8_weights: dict = field(default_factory=dict)  # original weight name -> (fp8 name, scale)
 
 
 def quantize_graph(
@@ -210,7 +214,7 @@ def quantize_graph(
     model = onnx.load(str(source), load_external_data=False)
     by_path, plan = _plan_linears(model, source, input_amax, exclude, module_prefix)
     zero_point = helper.make_tensor("fp8_zero_point", TensorProto.FLOAT8E4M3FN, [], [0.0])
-    edits = _Edits(model.graph, TensorReader(source.parent), zero_point)
+    edits = _Edits(model.graph, TensorReader(source.parent), zero_point=zero_point)
     records = []
     for path, path_uses in by_path.items():
         weight_proto = edits.initializers[path_uses[0].weight]
@@ -237,14 +241,20 @@ def quantize_graph(
     return records
 
 
-def _plan_linears(model, source: Path, input_amax, exclude, module_prefix: str):
-    """({module path: its uses}, {module path: precision}); refuses a graph the rewrite cannot place."""
+def linears_by_path(model, source: Path, module_prefix: str, what: str) -> dict[str, list[LinearUse]]:
+    """{module path: its uses}, in graph order; refuses a graph with no labelled linear to place `what` on."""
     uses = find_linear_uses(model, module_prefix)
     if not uses:
-        raise Fp8GraphError(f"{source} has no nn.Linear nodes the exporter labelled; cannot place FP8 Q/DQ")
+        raise Fp8GraphError(f"{source} has no nn.Linear nodes the exporter labelled; cannot place {what}")
     by_path: dict[str, list[LinearUse]] = {}
     for use in uses:
         by_path.setdefault(use.path, []).append(use)
+    return by_path
+
+
+def _plan_linears(model, source: Path, input_amax, exclude, module_prefix: str):
+    """({module path: its uses}, {module path: precision}); refuses a graph the rewrite cannot place."""
+    by_path = linears_by_path(model, source, module_prefix, "FP8 Q/DQ")
     plan = plan_precisions(by_path, exclude)
     missing = [p for p, name in plan.items() if declared(name).quantized and p not in input_amax]
     if missing:

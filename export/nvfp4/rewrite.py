@@ -33,12 +33,12 @@ from common.precision import PRECISIONS
 from common.precision import precision as declared
 from export.fp8.rewrite import (
     Fp8GraphError,
+    GraphEdits,
     LayerRecord,
     abs_max,
-    count_users,
-    find_linear_uses,
     is_excluded,
     linear_path,
+    linears_by_path,
     make_node,
     mismatches,
     scalar_initializer,
@@ -56,21 +56,12 @@ def plan_precisions(paths, exclude: tuple[str, ...]) -> dict[str, str]:
 
 
 @dataclass
-class _Edits:
-    graph: object
-    reader: TensorReader
-    new_nodes: dict = field(default_factory=dict)  # node name -> nodes to insert before it
+class _Edits(GraphEdits):
     weights: dict = field(default_factory=dict)  # bf16 weight -> (fp4 name, scales name, g_w, transpose, file key)
     scales_after: dict = field(default_factory=dict)  # fp4 weight name -> its block scales' TensorProto
-    new_initializers: list = field(default_factory=list)
     value_infos: list = field(default_factory=list)
     shapes: dict = field(default_factory=dict)  # value name -> static shape
     imported: object = None  # export.nvfp4.published.PublishedTransformer, or None: quantize here
-
-    def __post_init__(self):
-        self.initializers = {t.name: t for t in self.graph.initializer}
-        self.nodes_by_name = {node.name: node for node in self.graph.node}
-        self.weight_users = count_users(self.graph)
 
 
 def quantize_graph(
@@ -91,12 +82,7 @@ def quantize_graph(
 
     source, target = Path(source), Path(target)
     model = onnx.load(str(source), load_external_data=False)
-    uses = find_linear_uses(model, module_prefix)
-    if not uses:
-        raise Fp8GraphError(f"{source} has no nn.Linear nodes the exporter labelled; cannot place NVFP4")
-    by_path: dict = {}
-    for use in uses:
-        by_path.setdefault(use.path, []).append(use)
+    by_path = linears_by_path(model, source, module_prefix, "NVFP4")
     if imported is not None:
         nvfp4_weights = set(imported.nvfp4_names)
         plan = {path: NVFP4.name if f"{path}.weight" in nvfp4_weights else NVFP4.traced.name for path in by_path}
@@ -113,9 +99,7 @@ def quantize_graph(
     missing = [p for p, name in plan.items() if declared(name).quantized and p in needed and p not in input_amax]
     if missing:
         raise Fp8GraphError(f"no calibrated input amax for {len(missing)} NVFP4 layer(s), e.g. {missing[:3]}")
-    edits = _Edits(model.graph, TensorReader(source.parent))
-    edits.shapes = _activation_shapes(model)
-    edits.imported = imported
+    edits = _Edits(model.graph, TensorReader(source.parent), shapes=_activation_shapes(model), imported=imported)
     records = []
     for path, path_uses in by_path.items():
         weight_proto = edits.initializers[path_uses[0].weight]
