@@ -184,6 +184,9 @@ class ArtifactsManifest:
     tokenizer: TokenizerRecord
     scheduler_config: str
     components: dict[str, ComponentRecord]
+    # LoRAs baked into the transformer at export (`--lora`), in order: file, sha256, format, scale,
+    # the layers they touched (export.lora.records). Absent from the JSON when there are none.
+    loras: tuple = ()
 
     def files(self) -> dict[str, str]:
         """Every file the manifest records a sha256 for: relative path -> sha256."""
@@ -207,6 +210,7 @@ class ArtifactsManifest:
             "tokenizer": self.tokenizer.to_json(),
             "scheduler_config": self.scheduler_config,
             "components": {name: record.to_json() for name, record in self.components.items()},
+            **({"loras": list(self.loras)} if self.loras else {}),
         }
 
     @classmethod
@@ -225,6 +229,7 @@ class ArtifactsManifest:
                 tokenizer=TokenizerRecord.from_json(data.get("tokenizer", {})),
                 scheduler_config=str(data.get("scheduler_config", "scheduler_config.json")),
                 components=parse_records(data["components"], "components", ComponentRecord.from_json),
+                loras=tuple(data.get("loras", ())),
             ),
         )
 

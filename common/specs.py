@@ -58,6 +58,15 @@ class Shapes:
     reference_images: int = 0
     reference_height: int = 0
     reference_width: int = 0
+    # LoRA slots (`--lora-rank R`, docs/lora.md): each transformer block linear in `lora_targets`,
+    # (module path, in_features, out_features), takes factors A [R, in] and B [out, R] as graph inputs.
+    # Rank 0 has no slots, and then these fields are left out of the JSON like the reference ones.
+    lora_rank: int = 0
+    lora_targets: tuple[tuple[str, int, int], ...] = ()
+
+    def __post_init__(self):
+        # As JSON reads them back: lists into the tuples that compare equal to the exported ones.
+        object.__setattr__(self, "lora_targets", tuple((str(m), int(k), int(n)) for m, k, n in self.lora_targets))
 
     @property
     def reference_size(self) -> tuple[int, int]:
@@ -69,6 +78,11 @@ class Shapes:
         if not self.reference_images:
             for name in ("reference_images", "reference_height", "reference_width"):
                 data.pop(name)
+        if not self.lora_rank:
+            for name in ("lora_rank", "lora_targets"):
+                data.pop(name)
+        else:
+            data["lora_targets"] = [list(target) for target in self.lora_targets]
         return data
 
 
@@ -145,6 +159,22 @@ def reference_tokens(geometry: Geometry, shapes: Shapes) -> int:
     return (height // step) * (width // step)
 
 
+def lora_slot_inputs(shapes: Shapes) -> list[TensorSpec]:
+    """The LoRA slots' inputs, two per target linear: `lora_a.<module>` [R, K] and `lora_b.<module>` [N, R].
+
+    Not batched: one LoRA set per call (a CFG pair shares it). Zeros are no LoRA.
+    """
+    rank = shapes.lora_rank
+    inputs = []
+    for module, in_features, out_features in shapes.lora_targets:
+        inputs.append(TensorSpec(f"{LORA_A}{module}", (rank, in_features), "float32"))
+        inputs.append(TensorSpec(f"{LORA_B}{module}", (out_features, rank), "float32"))
+    return inputs
+
+
+LORA_A, LORA_B = "lora_a.", "lora_b."
+
+
 def component_specs(geometry: Geometry, shapes: Shapes) -> dict[str, ComponentSpec]:
     b, seq = shapes.batch_size, shapes.max_sequence_length
     tokens = image_tokens(geometry, shapes)
@@ -164,6 +194,7 @@ def component_specs(geometry: Geometry, shapes: Shapes) -> dict[str, ComponentSp
     ]
     if geometry.guidance_embeds:
         transformer_inputs.append(TensorSpec("guidance", (b,), f32))
+    transformer_inputs += lora_slot_inputs(shapes)
     specs = {
         "text_encoder": ComponentSpec(
             "text_encoder",

@@ -59,6 +59,22 @@ def _parser() -> OneLineParser:
         help="a single-file FLUX.2 transformer in BFL naming (the published FLUX.2-dev-NVFP4 files, with "
         "--precision nvfp4, or a plain bf16 file) replacing the checkpoint's transformer weights (docs/nvfp4.md)",
     )
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="bake a transformer LoRA (diffusers/peft, BFL or kohya .safetensors) into the weights, at SCALE "
+        "(default 1.0); repeatable (docs/lora.md)",
+    )
+    parser.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        metavar="R",
+        help="LoRA slots of rank R on every transformer block linear, fed at run time by runtime.generate --lora "
+        "(default 0: none; docs/lora.md)",
+    )
     fp8_export.add_arguments(parser)
     # The plain path (load the modules, then export), kept for benchmarks and comparisons.
     parser.add_argument("--no-stream", dest="stream", action="store_false", help=argparse.SUPPRESS)
@@ -69,6 +85,7 @@ def main(argv=None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
 
+    from common.lora import parse_lora_request
     from export.run import ExportJob, run_export
 
     layers = (
@@ -92,6 +109,7 @@ def main(argv=None) -> int:
             reference_images=args.reference_images,
             reference_height=reference_height,
             reference_width=reference_width,
+            lora_rank=args.lora_rank,
         ),
         text_encoder_layers=layers,
         force=args.force,
@@ -99,6 +117,7 @@ def main(argv=None) -> int:
         fp8=fp8_export.options_from_args(args, args.precision),
         stream=args.stream,
         transformer_weights=args.transformer_weights,
+        loras=tuple(parse_lora_request(text) for text in args.lora),
     )
     run_export(job)
     return 0

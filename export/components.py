@@ -23,7 +23,7 @@ import numpy as np
 
 from common.precision import Precision
 from common.precision import precision as declared
-from common.specs import ComponentSpec, Geometry, Shapes
+from common.specs import ComponentSpec, Geometry, Shapes, lora_slot_inputs
 from export import checkpoint as ckpt
 
 
@@ -161,6 +161,9 @@ def _transformer_feeds(inputs, spec: ComponentSpec) -> dict[str, np.ndarray]:
     feeds |= {"encoder_hidden_states": inputs.prompt_embeds(), "timestep": np.full((b,), inputs.sigma, np.float32)}
     if inputs.geometry.guidance_embeds:
         feeds["guidance"] = np.full((b,), inputs.guidance, np.float32)
+    # LoRA slots: random factors, so that the check exercises every branch (zeros would test none).
+    for slot in lora_slot_inputs(inputs.shapes):
+        feeds[slot.name] = (0.05 * rng.standard_normal(slot.shape)).astype(np.float32)
     return feeds
 
 

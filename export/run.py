@@ -41,6 +41,7 @@ from common.staging import folder_lock, owner_tag, remove_stale_staging
 from common.storage import ensure_space, is_storage_error, storage_error
 from common.tokenizer import TOKENIZER_FILES, PromptTokenizer
 from export import checkpoint as ckpt
+from export import lora as export_lora
 from export.component_export import ComponentJob, export_component
 from export.fp8 import run as fp8_export
 from export.fp8.run import Fp8Options
@@ -80,6 +81,8 @@ class ExportJob:
     fp8: object = None  # export.fp8.run.Fp8Options for precision fp8
     # A single-file transformer in BFL naming replacing the checkpoint's (export.nvfp4.importing).
     transformer_weights: Path | None = None
+    # `--lora FILE[:SCALE]`, baked into the transformer's weights in this order (export.lora).
+    loras: tuple = ()
     # True traces without weights and streams them from the checkpoint into the ONNX file
     # (`export.writing.streaming`); False loads the modules and exports them as they are.
     stream: bool = True
@@ -195,6 +198,7 @@ class ExportPlan:
     previous: ArtifactsManifest | None
     force: bool
     published: object = None  # export.nvfp4.published.PublishedTransformer of --transformer-weights
+    loras: tuple = ()  # (common.lora.Lora, scale) of each --lora, baked
 
 
 def _normalised(job: ExportJob) -> tuple[tuple[str, ...], Shapes]:
@@ -224,6 +228,8 @@ def plan_export(job: ExportJob) -> ExportPlan:
         reference_images=shapes.reference_images,
         reference_size=shapes.reference_size,
     )
+    if shapes.lora_rank < 0:
+        raise UsageError(f"--lora-rank {shapes.lora_rank} must be 0 (no LoRA slots) or more, e.g. 16 or 64")
     out = Path(job.out).expanduser().absolute()
     _prepare_out(out)
     checkpoint = ckpt.open_checkpoint(resolve_model(job.model))
@@ -234,6 +240,9 @@ def plan_export(job: ExportJob) -> ExportPlan:
             f"for the VAE in {checkpoint.root / 'vae'}"
         )
     published, fp8 = _imported_weights(job, checkpoint, folder_precision, fp8)
+    loras = _baked_loras(job, checkpoint, published)
+    if shapes.lora_rank:
+        shapes = dataclasses.replace(shapes, lora_targets=export_lora.slot_targets(checkpoint))
     if folder_precision.quantized:
         fp8_export.check_options(fp8, checkpoint, geometry, components)
     reference = ReferenceInputs(checkpoint, geometry, shapes)
@@ -252,7 +261,7 @@ def plan_export(job: ExportJob) -> ExportPlan:
             component=component,
             spec=specs[component],
             key=_component_key(
-                keyed, component, specs[component], fp8 if folder_precision.quantized else None, published
+                keyed, component, specs[component], fp8 if folder_precision.quantized else None, published, loras
             ),
             checkpoint=checkpoint,
             geometry=geometry,
@@ -281,6 +290,7 @@ def plan_export(job: ExportJob) -> ExportPlan:
         _previous_manifest(out),
         job.force,
         published,
+        loras,
     )
 
 
@@ -302,14 +312,31 @@ def _common_key(job: ExportJob, folder_precision: Precision, geometry, source: S
     return keyed
 
 
-def _component_key(keyed: dict, component: str, spec, quantization, published) -> str:
-    """A graph's cache key: the export's common part, its spec, its quantization and its imported weights."""
+def _component_key(keyed: dict, component: str, spec, quantization, published, loras) -> str:
+    """A graph's cache key: the export's common part, its spec, its quantization, its imported weights and LoRAs."""
     payload = {**keyed, "component": component, "spec": spec.to_json()}
     if quantization is not None:
         payload["fp8"] = quantization.key_payload(component)
     if published is not None and component == "transformer":
         payload["transformer_weights"] = importing.fingerprint(published)
+    if loras and component == "transformer":
+        payload["loras"] = [{"sha256": lora.sha256, "scale": scale} for lora, scale in loras]
+        payload["lora_code"] = export_lora.CODE_VERSION
     return key_of(payload)
+
+
+def _baked_loras(job: ExportJob, checkpoint, published) -> tuple:
+    """Each --lora read and checked against the transformer it is baked into; refused where it cannot apply."""
+    if not job.loras:
+        return ()
+    if "transformer" not in job.components:
+        raise UsageError("--lora is baked into the transformer; add transformer to --components")
+    if published is not None and published.nvfp4_layers:
+        raise UsageError(
+            f"--lora with --transformer-weights {published.path}: its NVFP4 layers are written as the file stores "
+            "them, so a baked LoRA would be lost there; export with --lora-rank R and apply it at run time"
+        )
+    return export_lora.open_loras(tuple(job.loras), checkpoint)
 
 
 def _imported_weights(job: ExportJob, checkpoint, folder_precision: Precision, fp8):
@@ -352,12 +379,19 @@ def _run_export(job: ExportJob, log=None) -> ArtifactsManifest:
 def _with_imported_weights(plan: ExportPlan, staged: Path, log) -> ExportPlan:
     """`plan` reading its transformer from --transformer-weights' staged checkpoint, where a graph needs it."""
     transformer = next((j for j in plan.jobs if j.component == "transformer"), None)
-    if plan.published is None or transformer is None:
+    if (plan.published is None and not plan.loras) or transformer is None:
         return plan
     if not plan.force and _reusable(plan.previous, plan.out, "transformer", transformer.key) is not None:
         return plan  # the graph from this file is there already: nothing is read
-    log(f"staging the transformer of {plan.published.path} as a diffusers folder in {staged}")
-    checkpoint = importing.stage_checkpoint(plan.published, plan.checkpoint, staged)
+    if plan.published is not None:
+        source, tensors = plan.published.path, importing.plain_tensors(plan.published)
+    else:
+        source, tensors = plan.checkpoint.component_dir("transformer"), export_lora.checkpoint_tensors(plan.checkpoint)
+    if plan.loras:
+        tensors = export_lora.baked(tensors, plan.loras, transformer.precision.traced.torch_dtype())
+        source = f"{source} with {len(plan.loras)} LoRA(s) baked in"
+    log(f"staging the transformer of {source} as a diffusers folder in {staged}")
+    checkpoint = importing.stage_checkpoint(tensors, plan.checkpoint, staged)
     jobs = tuple(dataclasses.replace(j, checkpoint=checkpoint) if j is transformer else j for j in plan.jobs)
     return dataclasses.replace(plan, jobs=jobs)
 
@@ -419,6 +453,7 @@ def _record(plan: ExportPlan, staging: Path, rows) -> ArtifactsManifest:
         ),
         scheduler_config="scheduler_config.json",
         components={component: entry for component, _, entry, _, _ in rows},
+        loras=tuple(export_lora.records(plan.loras)),
     )
     reports = {component: report for component, _, _, report, _ in rows}
     atomic_write_json(

@@ -124,16 +124,21 @@ class Judgement:
     passed: bool
 
 
-def _reference_pipeline(checkpoint: Path, dtype: str = "float32"):
+def _reference_pipeline(checkpoint: Path, dtype: str = "float32", opened=None):
+    """diffusers' pipeline for the checkpoint, with the LoRAs the artifacts `opened` have baked in (as adapters)."""
     import torch
 
+    from common.lora import baked_loras, load_into_pipeline
     from common.reference_pipeline import reference_pipeline
 
     # PyTorch lets cuDNN convolutions use TF32 by default, which moved diffusers' "float32" VAE past
     # the fp32 bound on an H200 (docs/runtime.md). A reference is true float32.
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
-    return reference_pipeline(checkpoint, dtype=dtype)
+    pipe = reference_pipeline(checkpoint, dtype=dtype)
+    if opened is not None and opened.manifest.loras:
+        load_into_pipeline(pipe, baked_loras(opened.manifest.loras, f"artifacts {opened.folder}"))
+    return pipe
 
 
 def _pipeline_call(setup: CheckSetup) -> dict:
@@ -165,7 +170,7 @@ def _floor_psnr(setup: CheckSetup, call: dict, image: np.ndarray) -> float | Non
     precision = declared(setup.opened.precision)
     if precision.is_float32:
         return None
-    same_precision = _reference_pipeline(setup.checkpoint, precision.compute_dtype)
+    same_precision = _reference_pipeline(setup.checkpoint, precision.compute_dtype, setup.opened)
     with torch.no_grad():
         generator = torch.Generator().manual_seed(setup.request.seed)
         floor_image = same_precision(**call, generator=generator).images[0]
@@ -202,7 +207,7 @@ def run_reference(setup: CheckSetup) -> Reference:
 
     opened, request, first = setup.opened, setup.request, setup.first
     started = time.perf_counter()
-    pipe = _reference_pipeline(setup.checkpoint)
+    pipe = _reference_pipeline(setup.checkpoint, opened=setup.opened)
     call = _pipeline_call(setup)
     final = {}
 
@@ -263,6 +268,7 @@ def run_runtime(runtime: Flux2Runtime, setup: CheckSetup, reference: Reference) 
         runtime.batch_scalar(first.guidance),
         guidance_embeds=runtime.artifacts.geometry.guidance_embeds,
     )
+    feeds.update(runtime.adapter_feeds)  # LoRA slots: zeros, the base model diffusers draws here
     velocity = backend.to_host(backend.run("transformer", feeds)["velocity"])[:1]
     decoded = runtime.decode(rows(reference.final_latents), timings)[0]
     return Stages(embeds, velocity, decoded, image, seconds, tokens)

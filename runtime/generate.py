@@ -10,6 +10,7 @@ from pathlib import Path
 from common.atomic import atomic_write_bytes, atomic_write_json, writable_error
 from common.cli import OneLineParser, one_of, run_cli
 from common.errors import UsageError
+from common.lora import parse_lora_request
 from common.staging import remove_stale_staging
 from common.storage import is_storage_error, storage_error
 from runtime.backends.select import BACKENDS
@@ -112,12 +113,16 @@ class GenerateRequest:
     negative_prompt: str = ""
     images: tuple[Path, ...] = ()  # reference images for editing, as many as the artifacts were exported with
     verify: bool = False  # re-hash every artifact file, even those already verified unchanged
+    loras: tuple = ()  # common.lora.LoraRequest per --lora, fed into the artifacts' LoRA slots
 
 
 def generate(*, log=None, **request) -> list[Path]:
     """Keyword front door: `generate_images(GenerateRequest(**request))`."""
     request["prompts"] = tuple(request.get("prompts", ()))
     request["images"] = tuple(request.get("images") or ())
+    request["loras"] = tuple(
+        parse_lora_request(item) if isinstance(item, str) else item for item in request.get("loras") or ()
+    )
     return generate_images(GenerateRequest(**request), log=log)
 
 
@@ -132,16 +137,19 @@ def generate_images(request: GenerateRequest, log=None) -> list[Path]:
 
     from runtime.artifacts import open_artifacts
     from runtime.backends.select import select_backend
+    from runtime.lora import open_loras
     from runtime.pipeline import Flux2Runtime, Sampling, to_uint8
     from runtime.reference_images import references_for
 
     opened = open_artifacts(artifacts, verify=verify, log=log)
     references, _ = references_for(opened, images, log=log)
+    loras = open_loras(request.loras, opened.folder, opened.shapes)
     out = check_out(out)
     if out.is_dir():
         remove_stale_staging(out, log=log)  # half-written images of a killed run
     chosen = select_backend(backend, opened.folder, opened.manifest, low_vram=low_vram, log=log)
     runtime = Flux2Runtime(opened, chosen)
+    runtime.use_loras(loras)
     warning = runtime.guidance_warning(guidance)
     if warning:
         log(f"warning: {warning}")
@@ -173,6 +181,7 @@ def generate_images(request: GenerateRequest, log=None) -> list[Path]:
                 "height": opened.shapes.height,
                 "width": opened.shapes.width,
                 **({"images": [str(Path(p)) for p in images]} if images else {}),
+                **({"loras": [lora.record(scale) for lora, scale in loras]} if loras else {}),
                 "artifacts": str(opened.folder.resolve()),
                 "manifest_sha256": opened.manifest_sha256,
                 "timings": timings.as_dict(),
@@ -216,6 +225,14 @@ def main(argv=None) -> int:
         choices=BACKENDS,
         help="default auto: trt, else ort, else torch",
     )
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="a transformer LoRA fed into the artifacts' LoRA slots (export --lora-rank R) at SCALE (default 1.0); "
+        "repeat to stack several (docs/lora.md)",
+    )
     parser.add_argument("--low-vram", action="store_true", help="keep one component loaded at a time")
     parser.add_argument(
         "--out", type=Path, default=Path("out"), help="folder for PNGs and JSON sidecars (default out/)"
@@ -237,6 +254,7 @@ def main(argv=None) -> int:
         negative_prompt=args.negative_prompt,
         images=tuple(args.image or ()),
         verify=args.verify,
+        loras=tuple(parse_lora_request(text) for text in args.lora),
     )
     generate_images(request)
     return 0

@@ -139,6 +139,20 @@ class Flux2Runtime:
             artifacts.scheduler_json(), str(artifacts.folder / "scheduler_config.json")
         )
         self.batch = artifacts.shapes.batch_size
+        # The transformer's LoRA-slot inputs (artifacts exported with --lora-rank): zeros until use_loras.
+        self.adapter_feeds: dict = {}
+        self.loras: tuple = ()
+        self.use_loras(())
+
+    def use_loras(self, loras: tuple) -> None:
+        """Draw with `loras` ((common.lora.Lora, scale) pairs, runtime.lora.open_loras) from now on; () for none."""
+        from runtime.lora import lora_arrays
+
+        arrays = lora_arrays(loras, self.artifacts.shapes)
+        self.adapter_feeds = {name: self.backend.from_host(array) for name, array in arrays.items()}
+        self.loras = tuple(loras)
+        if hasattr(self.backend, "use_loras"):  # diffusers' modules (torch backend) take them as adapters
+            self.backend.use_loras(self.loras)
 
     def _run(self, component: str, feeds: dict, timings: Timings, where: str = "") -> dict:
         started = time.perf_counter()
@@ -237,6 +251,7 @@ class Flux2Runtime:
             feeds = transformer_feeds(
                 latents, conditioning, timestep_feeds[index], guidance_feed, guidance_embeds=guidance_embeds
             )
+            feeds.update(self.adapter_feeds)
             where = f" at denoising step {index + 1} of {schedule.steps}"
             velocity = self._run("transformer", feeds, timings, where)["velocity"]
             if conditioning.negative_embeds is not None:

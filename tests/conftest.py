@@ -134,6 +134,7 @@ EXPORTING_FIXTURES = {
     "editing",
     "fp8_tiny",
     "served",
+    "lora_tiny",
 }
 
 

@@ -25,9 +25,24 @@ def fp8_tiny(tmp_path_factory, tiny_checkpoint, small_shapes):
 
     out = tmp_path_factory.mktemp("fp8") / "tiny"
     export_artifacts(
-        model=str(tiny_checkpoint), out=out, precision="fp8", shapes=small_shapes, fp8=FAST, log=lambda m: None
+        model=str(tiny_checkpoint),
+        out=out,
+        precision="fp8",
+        shapes=_slotted(small_shapes),
+        fp8=FAST,
+        log=lambda m: None,
     )
     return out
+
+
+def _slotted(shapes):
+    """The fp8 fixture carries LoRA slots (issue 23): every FP8 test below also holds with them."""
+    import dataclasses
+
+    return dataclasses.replace(shapes, lora_rank=LORA_RANK)
+
+
+LORA_RANK = 8
 
 
 def _reports(out):
@@ -89,6 +104,42 @@ def test_fp8_graph_rerun_independently(fp8_tiny, tmp_path):
     assert compare(got, want)["cosine"] >= MIN_COSINE
 
 
+@pytest.mark.slow
+def test_a_lora_in_the_slots_moves_the_fp8_graph_as_it_moves_pytorch(fp8_tiny, tiny_checkpoint, tmp_path):
+    """FP8 base, bf16 LoRA branch: a LoRA changes the output, in the direction PyTorch fp32 + the LoRA takes it."""
+    from common.cpu_twin import fp32_twin, ort_session
+    from common.lora import read_lora, slot_arrays
+    from common.specs import component_specs
+    from export.checkpoint import open_checkpoint
+    from export.verify.onnx_run import compare
+    from export.verify.reference import ReferenceInputs, build_graph_module
+    from flux2_tiny.lora_files import write_peft_lora
+
+    manifest = read_manifest(fp8_tiny)
+    checkpoint = open_checkpoint(manifest.source.checkpoint)
+    geometry, shapes = checkpoint.geometry(), manifest.shapes
+    spec = component_specs(geometry, shapes)["transformer"]
+    lora = read_lora(write_peft_lora(tiny_checkpoint, tmp_path / "peft.safetensors", rank=4, strength=3.0))
+    feeds = ReferenceInputs(checkpoint, geometry, shapes).feeds(spec)
+    without = feeds | slot_arrays((), shapes.lora_targets, shapes.lora_rank)
+    with_lora = feeds | slot_arrays(((lora, 0.7),), shapes.lora_targets, shapes.lora_rank)
+    fp32_twin(fp8_tiny / "transformer.onnx", tmp_path / "twin.onnx")
+    session = ort_session(tmp_path / "twin.onnx")
+    module = build_graph_module("transformer", checkpoint, geometry, shapes, "fp32")
+
+    def both(values):
+        (graph,) = session.run(None, values)
+        with torch.no_grad():
+            torch_out = module(*[torch.from_numpy(values[t.name]) for t in spec.inputs]).numpy()
+        return graph, torch_out
+
+    (graph_base, torch_base), (graph_lora, torch_lora) = both(without), both(with_lora)
+    moved = np.linalg.norm(graph_lora - graph_base) / np.linalg.norm(graph_base)
+    assert moved > 0.05, moved  # the LoRA changes what the FP8 graph computes
+    assert compare(graph_lora - graph_base, torch_lora - torch_base)["cosine"] >= 0.95
+    assert compare(graph_lora, torch_lora)["cosine"] >= MIN_COSINE
+
+
 def test_end_to_end_psnr_against_bf16_pipeline(fp8_tiny):
     _, _, check = _reports(fp8_tiny)
     e2e = check["end_to_end"]
@@ -146,7 +197,7 @@ def test_rerun_reuses_fp8_and_a_new_exclusion_redoes_it(fp8_tiny, tiny_checkpoin
     shutil.copytree(fp8_tiny, out)
     before = _reports(out)
     logs = []
-    kwargs = dict(model=str(tiny_checkpoint), out=out, precision="fp8", shapes=small_shapes, log=logs.append)
+    kwargs = dict(model=str(tiny_checkpoint), out=out, precision="fp8", shapes=_slotted(small_shapes), log=logs.append)
     export_artifacts(**kwargs, fp8=FAST)
     assert "exported" not in logs[-1] and logs[-1].count("reused") == 3
     assert _reports(out) == before  # the fp8 reports are rebuilt from the cached report

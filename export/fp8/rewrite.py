@@ -36,6 +36,7 @@ from common.dtypes import numpy_of_onnx
 from common.external_data import TensorReader, copy_with_external_data, flat_chunks
 from common.precision import PRECISIONS
 from common.precision import precision as declared
+from common.specs import LORA_A, LORA_B
 
 FP8_E4M3_MAX = 448.0
 
@@ -104,12 +105,13 @@ def find_linear_uses(model, module_prefix: str = "") -> list[LinearUse]:
     """Every MatMul/Gemm that the exporter traced from an `nn.Linear`, with its weight initializer."""
     initializers = {t.name for t in model.graph.initializer}
     producers = {out: node for node in model.graph.node for out in node.output}
+    graph_inputs = {i.name for i in model.graph.input}
     uses = []
     for node in model.graph.node:
         if node.op_type not in _LINEAR_OPS:
             continue
         path = linear_path(node, module_prefix)
-        if path is None:
+        if path is None or _is_lora_branch(node.input[1], producers, graph_inputs):
             continue
         weight, via = node.input[1], []
         while weight not in initializers:
@@ -120,6 +122,17 @@ def find_linear_uses(model, module_prefix: str = "") -> list[LinearUse]:
             weight = producer.input[0]
         uses.append(LinearUse(path, node.name, node.input[0], weight, tuple(via)))
     return uses
+
+
+def _is_lora_branch(weight: str, producers: dict, graph_inputs: set) -> bool:
+    """A LoRA slot's matrix multiply (export/graphs/lora_slots.py), traced inside its linear's scope: its
+    'weight' is a slot input (through Cast/Transpose), which stays in the compute dtype and is not quantized."""
+    while weight not in graph_inputs:
+        producer = producers.get(weight)
+        if producer is None or producer.op_type not in ("Cast", *_WEIGHT_PASSTHROUGH):
+            return False
+        weight = producer.input[0]
+    return weight.startswith((LORA_A, LORA_B))
 
 
 # ---------------------------------------------------------------------------------------------

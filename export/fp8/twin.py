@@ -16,11 +16,13 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from common.cpu_twin import ort_session
 from common.metrics import psnr
+from common.specs import LORA_A, LORA_B
 
 # The end-to-end check: a prompt outside the calibration set, FLUX.2 [dev]'s default guidance.
 E2E_PROMPT = "A photograph of a red fox sitting in fresh snow at dawn, soft light, shallow depth of field."
@@ -42,6 +44,11 @@ class TwinTransformer(nn.Module):
         super().__init__()
         self.session = ort_session(graph)
         self.input_names = [i.name for i in self.session.get_inputs()]
+        self.empty_slots = {
+            i.name: np.zeros(i.shape, np.float32)
+            for i in self.session.get_inputs()
+            if i.name.startswith((LORA_A, LORA_B))
+        }
         self.config = original.config  # the pipeline reads in_channels from it
         self._dtype, self._device = original.dtype, original.device
         self.calls = 0
@@ -72,7 +79,8 @@ class TwinTransformer(nn.Module):
             "timestep": timestep,
             "guidance": guidance,
         }
-        feeds = {name: values[name].detach().float().cpu().numpy() for name in self.input_names}
+        feeds = {name: values[name].detach().float().cpu().numpy() for name in self.input_names if name in values}
+        feeds |= self.empty_slots  # LoRA slots at zero: the base model, which the pipeline draws
         (velocity,) = self.session.run(["velocity"], feeds)
         self.calls += 1
         return (torch.from_numpy(velocity).to(hidden_states.device, hidden_states.dtype),)

@@ -151,4 +151,8 @@ class EditingTransformerGraph(TransformerGraph):
 def transformer_graph(model: nn.Module, geometry: Geometry, shapes: Shapes) -> TransformerGraph:
     """The exportable transformer for these shapes: with the reference input only when K > 0."""
     cls = EditingTransformerGraph if shapes.reference_images else TransformerGraph
+    if shapes.lora_rank:
+        from export.graphs.lora_slots import with_slots
+
+        return with_slots(cls, model, geometry, shapes)
     return cls(model, geometry, shapes)

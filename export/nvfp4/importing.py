@@ -66,8 +66,8 @@ def fingerprint(published) -> dict:
     }
 
 
-def stage_checkpoint(published, checkpoint, folder: Path):
-    """A checkpoint at `folder` that is `checkpoint` with the file's transformer; returns it opened."""
+def stage_checkpoint(tensors, checkpoint, folder: Path):
+    """A checkpoint at `folder` that is `checkpoint` with these transformer tensors ((name, tensor), streamed); opened."""
     from export import checkpoint as ckpt
 
     folder.mkdir(parents=True)
@@ -77,11 +77,11 @@ def stage_checkpoint(published, checkpoint, folder: Path):
     transformer = folder / "transformer"
     transformer.mkdir()
     shutil.copy2(checkpoint.component_dir("transformer") / "config.json", transformer / "config.json")
-    write_safetensors(transformer / "diffusion_pytorch_model.safetensors", _plain_tensors(published))
+    write_safetensors(transformer / "diffusion_pytorch_model.safetensors", tensors)
     return ckpt.open_checkpoint(folder)
 
 
-def _plain_tensors(published):
+def plain_tensors(published):
     """(name, torch tensor) for every tensor of the file, NVFP4 weights dequantized to bf16, one at a time."""
     import torch
 

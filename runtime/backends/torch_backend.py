@@ -51,6 +51,26 @@ class TorchBackend:
             reference_height, reference_width = shapes.reference_size
             self.reference_grid = (reference_height // step, reference_width // step)
         self._pipe = None
+        # LoRAs as peft adapters on diffusers' transformer (common.lora.load_into_pipeline): those the
+        # manifest says were baked in, then those of use_loras; applied when the transformer next runs.
+        self._baked_records, self._where = manifest.loras, f"artifacts {artifacts}"
+        self._baked = None  # read on first use
+        self._loras: tuple = ()
+        self._applied = ()
+
+    def use_loras(self, loras: tuple) -> None:
+        """Draw with `loras` ((Lora, scale) pairs) on top of the baked ones; the graphs take them as slot inputs."""
+        self._loras = tuple(loras)
+
+    def _sync_loras(self, pipe) -> None:
+        from common.lora import baked_loras, load_into_pipeline
+
+        if self._baked is None:
+            self._baked = baked_loras(self._baked_records, self._where)
+        wanted = self._baked + self._loras
+        if [(lora.sha256, scale) for lora, scale in wanted] != [(lora.sha256, scale) for lora, scale in self._applied]:
+            load_into_pipeline(pipe, wanted)
+            self._applied = wanted
 
     @classmethod
     def around(
@@ -112,6 +132,7 @@ class TorchBackend:
     def _transformer(self, pipe, feeds: dict) -> dict:
         import torch
 
+        self._sync_loras(pipe)
         hidden = feeds["hidden_states"]
         tokens = hidden.shape[1]
         latent_grid = torch.zeros(hidden.shape[0], 1, self.rows, self.cols)

@@ -1,0 +1,46 @@
+"""`runtime.generate --lora FILE[:SCALE]`: LoRA files fed into the artifacts' LoRA slots (docs/lora.md).
+
+The artifacts must have been exported with `--lora-rank R`; each file is read through diffusers'
+converters (`common.lora`), checked against the slots' layers and shapes, and the files stack along the
+rank, their scales folded in (`common.lora.slot_arrays`). Nothing is rebuilt: the slots are the
+transformer's inputs.
+"""
+
+from __future__ import annotations
+
+from common.errors import UsageError
+from common.lora import LoraRequest, check_rank, check_targets, read_lora, slot_arrays
+from common.specs import Shapes
+
+BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
+
+
+def open_loras(requests: tuple[LoraRequest, ...], folder, shapes: Shapes) -> tuple:
+    """(Lora, scale) per request, each checked against the slots of the artifacts at `folder`; one-line errors."""
+    if not requests:
+        return ()
+    if not shapes.lora_rank:
+        raise UsageError(
+            f"--lora {requests[0].path}: the artifacts {folder} have no LoRA slots (exported without --lora-rank); "
+            "re-export with --lora-rank R to swap LoRAs at run time, or bake it in with python -m export --lora FILE"
+        )
+    linears = {module: (k, n) for module, k, n in shapes.lora_targets}
+    opened = []
+    for request in requests:
+        lora = read_lora(request.path)
+        outside = [m for m in lora.layers if m not in linears and not m.startswith(BLOCK_PREFIXES)]
+        uncovered = (
+            f"only the transformer blocks' {len(linears)} linears have slots; bake this LoRA in at export "
+            f"(python -m export --lora {request.path}), which covers every linear"
+            if outside
+            else ""
+        )
+        check_targets(lora, linears, what=f"the LoRA slots of {folder}", uncovered=uncovered)
+        opened.append((lora, request.scale))
+    check_rank(opened, shapes.lora_targets, shapes.lora_rank)
+    return tuple(opened)
+
+
+def lora_arrays(loras: tuple, shapes: Shapes) -> dict:
+    """The transformer's LoRA-slot inputs for `loras` (zeros for none), numpy float32."""
+    return slot_arrays(loras, shapes.lora_targets, shapes.lora_rank)

@@ -1,0 +1,227 @@
+"""LoRA: files read through diffusers' converters, baked at export, fed into slots at run time (docs/lora.md).
+
+The reference is diffusers itself: `load_lora_weights` + `set_adapters(names, scales)`, unfused, on the
+same checkpoint, files written in the kohya and the diffusers/peft layouts (flux2_tiny.lora_files).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.errors import UsageError
+from common.lora import parse_lora_request, read_lora, slot_arrays
+from tests.support import SMALL, assert_one_line_error, run_cli
+
+MIN_PSNR_DB = 45.0  # issue 23: each image equals diffusers' with the same LoRAs
+PROMPT, SEED, STEPS, GUIDANCE = "a lighthouse on a cliff", 3, 3, 3.0
+
+
+@pytest.fixture(scope="session")
+def lora_files(tmp_path_factory, tiny_checkpoint):
+    """kohya (rank 4, alpha 2: scale 0.5 folded by diffusers' converter) and peft (rank 4, alpha 8: scaling 2)."""
+    from flux2_tiny.lora_files import write_kohya_lora, write_peft_lora
+
+    folder = tmp_path_factory.mktemp("loras")
+    return {
+        "kohya": write_kohya_lora(tiny_checkpoint, folder / "kohya.safetensors", rank=4, alpha=2, seed=0, strength=3.0),
+        "peft": write_peft_lora(tiny_checkpoint, folder / "peft.safetensors", rank=4, alpha=8, seed=1, strength=3.0),
+        "rank16": write_peft_lora(tiny_checkpoint, folder / "rank16.safetensors", rank=16, seed=2),
+    }
+
+
+@pytest.fixture(scope="session")
+def lora_tiny(tmp_path_factory, tiny_checkpoint, small_shapes, lora_files):
+    """The tiny default at fp32 with the kohya LoRA baked in at 0.8 and rank-8 slots: both modes in one export."""
+    from common.lora import LoraRequest
+    from export.run import export_artifacts
+
+    out = tmp_path_factory.mktemp("lora") / "tiny"
+    export_artifacts(
+        model=str(tiny_checkpoint),
+        out=out,
+        precision="fp32",
+        shapes=dataclasses.replace(small_shapes, lora_rank=8),
+        loras=(LoraRequest(lora_files["kohya"], 0.8),),
+        log=lambda m: None,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def diffusers_images(tiny_checkpoint, lora_files):
+    """diffusers' float32 image with adapters {name: scale}, the kohya file's as `baked` (at 0.8 in every image)."""
+    import torch
+
+    from common.reference_pipeline import reference_pipeline
+    from export.checkpoint import open_checkpoint
+
+    layers = tuple(open_checkpoint(tiny_checkpoint).geometry().text_out_layers)
+    pipe = reference_pipeline(tiny_checkpoint, device="cpu")
+    for name in ("kohya", "peft"):
+        pipe.load_lora_weights(str(lora_files[name]), adapter_name=name)
+    pipe.load_lora_weights(str(lora_files["kohya"]), adapter_name="baked")
+
+    def draw(**scales) -> np.ndarray:
+        adapters = {"baked": 0.8, **scales}
+        pipe.set_adapters(list(adapters), list(adapters.values()))
+        return pipe(prompt=PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=torch.Generator().manual_seed(SEED),
+                    text_encoder_out_layers=layers, output_type="np", **SMALL).images[0]  # fmt: skip
+
+    return draw
+
+
+def _ours(artifacts: Path, loras) -> np.ndarray:
+    from runtime.artifacts import open_artifacts
+    from runtime.backends.ort import OrtBackend
+    from runtime.pipeline import Flux2Runtime, Sampling
+
+    opened = open_artifacts(artifacts)
+    runtime = Flux2Runtime(opened, OrtBackend(opened.folder, opened.manifest))
+    runtime.use_loras(loras)
+    return next(runtime.generate(Sampling(PROMPT, SEED, STEPS, GUIDANCE), progress=False))[1]
+
+
+# --- files ----------------------------------------------------------------------------------
+
+
+def test_a_request_reads_file_and_scale():
+    assert parse_lora_request("/a/b.safetensors:0.8").scale == 0.8
+    assert parse_lora_request("/a/b.safetensors").scale == 1.0
+    assert parse_lora_request("c:/x/b.safetensors").path.name == "b.safetensors"  # a ':' before the last '/'
+    for bad in ("/a/b.safetensors:nan", "/a/b.safetensors:inf", "/a/b.safetensors:-inf"):
+        with pytest.raises(UsageError, match="not a finite number"):
+            parse_lora_request(bad)
+    with pytest.raises(UsageError, match="'x' is not a number"):
+        parse_lora_request("/a/b.safetensors:x")
+
+
+def test_both_layouts_read_as_peft_scales_them(lora_files, tiny_checkpoint):
+    """kohya's alpha/r and peft's lora_alpha/r end up in A: B A equals diffusers' own layers' delta."""
+    import torch
+
+    from common.lora import load_into_pipeline
+    from common.reference_pipeline import reference_pipeline
+
+    kohya, peft = read_lora(lora_files["kohya"]), read_lora(lora_files["peft"])
+    assert (kohya.format, peft.format) == ("kohya", "diffusers")
+    assert len(kohya.layers) == len(peft.layers) == 28  # 1 double block x 10 linears + 9 single blocks x 2
+    pipe = reference_pipeline(tiny_checkpoint, device="cpu")
+    pipe.load_lora_weights(str(lora_files["peft"]), adapter_name="p")
+    pipe.set_adapters(["p"], [0.7])
+    layer = pipe.transformer.transformer_blocks[0].attn.to_q
+    x = torch.randn(3, layer.in_features)
+    base = torch.nn.functional.linear(x, layer.base_layer.weight, layer.base_layer.bias)
+    expected = base + 0.7 * torch.nn.functional.linear(x, peft.delta("transformer_blocks.0.attn.to_q"))
+    assert torch.allclose(layer(x), expected, atol=1e-6)
+    load_into_pipeline(pipe, ((kohya, 0.5),))  # replaces "p"
+    layer = pipe.transformer.transformer_blocks[0].attn.to_q
+    expected = base + 0.5 * torch.nn.functional.linear(x, kohya.delta("transformer_blocks.0.attn.to_q"))
+    assert list(pipe.transformer.peft_config) == ["flux2_trt_0"]
+    assert torch.allclose(layer(x), expected, atol=1e-6)
+
+
+def test_loras_stack_along_the_rank(lora_files):
+    kohya, peft = read_lora(lora_files["kohya"]), read_lora(lora_files["peft"])
+    module = "transformer_blocks.0.attn.to_q"
+    in_features, out_features = kohya.layers[module][0].shape[1], kohya.layers[module][1].shape[0]
+    targets = ((module, in_features, out_features),)
+    arrays = slot_arrays(((kohya, 0.5), (peft, 2.0)), targets, 8)
+    a, b = arrays[f"lora_a.{module}"], arrays[f"lora_b.{module}"]
+    assert a.shape == (8, targets[0][1]) and b.shape == (targets[0][2], 8)
+    expected = 0.5 * kohya.delta(module).numpy() + 2.0 * peft.delta(module).numpy()
+    assert np.abs(b @ a - expected).max() <= 1e-6 * np.abs(expected).max()
+    with pytest.raises(UsageError, match="need rank 8 at transformer_blocks.0.attn.to_q, past .* rank 6"):
+        slot_arrays(((kohya, 0.5), (peft, 2.0)), targets, 6)
+
+
+def test_a_damaged_file_is_refused_in_one_line(lora_files, tmp_path):
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(lora_files["peft"].read_bytes()[:-100])
+    with pytest.raises(UsageError, match=f"LoRA {cut} is damaged or truncated"):
+        read_lora(cut)
+    with pytest.raises(UsageError, match="does not exist"):
+        read_lora(tmp_path / "missing.safetensors")
+
+
+def test_export_refuses_a_lora_for_another_model(lora_files, tmp_path):
+    """A LoRA whose layers do not fit the checkpoint (here: one trained on a 16-wider model) is one line, nothing written."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(lora_files["kohya"]))
+    key = next(k for k in tensors if k.endswith("img_attn_proj.lora_down.weight"))
+    tensors[key] = torch.randn(tensors[key].shape[0], tensors[key].shape[1] + 16)
+    other = tmp_path / "other.safetensors"
+    save_file(tensors, str(other))
+    out = tmp_path / "out"
+    result = run_cli(
+        "-m", "export", "--model", "tiny", "--out", str(out), "--lora", f"{other}:0.8", "--components", "transformer"
+    )
+    assert_one_line_error(result, str(other), "made for another model", "transformer_blocks.0.attn.to_out.0")
+    assert not out.exists()
+
+
+# --- baked and slots, against diffusers -----------------------------------------------------
+
+
+def test_baked_lora_draws_what_diffusers_draws_with_it(lora_tiny, diffusers_images, lora_files):
+    from common.manifest import read_manifest
+    from common.metrics import psnr
+
+    manifest = read_manifest(lora_tiny)
+    (record,) = manifest.loras
+    assert (record["format"], record["scale"], len(record["layers_touched"])) == ("kohya", 0.8, 28)
+    theirs = diffusers_images()
+    assert psnr(_ours(lora_tiny, ()), theirs) >= MIN_PSNR_DB
+    assert psnr(theirs, diffusers_images(baked=0.0)) < 35  # the LoRA is visible: this test can fail
+
+
+def test_slots_draw_each_lora_set_from_the_same_artifacts(lora_tiny, diffusers_images, lora_files):
+    from common.metrics import psnr
+
+    kohya, peft = read_lora(lora_files["kohya"]), read_lora(lora_files["peft"])
+    one = _ours(lora_tiny, ((peft, 0.7),))
+    assert psnr(one, diffusers_images(peft=0.7)) >= MIN_PSNR_DB
+    both = _ours(lora_tiny, ((kohya, 0.5), (peft, 0.5)))
+    assert psnr(both, diffusers_images(kohya=0.5, peft=0.5)) >= MIN_PSNR_DB
+    assert psnr(both, one) < 35
+
+
+def test_generate_refuses_what_the_slots_cannot_take(lora_tiny, lora_files, tmp_path):
+    base = ("-m", "runtime.generate", "--artifacts", str(lora_tiny), "--prompt", "a fox", "--steps", "1")
+    out = tmp_path / "out"
+    result = run_cli(*base, "--out", str(out), "--lora", str(lora_files["rank16"]))
+    assert_one_line_error(
+        result, "rank16.safetensors (rank 16)", "past the artifacts' LoRA slots of rank 8", "--lora-rank 16"
+    )
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(lora_files["peft"].read_bytes()[:-64])
+    result = run_cli(*base, "--out", str(out), "--lora", f"{cut}:0.5")
+    assert_one_line_error(result, str(cut), "damaged or truncated")
+    result = run_cli(*base, "--out", str(out), "--lora", f"{lora_files['peft']}:nan")
+    assert_one_line_error(result, "not a finite number")
+    assert not out.exists()
+
+
+def test_generate_writes_the_loras_in_the_sidecar(lora_tiny, lora_files, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("-m", "runtime.generate", "--artifacts", str(lora_tiny), "--prompt", "a fox", "--steps", "1",
+                     "--out", str(out), "--lora", f"{lora_files['peft']}:0.7", "--backend", "ort")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (sidecar,) = out.glob("*.json")
+    (record,) = json.loads(sidecar.read_text())["loras"]
+    assert (record["format"], record["scale"], record["ranks"]) == ("diffusers", 0.7, [4])
+    assert record["sha256"] == read_lora(lora_files["peft"]).sha256
+
+
+def test_lora_on_artifacts_without_slots_is_refused(export_tiny, lora_files, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("-m", "runtime.generate", "--artifacts", str(export_tiny("fp32")), "--prompt", "a fox",
+                     "--out", str(out), "--lora", str(lora_files["peft"]))  # fmt: skip
+    assert_one_line_error(result, "have no LoRA slots", "--lora-rank R")
+    assert not out.exists()
