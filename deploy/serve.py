@@ -14,6 +14,10 @@ one line saying how it ended. A port already in use is refused before the server
 It listens on loopback (127.0.0.1) unless told otherwise: tritonserver's own default is every
 interface, which exposes an unauthenticated endpoint to the network. `--host 0.0.0.0` (the
 container's CMD) binds all interfaces.
+
+The HTTP and metrics ports are this process's (deploy/http_proxy.py): it forwards them to Triton's,
+which listen on loopback ports of their own, and counts the 503s clients receive
+(`flux2_requests_rejected_total`: Triton 2.51 counts no queue-full rejection). gRPC is Triton's.
 """
 
 from __future__ import annotations
@@ -30,9 +34,11 @@ from pathlib import Path
 
 from common.cli import OneLineParser, run_cli
 from common.errors import UsageError
+from deploy.http_proxy import CountingProxy, loopback_ports
 from deploy.stub_env import default_env, read_record
 
 DEFAULT_HOST = "127.0.0.1"
+LOOPBACK = "127.0.0.1"  # where Triton's own HTTP and metrics listen, behind deploy.serve's (http_proxy.py)
 
 
 def check_host(host: str) -> str:
@@ -61,7 +67,10 @@ def server_command(
     log_verbose: int = 0,
     exit_timeout_s: int = 300,
 ) -> tuple[list[str], dict]:
-    """The tritonserver command line and its environment; HTTP, gRPC and metrics all bind `host`."""
+    """The tritonserver command line and its environment: gRPC binds `host`, HTTP and metrics loopback.
+
+    deploy.serve's proxy serves HTTP and metrics on `host` and forwards them to these ports (http_proxy.py).
+    """
     host = check_host(host)
     repository = Path(repository).expanduser().resolve()
     if not repository.is_dir() or not any(repository.glob("*/config.pbtxt")):
@@ -77,11 +86,11 @@ def server_command(
     # regions; it also names this server's stubs and /dev/shm files for the clean-up (`leftovers`).
     arguments = [
         f"--model-repository={repository}",
-        f"--http-address={host}",
+        f"--http-address={LOOPBACK}",
         f"--http-port={http_port}",
         f"--grpc-address={host}",
         f"--grpc-port={grpc_port}",
-        f"--metrics-address={host}",
+        f"--metrics-address={LOOPBACK}",
         f"--metrics-port={metrics_port}",
         "--exit-on-error=true",
         "--strict-readiness=true",
@@ -159,6 +168,8 @@ def clean_up(prefix: str, wait_s: float = 5.0) -> tuple[int, int]:
 def check_ports_free(ports: dict[str, int]) -> None:
     """Refuse a port something already listens on, before the server starts (it would exit, leaving files)."""
     for flag, port in ports.items():
+        if not 0 < port < 65536:
+            raise UsageError(f"{flag} {port} is not a TCP port (1..65535)")
         with socket.socket() as probe:
             try:
                 probe.bind(("0.0.0.0", port))
@@ -207,11 +218,17 @@ def serve(
     ports = {"http_port": http_port, "grpc_port": grpc_port, "metrics_port": metrics_port}
     check_ports_free({"--" + name.replace("_", "-"): port for name, port in ports.items()}
                      | ({"--openai-port": openai_port} if openai_port is not None else {}))  # fmt: skip
-    command, env = server_command(repository, host=host, **ports, **options)
+    triton_ports = loopback_ports(2)  # Triton's own HTTP and metrics, behind the counting proxy
+    command, env = server_command(repository, host=host, http_port=triton_ports[0], grpc_port=grpc_port,
+                                  metrics_port=triton_ports[1], **options)  # fmt: skip
+    models = sorted(path.parent.name for path in Path(repository).expanduser().glob("*/config.pbtxt"))
+    proxy = CountingProxy(host=host, ports=(http_port, metrics_port), triton_ports=triton_ports, models=models)
     print(
-        f"serving {repository}: http {host}:{http_port}, grpc {host}:{grpc_port}, metrics {host}:{metrics_port}",
+        f"serving {repository}: http {host}:{http_port}, grpc {host}:{grpc_port}, metrics {host}:{metrics_port} "
+        f"(Triton's http and metrics on {LOOPBACK}:{triton_ports[0]}, {triton_ports[1]}, 503s counted)",
         file=sys.stderr,
     )
+    proxy.start()
     front = None
     if openai_port is not None:
         from deploy.openai_front import start_front
@@ -236,6 +253,7 @@ def serve(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        proxy.close()  # Triton has ended: pass on the answers it gave, then stop listening
         stopped, removed = clean_up(shm_prefix())
     line = None if front is not None and front.reported else ending(status, stopped, removed, front and front.note)
     if line:

@@ -6,7 +6,9 @@ import json
 import math
 import subprocess
 import sys
+import threading
 import types
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -459,8 +461,9 @@ def test_serve_command_sets_up_the_wheel_stub(tmp_path):
     for endpoint in ("http", "grpc", "metrics"):
         assert f"--{endpoint}-address=127.0.0.1" in command, endpoint
     command, _ = server_command(tmp_path / "repo", host="0.0.0.0", triton_env=env_dir)
+    # HTTP and metrics stay on loopback: deploy.serve's counting proxy serves them on the host (http_proxy.py).
     assert [a for a in command if "-address=" in a] == [
-        "--http-address=0.0.0.0", "--grpc-address=0.0.0.0", "--metrics-address=0.0.0.0",
+        "--http-address=127.0.0.1", "--grpc-address=0.0.0.0", "--metrics-address=127.0.0.1",
     ]  # fmt: skip
     assert env["LD_LIBRARY_PATH"].split(":")[:2] == ["/libdir", "/libs"]
     assert env["PATH"].split(":")[0] == record["bin"]
@@ -482,6 +485,75 @@ def test_stub_env_puts_numpy_1_first_and_the_project_behind_it(tmp_path):
     lines = (tmp_path / PTH).read_text().splitlines()
     assert lines[0] == f"import sys; sys.path.insert(0, {str(REPO)!r})"  # this checkout, not an editable elsewhere
     assert f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})" in lines
+
+
+def _fake_triton():
+    """A stdlib HTTP server answering as Triton does: 503s with its two messages, a 200, and /metrics."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    answers = {
+        "/v2/models/m/infer": (503, b'{"error":"Exceeds maximum queue size"}'),
+        "/v2/models/m/versions/1/infer": (503, b'{"error":"Request timeout expired"}'),
+        "/v2/models/m/ready": (200, b""),
+        "/metrics": (200, b'nv_inference_request_success{model="m",version="1"} 3\n'),
+    }
+
+    class Triton(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):  # noqa: N802
+            sent = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            status, body = answers.get(self.path, (200, sent))  # any other path: echo the body
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST  # noqa: N815
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Triton)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    return server
+
+
+def test_proxy_counts_each_503_by_reason_and_passes_answers_on_unchanged():
+    """deploy.serve's HTTP port in front of a fake Triton: bodies byte for byte, one count per 503 received."""
+    import http.client
+
+    from deploy.http_proxy import REJECTED, CountingProxy, loopback_ports
+
+    triton = _fake_triton()
+    port = triton.server_address[1]
+    http_port, metrics_port = loopback_ports(2)
+    proxy = CountingProxy(host="127.0.0.1", ports=(http_port, metrics_port), triton_ports=(port, port), models=["m"])
+    proxy.start()
+    try:
+        client = http.client.HTTPConnection("127.0.0.1", http_port, timeout=5)  # one connection, kept alive
+
+        def ask(method, path, body=None, **options):
+            client.request(method, path, body=body, **options)
+            answer = client.getresponse()
+            return answer.status, answer.read()
+
+        payload = bytes(range(256)) * 1000  # binary, past one 64 KiB read
+        assert ask("POST", "/v2/models/m/echo", payload) == (200, payload)
+        assert ask("POST", "/v2/models/m/echo", iter([b"ab", b"cd"]), encode_chunked=True) == (200, b"abcd")
+        statuses = [ask("POST", "/v2/models/m/infer", b"{}")[0] for _ in range(3)]
+        statuses.append(ask("POST", "/v2/models/m/versions/1/infer", b"{}")[0])
+        assert statuses == [503, 503, 503, 503] and ask("GET", "/v2/models/m/ready") == (200, b"")
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as answer:
+            metrics = answer.read().decode()
+        assert 'nv_inference_request_success{model="m",version="1"} 3' in metrics  # Triton's text, then ours
+        assert f'{REJECTED}{{model="m",reason="queue_full"}} 3' in metrics
+        assert f'{REJECTED}{{model="m",reason="timeout"}} 1' in metrics
+        triton.shutdown()
+        triton.server_close()
+        assert ask("GET", "/v2/health/ready")[0] == 502  # Triton gone: an answer, not a hang
+    finally:
+        proxy.close(drain_s=1)
 
 
 def test_client_without_a_server_is_one_line(tmp_path):

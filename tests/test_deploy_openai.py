@@ -250,10 +250,13 @@ def test_a_full_queue_is_a_503_with_an_openai_body(served):
         except openai.APIStatusError as exc:
             return exc.status_code, exc.body
 
+    rejected_before = _metric(served, "flux2_requests_rejected_total", "flux2_q1")
     with ThreadPoolExecutor(6) as pool:
         answers = list(pool.map(ask, range(6)))
     statuses = sorted(status for status, _ in answers)
     assert statuses.count(503) >= 1 and set(statuses) <= {200, 503} and statuses.count(200) >= 2, answers
+    # The front reaches Triton through deploy.serve's HTTP port: each of its 503s is counted there.
+    assert _metric(served, "flux2_requests_rejected_total", "flux2_q1") - rejected_before == statuses.count(503)
     for status, body in answers:
         if status == 503:
             assert body["type"] == "server_error" and body["code"] == "server_busy", body

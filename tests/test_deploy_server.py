@@ -206,16 +206,29 @@ def test_wrong_input_type_is_a_400(served):
     assert status == 400 and "steps" in message and "FP32" in message, message
 
 
-def test_full_queue_is_refused_with_503(served):
-    """flux2_q1: one request running, one waiting; the rest are refused at once."""
+def test_full_queue_is_refused_with_503_and_each_refusal_is_counted(served):
+    """flux2_q1: one request running, one waiting; the rest are refused at once, and counted.
+
+    Triton 2.51 counts none of them (its REJECTED counts queue timeouts only); deploy.serve's HTTP
+    port counts each 503 it passes on (deploy/http_proxy.py), on the metrics port Prometheus scrapes.
+    """
     slow = _values(steps=100, num_images=4)
+    before = served.metrics()
     with ThreadPoolExecutor(6) as pool:
         answers = list(pool.map(lambda _: _ask(served.url, model="flux2_q1", **slow), range(6)))
+    after = served.metrics()
     statuses = sorted(status for status, _, _ in answers)
     assert statuses.count(503) >= 1 and set(statuses) <= {200, 503}, [a[2] for a in answers if a[0] != 200]
     assert statuses.count(200) >= 2, statuses
     refused = [message for status, _, message in answers if status == 503]
     assert all("Exceeds maximum queue size" in message for message in refused), refused
+
+    def delta(name, **labels):
+        return _metric(after, name, model="flux2_q1", **labels) - _metric(before, name, model="flux2_q1", **labels)
+
+    assert delta("flux2_requests_rejected_total", reason="queue_full") == len(refused), (len(refused), after)
+    assert delta("flux2_requests_rejected_total", reason="timeout") == 0
+    assert delta("nv_inference_request_failure") == 0  # Triton's own: not one of them (docs/serving.md)
 
 
 def test_metrics_count_requests_images_and_stage_seconds(served):
