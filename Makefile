@@ -90,6 +90,12 @@ bench-engines: setup
 bench-nvfp4-import: setup
 	$(PY) -m bench.nvfp4_import
 
+.PHONY: bench-lora
+# LoRA slots of rank 16 and 64 against none: the transformer's time (ort-cpu, one run, ratios) and, by
+# arithmetic, the extra FLOPs and input bytes on FLUX.2 [dev] (H100 datasheet): see docs/lora.md.
+bench-lora: setup
+	$(PY) -m bench.lora
+
 .PHONY: bench-fp8-rewrite
 # Bytes (sha256), time and peak anonymous memory of the FP8 rewrite and its fp32 twin: see docs/fp8.md.
 bench-fp8-rewrite: setup

@@ -225,3 +225,36 @@ def test_lora_on_artifacts_without_slots_is_refused(export_tiny, lora_files, tmp
                      "--out", str(out), "--lora", str(lora_files["peft"]))  # fmt: skip
     assert_one_line_error(result, "have no LoRA slots", "--lora-rank R")
     assert not out.exists()
+
+
+def test_tensorrt_rtx_builds_the_slots_as_inputs(lora_tiny, tmp_path):
+    """The real TensorRT-RTX parser takes every slot as a network input of its shape, and the builder builds it."""
+    import shutil
+
+    from common.specs import component_specs
+    from common.tensorrt_env import module_status
+    from engines.build import build_engines
+    from runtime.artifacts import open_artifacts
+
+    available, reason = module_status("rtx")
+    if not available:
+        pytest.skip(f"needs tensorrt_rtx (the dev extra installs it): {reason}")
+    import tensorrt_rtx as trt
+
+    folder = tmp_path / "artifacts"
+    shutil.copytree(lora_tiny, folder)
+    opened = open_artifacts(folder)
+    slots = {
+        t.name: t.shape
+        for t in component_specs(opened.geometry, opened.shapes)["transformer"].inputs
+        if t.name.startswith("lora_")
+    }
+    logger = trt.Logger(trt.Logger.ERROR)
+    network = trt.Builder(logger).create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    assert parser.parse_from_file(str(folder / "transformer.onnx"))
+    inputs = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
+    assert len(slots) == 56 and {name: inputs.get(name) for name in slots} == slots
+    manifest = build_engines(artifacts=folder, target="rtx", log=lambda m: None)
+    recorded = {t.name for t in manifest.engines["transformer"].inputs}
+    assert set(slots) <= recorded
