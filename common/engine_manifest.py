@@ -187,7 +187,9 @@ def check_engines_usable(
     build = build_command(artifacts, present.target)
     folder = engines_dir(artifacts, present.target)
     for component, onnx_record in artifacts_manifest.components.items():
-        entry = engine_manifest.engines.get(component)
+        # By the graph's file stem: a view of one size of a --resolutions folder (runtime.artifacts) names
+        # `transformer` the graph whose plan is `transformer_<H>x<W>`.
+        entry = engine_manifest.engines.get(Path(onnx_record.file).stem)
         if entry is None:
             raise ArtifactsError(f"{folder} has no engine for {component}; run `{build}`")
         plan = folder / entry.plan

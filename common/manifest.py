@@ -188,6 +188,16 @@ class ArtifactsManifest:
     # the layers they touched (export.lora.records). Absent from the JSON when there are none.
     loras: tuple = ()
 
+    def further_size_graphs(self) -> set[str]:
+        """Names of the graphs at the further `--resolutions` sizes (`transformer_<H>x<W>`, ...)."""
+        from common.specs import RESOLUTION_COMPONENTS, graph_name
+
+        return {
+            graph_name(component, self.shapes, height, width)
+            for height, width in self.shapes.sizes[1:]
+            for component in RESOLUTION_COMPONENTS
+        }
+
     def files(self) -> dict[str, str]:
         """Every file the manifest records a sha256 for: relative path -> sha256."""
         files = {}

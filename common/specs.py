@@ -13,11 +13,23 @@ sampler are precision-agnostic and the Euler update stays in float32.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from common.family import Family
 
 COMPONENTS = ("text_encoder", "transformer", "vae")
+# The graphs whose shapes follow the image size: one per exported resolution (`Shapes.resolutions`).
+RESOLUTION_COMPONENTS = ("transformer", "vae")
+
+
+def graph_name(component: str, shapes: Shapes, height: int, width: int) -> str:
+    """The manifest name (and file stem) of `component`'s graph at height x width: the component itself at
+    the first exported size, `<component>_<H>x<W>` at the others."""
+    if component not in RESOLUTION_COMPONENTS or (height, width) == shapes.sizes[0]:
+        return component
+    return f"{component}_{height}x{width}"
+
+
 # Only artifacts exported with reference images (`Shapes.reference_images` > 0) have this graph.
 EDITING_COMPONENTS = ("vae_encoder",)
 
@@ -63,10 +75,24 @@ class Shapes:
     # Rank 0 has no slots, and then these fields are left out of the JSON like the reference ones.
     lora_rank: int = 0
     lora_targets: tuple[tuple[str, int, int], ...] = ()
+    # Several image sizes from one folder (`--resolutions`, docs/export.md): every (height, width) the
+    # transformer and VAE graphs were exported at, the first being (height, width). Empty: that one size
+    # (and then left out of the JSON).
+    resolutions: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self):
         # As JSON reads them back: lists into the tuples that compare equal to the exported ones.
         object.__setattr__(self, "lora_targets", tuple((str(m), int(k), int(n)) for m, k, n in self.lora_targets))
+        object.__setattr__(self, "resolutions", tuple((int(h), int(w)) for h, w in self.resolutions))
+
+    @property
+    def sizes(self) -> tuple[tuple[int, int], ...]:
+        """Every exported (height, width), the default first."""
+        return self.resolutions or ((self.height, self.width),)
+
+    def at(self, height: int, width: int) -> Shapes:
+        """These shapes at one of the exported sizes (the graphs of that size are read with them)."""
+        return replace(self, height=height, width=width)
 
     @property
     def reference_size(self) -> tuple[int, int]:
@@ -83,6 +109,10 @@ class Shapes:
                 data.pop(name)
         else:
             data["lora_targets"] = [list(target) for target in self.lora_targets]
+        if len(self.resolutions) <= 1:
+            data.pop("resolutions")
+        else:
+            data["resolutions"] = [list(size) for size in self.resolutions]
         return data
 
 

@@ -27,8 +27,15 @@ def _parser() -> OneLineParser:
     parser.add_argument(
         "--components", default=",".join(COMPONENTS), help=f"comma-separated subset of {','.join(COMPONENTS)}"
     )
-    parser.add_argument("--height", type=int, default=DEFAULT_HEIGHT)
-    parser.add_argument("--width", type=int, default=DEFAULT_WIDTH)
+    parser.add_argument("--height", type=int, default=None, help=f"image height in pixels (default {DEFAULT_HEIGHT})")
+    parser.add_argument("--width", type=int, default=None, help=f"image width in pixels (default {DEFAULT_WIDTH})")
+    parser.add_argument(
+        "--resolutions",
+        default=None,
+        metavar="HxW[,HxW...]",
+        help="several image sizes from one folder: the transformer and VAE once per size, one copy of their "
+        "weights; the first is the default (replaces --height/--width; docs/export.md)",
+    )
     parser.add_argument("--max-sequence-length", type=int, default=DEFAULT_MAX_SEQUENCE_LENGTH)
     parser.add_argument(
         "--batch-size", type=int, default=1, help="batch of every graph (2: both CFG passes in one transformer call)"
@@ -96,14 +103,16 @@ def main(argv=None) -> int:
         if not args.reference_images:
             parser.error(f"--reference-size {args.reference_size} needs --reference-images K (K >= 1)")
         reference_height, reference_width = parse_size(parser, "--reference-size", args.reference_size)
+    height, width, resolutions = _sizes(parser, args)
     job = ExportJob(
         model=args.model,
         out=args.out,
         precision=args.precision,
         components=parse_csv(args.components),
         shapes=Shapes(
-            height=args.height,
-            width=args.width,
+            height=height,
+            width=width,
+            resolutions=resolutions,
             max_sequence_length=args.max_sequence_length,
             batch_size=args.batch_size,
             reference_images=args.reference_images,
@@ -121,6 +130,25 @@ def main(argv=None) -> int:
     )
     run_export(job)
     return 0
+
+
+def _sizes(parser, args) -> tuple[int, int, tuple]:
+    """(height, width, resolutions): --resolutions' first size, or --height/--width (defaults in common.specs)."""
+    if args.resolutions is None:
+        height = DEFAULT_HEIGHT if args.height is None else args.height
+        return height, DEFAULT_WIDTH if args.width is None else args.width, ()
+    sizes = tuple(
+        parse_size(parser, "--resolutions", part.strip()) for part in args.resolutions.split(",") if part.strip()
+    )
+    if not sizes:
+        parser.error(f"--resolutions {args.resolutions!r} names no size; write HxW[,HxW...], e.g. 1024x1024,1152x896")
+    given = (sizes[0][0] if args.height is None else args.height, sizes[0][1] if args.width is None else args.width)
+    if given != sizes[0]:
+        parser.error(
+            f"--height/--width {given[0]}x{given[1]} and --resolutions {args.resolutions}: the first size is the "
+            "default; drop --height/--width or list that size first"
+        )
+    return sizes[0][0], sizes[0][1], sizes if len(sizes) > 1 else ()
 
 
 def parse_size(parser: argparse.ArgumentParser, flag: str, text: str) -> tuple[int, int]:

@@ -41,6 +41,14 @@ class ComponentJob:
     skip_check: bool = False
     stream: bool = True
     fp8: object = None  # export.fp8.run.Fp8Options, for a quantized precision
+    # `--resolutions`: the graph's manifest name and file stem (`common.specs.graph_name`), and the ONNX
+    # file of the graph at the first size whose weights it reads (export/writing/shared_weights.py).
+    name: str = ""
+    shares_weights_with: str = ""
+
+    @property
+    def graph(self) -> str:
+        return self.name or self.component
 
 
 def export_component(job: ComponentJob) -> tuple[ComponentRecord, dict]:
@@ -53,9 +61,9 @@ def export_component(job: ComponentJob) -> tuple[ComponentRecord, dict]:
     hollow = _weightless(job) if job.stream else None
     stages = ["trace"] + (["rewrite"] if job.precision.quantized else []) + ["hash"]
     stages += [] if job.skip_check else ["verify"]
-    bar = tqdm(total=len(stages), desc=f"{job.component:<12} {job.precision}", unit="step", file=sys.stderr)
+    bar = tqdm(total=len(stages), desc=f"{job.graph:<12} {job.precision}", unit="step", file=sys.stderr)
     try:
-        path = job.staging / f"{job.component}.onnx"
+        path = job.staging / f"{job.graph}.onnx"
         facts, module = _trace(job, path, bar, hollow)
         del hollow
         held = [module] if module is not None and job.precision.is_float32 else []  # the check's fp32 module
@@ -69,6 +77,14 @@ def export_component(job: ComponentJob) -> tuple[ComponentRecord, dict]:
             report[job.precision.name] = _quantize(job, path)
             facts["nodes"] = _node_count(path)
             bar.update()
+        if job.shares_weights_with:
+            from export.writing.shared_weights import share_weights
+
+            bar.set_postfix_str(f"pointing its weights at {job.shares_weights_with}")
+            # fp16/bf16 graphs keep torch's scopes: engines.check holds their float32 products to them.
+            keep = ("pkg.torch.onnx.name_scopes",) if job.precision.traced.lists_float32_matmuls else ()
+            facts["shared"] = share_weights(job.staging / job.shares_weights_with, path, keep)
+            report["shared_weights"] = {k: v for k, v in facts["shared"].items() if k != "files"}
         bar.set_postfix_str("sha256")
         entry = _record(job, path, facts, kept_float32)
         bar.update()
@@ -136,6 +152,8 @@ def _node_count(path: Path) -> int:
 def _record(job: ComponentJob, path: Path, facts: dict, kept_float32: list[str]) -> ComponentRecord:
     data = data_file_name(path.name)
     files = [path.name] + ([data] if (path.parent / data).exists() else [])
+    if "shared" in facts:  # the first size's data file, then what is the graph's own
+        files = [path.name, *facts["shared"]["files"]]
     return ComponentRecord(
         file=path.name,
         files=tuple(files),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from common.atomic import atomic_dir, atomic_write_json, writable_error
 from common.engine_manifest import ENGINES_DIR
-from common.errors import Flux2TrtError, UsageError
+from common.errors import Flux2TrtError, InternalError, UsageError
 from common.integrity import record_verified
 from common.manifest import (
     MANIFEST_NAME,
@@ -33,9 +33,11 @@ from common.precision import precision as declared
 from common.specs import (
     COMPONENTS,
     EDITING_COMPONENTS,
+    RESOLUTION_COMPONENTS,
     Geometry,
     Shapes,
     component_specs,
+    graph_name,
 )
 from common.staging import folder_lock, owner_tag, remove_stale_staging
 from common.storage import ensure_space, is_storage_error, storage_error
@@ -234,11 +236,7 @@ def plan_export(job: ExportJob) -> ExportPlan:
     _prepare_out(out)
     checkpoint = ckpt.open_checkpoint(resolve_model(job.model))
     geometry = checkpoint.geometry(job.text_encoder_layers)
-    if shapes.height % geometry.pixels_per_token or shapes.width % geometry.pixels_per_token:
-        raise UsageError(
-            f"--height/--width {shapes.height}x{shapes.width} must be multiples of {geometry.pixels_per_token} "
-            f"for the VAE in {checkpoint.root / 'vae'}"
-        )
+    _check_sizes(shapes, geometry.pixels_per_token, checkpoint.root / "vae")
     published, fp8 = _imported_weights(job, checkpoint, folder_precision, fp8)
     loras = _baked_loras(job, checkpoint, published)
     if shapes.lora_rank:
@@ -278,6 +276,7 @@ def plan_export(job: ExportJob) -> ExportPlan:
         )
         for component in components
     )
+    jobs += _resolution_jobs(jobs, geometry, shapes)
     return ExportPlan(
         out,
         folder_precision,
@@ -292,6 +291,52 @@ def plan_export(job: ExportJob) -> ExportPlan:
         published,
         loras,
     )
+
+
+def _check_sizes(shapes: Shapes, step: int, vae: Path) -> None:
+    """Every exported size a positive multiple of the VAE x patch factor, none twice; one line naming the first misfit."""
+    flag = "--resolutions" if shapes.resolutions else "--height/--width"
+    for height, width in shapes.sizes:
+        if height <= 0 or width <= 0 or height % step or width % step:
+            raise UsageError(
+                f"{flag} {height}x{width}: each side must be a positive multiple of {step} for the VAE in {vae} "
+                f"(8x VAE, 2x2 patches), e.g. 1024x1024 or 1152x896"
+            )
+    if len(set(shapes.sizes)) != len(shapes.sizes):
+        raise UsageError(f"--resolutions {','.join(f'{h}x{w}' for h, w in shapes.sizes)} names a size twice")
+    if shapes.resolutions and shapes.resolutions[0] != (shapes.height, shapes.width):
+        raise InternalError(f"shapes {shapes.height}x{shapes.width} are not the first of {shapes.resolutions}")
+
+
+def _resolution_jobs(first: tuple, geometry, shapes: Shapes) -> tuple:
+    """The transformer and VAE graphs at each further `--resolutions` size, reading the first size's weights.
+
+    Each is the first size's job at other shapes: checked against PyTorch at its own size, keyed by the
+    first graph's key (whose weights it points at) and its own spec.
+    """
+    jobs = []
+    for height, width in shapes.sizes[1:]:
+        at = shapes.at(height, width)
+        specs = component_specs(geometry, at)
+        reference = None
+        for job in first:
+            if job.component not in RESOLUTION_COMPONENTS:
+                continue
+            reference = reference or ReferenceInputs(job.checkpoint, geometry, at)
+            spec = specs[job.component]
+            key = key_of({"first_size": job.key, "size": [height, width], "spec": spec.to_json()})
+            jobs.append(
+                dataclasses.replace(
+                    job,
+                    spec=spec,
+                    shapes=at,
+                    reference=reference,
+                    key=key,
+                    name=graph_name(job.component, shapes, height, width),
+                    shares_weights_with=f"{job.component}.onnx",
+                )
+            )
+    return tuple(jobs)
 
 
 def _common_key(job: ExportJob, folder_precision: Precision, geometry, source: Source, versions: dict, shapes) -> dict:
@@ -392,7 +437,9 @@ def _with_imported_weights(plan: ExportPlan, staged: Path, log) -> ExportPlan:
         source = f"{source} with {len(plan.loras)} LoRA(s) baked in"
     log(f"staging the transformer of {source} as a diffusers folder in {staged}")
     checkpoint = importing.stage_checkpoint(tensors, plan.checkpoint, staged)
-    jobs = tuple(dataclasses.replace(j, checkpoint=checkpoint) if j is transformer else j for j in plan.jobs)
+    jobs = tuple(
+        dataclasses.replace(j, checkpoint=checkpoint) if j.component == "transformer" else j for j in plan.jobs
+    )
     return dataclasses.replace(plan, jobs=jobs)
 
 
@@ -404,7 +451,7 @@ def _write_export(plan: ExportPlan, log) -> ArtifactsManifest:
         for component_job in plan.jobs:
             started = time.perf_counter()
             entry, report, status = _produce(plan, dataclasses.replace(component_job, staging=staging))
-            rows.append((component_job.component, status, entry, report, time.perf_counter() - started))
+            rows.append((component_job.graph, status, entry, report, time.perf_counter() - started))
         manifest = _record(plan, staging, rows)
         kept = _keep_engines(out, staging)
         if kept:
@@ -421,11 +468,12 @@ def _write_export(plan: ExportPlan, log) -> ArtifactsManifest:
 
 def _produce(plan: ExportPlan, job: ComponentJob) -> tuple[ComponentRecord, dict, str]:
     """(entry, report, "reused" | "exported") for one graph: linked from the previous export, or written."""
-    reused = None if plan.force else _reusable(plan.previous, plan.out, job.component, job.key)
+    reused = None if plan.force else _reusable(plan.previous, plan.out, job.graph, job.key)
     if reused is not None:
         entry, report = reused
         for name in entry.files:
-            os.link(plan.out / name, job.staging / name)
+            if not (job.staging / name).exists():  # a further size's graph lists the first size's data file
+                os.link(plan.out / name, job.staging / name)
         return entry, report, "reused"
     # Refused before writing, not after streaming most of a file that cannot fit.
     ensure_space(plan.out, expected_bytes(plan.checkpoint, job.component, job.precision), f"the {job.component} graph")

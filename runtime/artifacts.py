@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.errors import ArtifactsError
+from common.errors import ArtifactsError, UsageError
 from common.integrity import verify_artifacts
 from common.manifest import ArtifactsManifest, manifest_hash, read_manifest
-from common.specs import EDITING_COMPONENTS, ComponentSpec, Geometry, Shapes, component_specs
+from common.specs import (
+    EDITING_COMPONENTS,
+    RESOLUTION_COMPONENTS,
+    ComponentSpec,
+    Geometry,
+    Shapes,
+    component_specs,
+    graph_name,
+)
 from common.tokenizer import PromptTokenizer
 
 REQUIRED = ("text_encoder", "transformer", "vae")
@@ -55,13 +64,43 @@ class Artifacts:
         return json.loads((self.folder / self.manifest.scheduler_config).read_text(encoding="utf-8"))
 
 
-def open_artifacts(folder: str | Path, *, verify: bool = False, log=None) -> Artifacts:
-    """The artifacts in `folder`, every file checked against the manifest's sha256 (`common.integrity`).
+def at_size(manifest: ArtifactsManifest, folder: Path, size: tuple[int, int] | None) -> ArtifactsManifest:
+    """The manifest as one exported size sees it: `transformer` and `vae` are that size's graphs, the shapes its own.
+
+    A folder exported with `--resolutions` holds `transformer_<H>x<W>` (and the VAE's) beside the first
+    size's; every consumer (backends, checks, the server) then reads the view as a one-size folder. A size
+    that was not exported is refused in one line listing those that were. None: the first exported size.
+    """
+    sizes = manifest.shapes.sizes
+    height, width = size or sizes[0]
+    if (height, width) not in sizes:
+        listed = ",".join(f"{h}x{w}" for h, w in sizes)
+        raise UsageError(
+            f"--height/--width {height}x{width} was not exported in {folder}, which draws {listed.replace(',', ', ')}; "
+            f"pick one of them, or re-export with --resolutions {listed},{height}x{width}"
+        )
+    components = {}
+    for name, record in manifest.components.items():
+        if name in manifest.further_size_graphs():
+            continue
+        components[name] = record
+    for component in RESOLUTION_COMPONENTS:
+        graph = graph_name(component, manifest.shapes, height, width)
+        if graph in manifest.components:
+            components[component] = manifest.components[graph]
+    return dataclasses.replace(manifest, components=components, shapes=manifest.shapes.at(height, width))
+
+
+def open_artifacts(
+    folder: str | Path, *, verify: bool = False, log=None, size: tuple[int, int] | None = None
+) -> Artifacts:
+    """The artifacts in `folder` at `size` (height, width; default the first exported), every file they
+    read checked against the manifest's sha256 (`common.integrity`).
 
     `verify=True` re-hashes every file even when its verified stamp still matches.
     """
     folder = Path(folder).expanduser()
-    manifest = read_manifest(folder)
+    manifest = at_size(read_manifest(folder), folder, size)
     components, shapes = manifest.components, manifest.shapes
     # Editing artifacts (exported with --reference-images K) also need the VAE encoder.
     required = REQUIRED + (EDITING_COMPONENTS if shapes.reference_images else ())

@@ -16,6 +16,7 @@ precision's tolerance, the PSNR bound) and `write_report` writes the table and t
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import numpy as np
 from common.atomic import atomic_write_json
 from common.cli import OneLineParser, one_of, run_cli
 from common.errors import UsageError
+from common.manifest import read_manifest
 from common.metrics import psnr, ssim
 from common.precision import precision as declared
 from runtime.artifacts import Artifacts
@@ -68,6 +70,7 @@ class CheckRequest:
     steps: int = 4
     guidance: float = 4.0
     images: tuple[Path, ...] = ()  # reference images, as many as editing artifacts take
+    size: tuple[int, int] | None = None  # one size of a --resolutions folder; None: the first (check_sizes: each)
 
     @property
     def sampling(self) -> Sampling:
@@ -335,6 +338,8 @@ def build_report(setup: CheckSetup, backend: str, reference: Reference, ours: St
         "seed": request.seed,
         "steps": request.steps,
         "guidance": request.guidance,
+        "height": opened.shapes.height,
+        "width": opened.shapes.width,
         **({"images": images} if images else {}),
         "tolerance": {"max_rel_l2": tolerance.max_rel_l2, "min_cosine": tolerance.min_cosine},
         "components": verdict.components,
@@ -346,9 +351,12 @@ def build_report(setup: CheckSetup, backend: str, reference: Reference, ours: St
 
 
 def write_report(report: dict, folder: Path, log) -> None:
-    """The JSON beside the artifacts, and the table on the log."""
+    """The JSON beside the artifacts (one per size of a --resolutions folder after its first), and the table."""
     (folder / "reports").mkdir(exist_ok=True)
-    atomic_write_json(folder / "reports" / "runtime_check.json", report)
+    height, width = report["height"], report["width"]
+    first = read_manifest(folder).shapes.sizes[0]
+    name = "runtime_check.json" if (height, width) == first else f"runtime_check_{height}x{width}.json"
+    atomic_write_json(folder / "reports" / name, report)
     log(format_table(report))
 
 
@@ -396,7 +404,7 @@ def check(request: CheckRequest, log=None) -> dict:
     if request.steps < 1:
         raise UsageError(f"--steps {request.steps} must be >= 1")
     check_seed(request.seed)
-    opened = open_artifacts(request.artifacts)
+    opened = open_artifacts(request.artifacts, size=request.size)
     checkpoint = _checkpoint(request, opened)
     # bf16/fp8 where ONNX Runtime cannot run them: the torch backend stands in (the CHECK policy), noted.
     chosen = select_backend(
@@ -469,6 +477,8 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--image", action="append", type=Path, default=None, help="reference image (editing artifacts); repeat for K"
     )
+    parser.add_argument("--height", type=int, default=None, help="check one exported size (default: every one)")
+    parser.add_argument("--width", type=int, default=None, help="check one exported size (default: every one)")
     args = parser.parse_args(argv)
     request = CheckRequest(
         artifacts=args.artifacts,
@@ -480,8 +490,16 @@ def main(argv=None) -> int:
         guidance=args.guidance,
         images=tuple(args.image or ()),
     )
-    report = check(request)
-    return 0 if report["passed"] else 1
+    if (args.height is None) != (args.width is None):
+        parser.error(f"--height {args.height} --width {args.width}: give both (one of the exported sizes), or neither")
+    reports = check_sizes(dataclasses.replace(request, size=None if args.height is None else (args.height, args.width)))
+    return 0 if all(report["passed"] for report in reports) else 1
+
+
+def check_sizes(request: CheckRequest, log=None) -> list[dict]:
+    """`check` at `request.size`, or at every size the artifacts were exported at when it is None."""
+    sizes = [request.size] if request.size is not None else list(read_manifest(request.artifacts).shapes.sizes)
+    return [check(dataclasses.replace(request, size=size), log=log) for size in sizes]
 
 
 def cli() -> None:

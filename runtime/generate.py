@@ -114,6 +114,7 @@ class GenerateRequest:
     images: tuple[Path, ...] = ()  # reference images for editing, as many as the artifacts were exported with
     verify: bool = False  # re-hash every artifact file, even those already verified unchanged
     loras: tuple = ()  # common.lora.LoraRequest per --lora, fed into the artifacts' LoRA slots
+    size: tuple[int, int] | None = None  # (height, width) of a --resolutions folder; None: its first size
 
 
 def generate(*, log=None, **request) -> list[Path]:
@@ -141,7 +142,7 @@ def generate_images(request: GenerateRequest, log=None) -> list[Path]:
     from runtime.pipeline import Flux2Runtime, Sampling, to_uint8
     from runtime.reference_images import references_for
 
-    opened = open_artifacts(artifacts, verify=verify, log=log)
+    opened = open_artifacts(artifacts, verify=verify, log=log, size=request.size)
     references, _ = references_for(opened, images, log=log)
     loras = open_loras(request.loras, opened.folder, opened.shapes)
     out = check_out(out)
@@ -226,6 +227,12 @@ def main(argv=None) -> int:
         help="default auto: trt, else ort, else torch",
     )
     parser.add_argument(
+        "--height", type=int, default=None, help="image height: one of the exported sizes (default: the first)"
+    )
+    parser.add_argument(
+        "--width", type=int, default=None, help="image width: one of the exported sizes (default: the first)"
+    )
+    parser.add_argument(
         "--lora",
         action="append",
         default=[],
@@ -255,9 +262,19 @@ def main(argv=None) -> int:
         images=tuple(args.image or ()),
         verify=args.verify,
         loras=tuple(parse_lora_request(text) for text in args.lora),
+        size=requested_size(parser, args.height, args.width),
     )
     generate_images(request)
     return 0
+
+
+def requested_size(parser, height: int | None, width: int | None) -> tuple[int, int] | None:
+    """--height/--width as a size, both or neither (the artifacts' exported sizes are checked on opening)."""
+    if height is None and width is None:
+        return None
+    if height is None or width is None:
+        parser.error(f"--height {height} --width {width}: give both (one of the exported sizes), or neither")
+    return height, width
 
 
 def cli() -> None:

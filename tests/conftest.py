@@ -135,6 +135,7 @@ EXPORTING_FIXTURES = {
     "fp8_tiny",
     "served",
     "lora_tiny",
+    "resolutions_tiny",
 }
 
 

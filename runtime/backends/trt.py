@@ -234,7 +234,7 @@ class TrtBackend:
         if self.low_vram:
             for other in list(self._loaded):
                 self.unload(other)
-        entry = self._engines.engines[component]
+        entry = self._engines.engines[Path(self.manifest.components[component].file).stem]  # the size's plan
         plan = self._folder / entry.plan
         engine = self._deserialize(plan)
         if engine is None:
