@@ -6,7 +6,6 @@ same checkpoint, files written in the kohya and the diffusers/peft layouts (flux
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -19,37 +18,6 @@ from tests.support import SMALL, assert_one_line_error, run_cli
 
 MIN_PSNR_DB = 45.0  # issue 23: each image equals diffusers' with the same LoRAs
 PROMPT, SEED, STEPS, GUIDANCE = "a lighthouse on a cliff", 3, 3, 3.0
-
-
-@pytest.fixture(scope="session")
-def lora_files(tmp_path_factory, tiny_checkpoint):
-    """kohya (rank 4, alpha 2: scale 0.5 folded by diffusers' converter) and peft (rank 4, alpha 8: scaling 2)."""
-    from flux2_tiny.lora_files import write_kohya_lora, write_peft_lora
-
-    folder = tmp_path_factory.mktemp("loras")
-    return {
-        "kohya": write_kohya_lora(tiny_checkpoint, folder / "kohya.safetensors", rank=4, alpha=2, seed=0, strength=3.0),
-        "peft": write_peft_lora(tiny_checkpoint, folder / "peft.safetensors", rank=4, alpha=8, seed=1, strength=3.0),
-        "rank16": write_peft_lora(tiny_checkpoint, folder / "rank16.safetensors", rank=16, seed=2),
-    }
-
-
-@pytest.fixture(scope="session")
-def lora_tiny(tmp_path_factory, tiny_checkpoint, small_shapes, lora_files):
-    """The tiny default at fp32 with the kohya LoRA baked in at 0.8 and rank-8 slots: both modes in one export."""
-    from common.lora import LoraRequest
-    from export.run import export_artifacts
-
-    out = tmp_path_factory.mktemp("lora") / "tiny"
-    export_artifacts(
-        model=str(tiny_checkpoint),
-        out=out,
-        precision="fp32",
-        shapes=dataclasses.replace(small_shapes, lora_rank=8),
-        loras=(LoraRequest(lora_files["kohya"], 0.8),),
-        log=lambda m: None,
-    )
-    return out
 
 
 @pytest.fixture(scope="session")
