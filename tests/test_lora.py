@@ -193,3 +193,41 @@ def test_lora_on_artifacts_without_slots_is_refused(export_tiny, lora_files, tmp
                      "--out", str(out), "--lora", str(lora_files["peft"]))  # fmt: skip
     assert_one_line_error(result, "have no LoRA slots", "--lora-rank R")
     assert not out.exists()
+
+
+# --- served: a model's --lora-dir (deploy/loras.py; the real server in test_deploy_server.py) ------
+
+
+def test_a_served_lora_folder_reads_each_file_once_and_again_when_replaced(lora_tiny, lora_files, tmp_path):
+    import shutil
+
+    from deploy.loras import LoraFolder, same_loras
+    from deploy.request import BadRequest
+    from deploy.triton import check_lora_dir
+    from runtime.artifacts import open_artifacts
+
+    opened = open_artifacts(lora_tiny)
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    with pytest.raises(UsageError, match=f"--lora-dir {folder / 'no'} is not a folder"):
+        check_lora_dir(folder / "no", opened.folder, opened.shapes)
+    for name in ("peft", "rank16"):
+        shutil.copy2(lora_files[name], folder / f"{name}.safetensors")
+    served = LoraFolder(check_lora_dir(folder, opened.folder, opened.shapes), artifacts_folder=opened.folder,
+                        shapes=opened.shapes)  # fmt: skip
+    ((first, scale),) = served.open((("peft", 0.7),))
+    assert (first.format, scale) == ("diffusers", 0.7)
+    assert same_loras(served.open((("peft", 0.7),)), ((first, 0.7),))  # read once: the same object
+    assert not same_loras(served.open((("peft", 0.5),)), ((first, 0.7),))
+    with pytest.raises(
+        BadRequest, match=r"^loras: no LoRA named 'pef' in this model's --lora-dir; it holds: peft, rank16$"
+    ):
+        served.open((("pef", 1.0),))
+    with pytest.raises(BadRequest, match=r"^loras: LoRA rank16.safetensors \(rank 16\) need rank 16 .* rank 8"):
+        served.open((("rank16", 1.0),))
+    shutil.copyfile(lora_files["kohya"], folder / "peft.safetensors")  # replaced in place: read again
+    ((again, _),) = served.open((("peft", 0.7),))
+    assert again is not first and again.format == "kohya" and again.sha256 == read_lora(lora_files["kohya"]).sha256
+    (folder / "peft.safetensors").unlink()
+    with pytest.raises(BadRequest, match="it holds: rank16$"):
+        served.open((("peft", 0.7),))
