@@ -67,6 +67,11 @@ def parse_loras(text: str) -> tuple[tuple[str, float], ...]:
     return tuple(wanted.items())
 
 
+def loras_text(loras: tuple[tuple[str, float], ...]) -> str:
+    """The inverse of parse_loras: what a client sends for (name, scale) pairs (repr: the float, bit for bit)."""
+    return ",".join(f"{name}:{scale!r}" for name, scale in loras)
+
+
 def _text(name: str, value, max_bytes: int) -> str:
     """A BYTES input as text, its size checked first (a str counts its UTF-8 bytes)."""
     data = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else bytes(value)

@@ -83,6 +83,22 @@ def test_loras_read_names_and_scales():
         assert reason in str(caught.value) and "\n" not in str(caught.value), (text, str(caught.value))
 
 
+def test_client_sends_loras_as_the_model_reads_them():
+    import tritonclient.http as httpclient
+
+    from common.errors import UsageError
+    from deploy.client import main, request_inputs
+    from deploy.request import GenerationRequest
+
+    (loras,) = [
+        i for i in request_inputs(httpclient, GenerationRequest("a", loras=(("peft", 0.7),))) if i.name() == "loras"
+    ]
+    assert loras.datatype() == "BYTES" and loras.shape() == [1, 1]
+    assert not [i for i in request_inputs(httpclient, GenerationRequest("a")) if i.name() == "loras"]
+    with pytest.raises(UsageError, match=r"^--lora: loras 'peft:nan': scale nan is not a finite number"):
+        main(["--url", "127.0.0.1:1", "--prompt", "a", "--lora", "kohya", "--lora", "peft:nan"])
+
+
 def test_numbers_from_text_and_numpy_scalars_are_taken():
     import numpy as np
 
