@@ -324,10 +324,11 @@ def test_each_request_draws_with_its_own_loras_from_one_model(served, lora_files
     for text, (_, served_images, sidecars) in zip(sets, answers, strict=True):
         loras = [f"{folder / text.split(':')[0]}.safetensors:{text.split(':')[1]}"] if text else []
         expected_png, expected = _reference(artifacts, tmp_path / str(text), seed=4, loras=loras)
-        assert psnr(served_images[0], _png_pixels(expected_png)) >= 45, text
+        assert psnr(served_images[0], _png_pixels(expected_png), data_range=255) >= 45, text  # measured: equal
         assert sidecars[0].get("loras") == expected.get("loras"), text  # file, sha256, format, scale, ranks
         images.append(served_images[0])
-    assert psnr(images[0], images[1]) < 35 and psnr(images[1], images[2]) < 35  # each LoRA is visible
+    # Each LoRA is visible (measured 22.2 dB between the sets, 31.7 dB from kohya:0.5 to none): this test can fail.
+    assert psnr(images[0], images[1], data_range=255) < 35 and psnr(images[1], images[2], data_range=255) < 35
 
 
 LORA_REFUSALS = [
