@@ -8,7 +8,7 @@ from pathlib import Path
 
 from common.cli import OneLineParser, run_cli
 from common.errors import Flux2TrtError, UsageError
-from deploy.request import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationRequest
+from deploy.request import DEFAULT_GUIDANCE, DEFAULT_STEPS, BadRequest, GenerationRequest, loras_text, parse_loras
 
 
 class ServerError(Flux2TrtError):
@@ -39,6 +39,8 @@ def request_inputs(module, request: GenerationRequest, reference_images=()):
     }
     if request.negative_prompt:
         values["negative_prompt"] = np.array([[request.negative_prompt.encode()]], dtype=np.object_)
+    if request.loras:
+        values["loras"] = np.array([[loras_text(request.loras).encode()]], dtype=np.object_)
     if reference_images:
         values["reference_images"] = np.array([list(reference_images)], dtype=np.object_)
     from tritonclient.utils import np_to_triton_dtype
@@ -124,7 +126,18 @@ def main(argv=None) -> int:
         default=[],
         help="reference image for a model served from editing artifacts; repeat for several",
     )
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME[:SCALE]",
+        help="a LoRA of the model's --lora-dir (its file stem) at SCALE (default 1.0); repeat to stack several",
+    )
     args = parser.parse_args(argv)
+    try:
+        loras = parse_loras(",".join(args.lora))
+    except BadRequest as exc:
+        raise UsageError(f"--lora: {exc}") from None
     request = GenerationRequest(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
@@ -132,6 +145,7 @@ def main(argv=None) -> int:
         steps=args.steps,
         guidance=args.guidance,
         num_images=args.num_images,
+        loras=loras,
     )
     fetch(request, url=args.url, model=args.model, out=args.out, images=args.image)
     return 0

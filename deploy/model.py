@@ -28,7 +28,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 STAGES = ("tokenize", "text_encoder", "denoise", "vae")
-INPUTS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "num_images")
+INPUTS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "num_images", "loras")
 
 
 # One letter: any model with room for one prompt token beyond its chat template warms up
@@ -50,6 +50,8 @@ def _sampling(wanted):
 
 
 class TritonPythonModel:
+    lora_folder = None  # deploy.loras.LoraFolder where the config names a lora_dir (deploy.triton --lora-dir)
+
     def initialize(self, args):
         from common.errors import Flux2TrtError
         from deploy.request import DEFAULT_MAX_PROMPT_BYTES
@@ -81,6 +83,7 @@ class TritonPythonModel:
                 log=lambda message: self.logger.log_info(message),
                 policy=SERVED,
             )
+            self.lora_folder = self._lora_folder(_parameter(self.config, "lora_dir"))
         except Flux2TrtError as exc:  # a one-line reason in the server log, and the model stays unloaded
             raise pb_utils.TritonModelException(f"flux2 model {args['model_name']}: {exc}") from None
         self.runtime = Flux2Runtime(self.artifacts, self.backend)
@@ -91,6 +94,36 @@ class TritonPythonModel:
             f"flux2 model {args['model_name']}: {self.artifacts.folder} on {self.backend.name} "
             f"({self.artifacts.precision}), warm-up image {time.perf_counter() - started:.2f} s"
         )
+
+    def _lora_folder(self, lora_dir: str | None):
+        """The --lora-dir files requests may name; None without one. Refused at load as deploy.triton refuses it."""
+        from pathlib import Path
+
+        from deploy.loras import LoraFolder
+        from deploy.triton import check_lora_dir
+
+        if lora_dir is None:
+            return None
+        folder = check_lora_dir(Path(lora_dir), self.artifacts.folder, self.artifacts.shapes)
+        return LoraFolder(folder, artifacts_folder=self.artifacts.folder, shapes=self.artifacts.shapes)
+
+    def _loras(self, wanted) -> tuple:
+        """The request's `loras` read and checked against the slots ((Lora, scale) pairs); () when it names none."""
+        from deploy.request import BadRequest
+
+        if not wanted.loras:
+            return ()
+        if self.lora_folder is None:
+            if not self.artifacts.shapes.lora_rank:
+                raise BadRequest(
+                    "loras: this model's artifacts have no LoRA slots (exported without --lora-rank); send no "
+                    "loras, or serve artifacts exported with --lora-rank R and deploy.triton --lora-dir DIR"
+                )
+            raise BadRequest(
+                "loras: this model serves no LoRAs (its repository was written without --lora-dir); send no "
+                "loras, or write it with python -m deploy.triton --lora-dir DIR"
+            )
+        return self.lora_folder.open(wanted.loras)
 
     def _warm_up(self, model_name: str):
         """One one-step image from a request's values, through `parse_request` and the real tokenizer as
@@ -192,16 +225,22 @@ class TritonPythonModel:
         )
 
     def _answer(self, request):
+        from deploy.loras import same_loras
         from deploy.request import BadRequest, sidecar
         from runtime.pipeline import GenerationCancelled, to_uint8
 
         try:
             wanted = self._parse(self._values(request))
             references = self._references(request)
+            loras = self._loras(wanted)
         except BadRequest as exc:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
         images, sidecars = [], []
         try:
+            # Each request of a batch is its own runtime call, so each draws with its own set; a request
+            # without `loras` gets none. Consecutive requests of one set keep the slots' feeds as they are.
+            if not same_loras(loras, self.runtime.loras):
+                self.runtime.use_loras(loras)
             for index, image, timings in self.runtime.generate(
                 _sampling(wanted), progress=False, cancelled=request.is_cancelled, reference_images=references
             ):

@@ -41,9 +41,9 @@ IGNORED_FIELDS = frozenset(
     }
 )
 # The fields flux2-trt adds (the openai client sends them through `extra_body`), with their types.
-EXTRA_FIELDS = {"seed": int, "steps": int, "guidance": float, "negative_prompt": str}
+EXTRA_FIELDS = {"seed": int, "steps": int, "guidance": float, "negative_prompt": str, "loras": str}
 OPENAI_FIELDS = {"model": str, "prompt": str, "n": int, "size": str, "response_format": str, "output_format": str}
-INPUT_NAMES = ("prompt", "negative_prompt", "seed", "steps", "guidance", "num_images")
+INPUT_NAMES = ("prompt", "negative_prompt", "seed", "steps", "guidance", "num_images", "loras")
 
 
 class OpenAIError(Exception):
@@ -185,6 +185,7 @@ def generation_request(fields: dict, models: dict[str, ServedModel], *, form: bo
         "steps": DEFAULT_STEPS if typed["steps"] is None else typed["steps"],
         "guidance": DEFAULT_GUIDANCE if typed["guidance"] is None else typed["guidance"],
         "num_images": n,
+        "loras": typed["loras"],  # "name[:scale],...": the model's --lora-dir files, checked by the model
     }
     try:
         return model, parse_request(values, max_images=model.max_images)
@@ -200,7 +201,7 @@ def triton_error(exc) -> OpenAIError:
     """
     reason = exc.reason
     if exc.status == 400:
-        first = reason.split(" ", 1)[0]
+        first = reason.split(" ", 1)[0].rstrip(":")  # "loras: no LoRA named ..."
         param = {"num_images": "n", "reference_images": "image"}.get(first, first if first in INPUT_NAMES else None)
         return OpenAIError(400, reason, param=param)
     if exc.status == 503:

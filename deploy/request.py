@@ -34,6 +34,42 @@ class GenerationRequest:
     steps: int = DEFAULT_STEPS
     guidance: float = DEFAULT_GUIDANCE
     num_images: int = 1
+    loras: tuple[tuple[str, float], ...] = ()  # (name, scale): files of the model's --lora-dir (deploy.loras)
+
+
+LORAS_FORM = "send NAME or NAME:SCALE, comma-separated, e.g. 'style:0.8,detail'"
+
+
+def parse_loras(text: str) -> tuple[tuple[str, float], ...]:
+    """The `loras` input, 'name[:scale],name2[:scale]' -> ((name, scale), ...); '' is none. Names are checked later.
+
+    A name is a file stem of the model's --lora-dir; it cannot hold ',' or ':'. Scale 1.0 by default, as
+    runtime.generate's --lora FILE[:SCALE].
+    """
+    wanted: dict[str, float] = {}
+    items = [item.strip() for item in text.split(",")] if text.strip() else []
+    for item in items:
+        name, sep, tail = item.partition(":")
+        name = name.strip()
+        if not name:
+            raise BadRequest(f"loras {_shown(text)} has an empty LoRA name; {LORAS_FORM}")
+        scale = 1.0
+        if sep:
+            try:
+                scale = float(tail)
+            except ValueError:
+                raise BadRequest(f"loras {_shown(item)}: scale {_shown(tail)} is not a number; {LORAS_FORM}") from None
+            if not math.isfinite(scale):
+                raise BadRequest(f"loras {_shown(item)}: scale {scale} is not a finite number; {LORAS_FORM}")
+        if name in wanted:
+            raise BadRequest(f"loras {_shown(text)} names {name!r} twice; name each LoRA once, with one scale")
+        wanted[name] = scale
+    return tuple(wanted.items())
+
+
+def loras_text(loras: tuple[tuple[str, float], ...]) -> str:
+    """The inverse of parse_loras: what a client sends for (name, scale) pairs (repr: the float, bit for bit)."""
+    return ",".join(f"{name}:{scale!r}" for name, scale in loras)
 
 
 def _text(name: str, value, max_bytes: int) -> str:
@@ -107,6 +143,7 @@ def parse_request(
     steps = _integer(values, "steps", DEFAULT_STEPS)
     guidance = _real(values, "guidance", DEFAULT_GUIDANCE)
     num_images = _integer(values, "num_images", 1)
+    loras = () if values.get("loras") is None else parse_loras(_text("loras", values["loras"], max_prompt_bytes))
     if not 1 <= steps <= MAX_STEPS:
         raise BadRequest(f"steps {steps} is outside 1..{MAX_STEPS}; FLUX.2 [dev] uses 50, distilled models about 4")
     if not math.isfinite(guidance) or guidance < 0:
@@ -122,7 +159,7 @@ def parse_request(
                     f"{name} is {length} tokens once formatted, past the {max_tokens} the artifacts were exported "
                     f"for; shorten it or export with a larger --max-sequence-length"
                 )
-    return GenerationRequest(prompt, negative_prompt, seed, steps, guidance, num_images)
+    return GenerationRequest(prompt, negative_prompt, seed, steps, guidance, num_images, loras)
 
 
 def sidecar(request: GenerationRequest, image_index: int, *, runtime, backend: str, artifacts, timings) -> dict:
@@ -141,6 +178,8 @@ def sidecar(request: GenerationRequest, image_index: int, *, runtime, backend: s
         "precision": artifacts.precision,
         "height": artifacts.shapes.height,
         "width": artifacts.shapes.width,
+        # The LoRAs drawn with, as runtime.generate records its --lora files (runtime.use_loras set them).
+        **({"loras": [lora.record(scale) for lora, scale in runtime.loras]} if runtime.loras else {}),
         "artifacts": str(artifacts.folder.resolve()),
         "manifest_sha256": artifacts.manifest_sha256,
         "timings": timings.as_dict(),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from common.atomic import atomic_dir
@@ -38,6 +38,7 @@ class ModelSettings:
     timeout_s: float = 300.0  # seconds a request may wait in the queue before 503
     max_images: int = DEFAULT_MAX_IMAGES  # images one request may ask for
     max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES  # UTF-8 bytes of prompt / negative_prompt, before tokenizing
+    lora_dir: Path | None = None  # the .safetensors LoRAs a request's `loras` may name (artifacts with --lora-rank)
 
     def check(self) -> None:
         """UsageError, naming the flag, for a setting Triton or the model would refuse."""
@@ -134,6 +135,8 @@ def render_config(
         "max_images": str(settings.max_images),
         "max_prompt_bytes": str(settings.max_prompt_bytes),
     }
+    if settings.lora_dir is not None:
+        parameters["lora_dir"] = str(settings.lora_dir)
     if platform:  # for the reader: which TensorRT the serving image must carry (docs/serving.md)
         parameters["engines_target"] = platform.target
         parameters["engines_tensorrt"] = platform.tensorrt
@@ -161,7 +164,10 @@ input [
   {{ name: "seed" data_type: TYPE_INT64 dims: [ 1 ] optional: true }},
   {{ name: "steps" data_type: TYPE_INT32 dims: [ 1 ] optional: true }},
   {{ name: "guidance" data_type: TYPE_FP64 dims: [ 1 ] optional: true }},
-  {{ name: "num_images" data_type: TYPE_INT32 dims: [ 1 ] optional: true }}{references}
+  {{ name: "num_images" data_type: TYPE_INT32 dims: [ 1 ] optional: true }},
+  # "name[:scale],..." over the files of --lora-dir; declared on every model, so that a model serving
+  # none answers it with its one-line 400 (docs/serving.md, "LoRA")
+  {{ name: "loras" data_type: TYPE_STRING dims: [ 1 ] optional: true }}{references}
 ]
 output [
   {{ name: "image" data_type: TYPE_UINT8 dims: [ -1, {shapes.height}, {shapes.width}, 3 ] }},
@@ -199,6 +205,8 @@ def write_repository(*, artifacts: Path, repository: Path, settings: ModelSettin
     opened = open_artifacts(artifacts)  # one-line error for a missing or damaged folder
     opened.check_prompt_room()  # a model whose chat template alone fills its length would refuse every prompt
     folder = opened.folder.resolve()
+    if settings.lora_dir is not None:
+        settings = replace(settings, lora_dir=check_lora_dir(settings.lora_dir, folder, opened.shapes))
     platform = engines_platform(folder) if settings.backend != "ort" else None
     kind = instance_kind(settings.device, settings.backend, folder)
     config = render_config(settings, artifacts=folder, shapes=opened.shapes, kind=kind, platform=platform)
@@ -214,6 +222,22 @@ def write_repository(*, artifacts: Path, repository: Path, settings: ModelSettin
         (staging / "config.pbtxt").write_text(config, encoding="utf-8")
         shutil.copyfile(MODEL_TEMPLATE, staging / "1" / "model.py")
     return target
+
+
+def check_lora_dir(lora_dir: Path, artifacts: Path, shapes: Shapes) -> Path:
+    """--lora-dir as the model reads it (absolute), refused in one line where no request could use it.
+
+    deploy/model.py checks it again at load: the folder may have gone since the repository was written.
+    """
+    lora_dir = Path(lora_dir).expanduser()
+    if not lora_dir.is_dir():
+        raise UsageError(f"--lora-dir {lora_dir} is not a folder; pass the folder of .safetensors LoRAs requests name")
+    if not shapes.lora_rank:
+        raise UsageError(
+            f"--lora-dir {lora_dir}: the artifacts {artifacts} have no LoRA slots (exported without --lora-rank); "
+            "serve artifacts exported with python -m export ... --lora-rank R"
+        )
+    return lora_dir.resolve()
 
 
 def main(argv=None) -> int:
@@ -250,6 +274,13 @@ def main(argv=None) -> int:
         help=f"UTF-8 bytes of prompt and negative_prompt at most, checked before tokenizing "
         f"(default {DEFAULTS.max_prompt_bytes})",
     )
+    parser.add_argument(
+        "--lora-dir",
+        type=Path,
+        default=DEFAULTS.lora_dir,
+        help="folder of .safetensors LoRAs a request may name in its `loras` input, NAME[:SCALE],... "
+        "(artifacts exported with --lora-rank R; docs/serving.md)",
+    )
     args = parser.parse_args(argv)
     settings = ModelSettings(
         name=args.name,
@@ -260,6 +291,7 @@ def main(argv=None) -> int:
         timeout_s=args.timeout_s,
         max_images=args.max_images,
         max_prompt_bytes=args.max_prompt_bytes,
+        lora_dir=args.lora_dir,
     )
     target = write_repository(artifacts=args.artifacts, repository=args.repository, settings=settings)
     print(f"wrote {target}/config.pbtxt and {target}/1/model.py")

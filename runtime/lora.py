@@ -24,21 +24,27 @@ def open_loras(requests: tuple[LoraRequest, ...], folder, shapes: Shapes) -> tup
             f"--lora {requests[0].path}: the artifacts {folder} have no LoRA slots (exported without --lora-rank); "
             "re-export with --lora-rank R to swap LoRAs at run time, or bake it in with python -m export --lora FILE"
         )
+    opened = tuple((read_lora(request.path), request.scale) for request in requests)
+    check_loras(opened, folder, shapes)
+    return opened
+
+
+def check_loras(loras: tuple, folder, shapes: Shapes) -> None:
+    """Refuse (Lora, scale) pairs the slots of the artifacts at `folder` cannot take: layers, shapes, total rank.
+
+    For LoRAs already read (a server reads each file once and checks every request's set here).
+    """
     linears = {module: (k, n) for module, k, n in shapes.lora_targets}
-    opened = []
-    for request in requests:
-        lora = read_lora(request.path)
+    for lora, _ in loras:
         outside = [m for m in lora.layers if m not in linears and not m.startswith(BLOCK_PREFIXES)]
         uncovered = (
             f"only the transformer blocks' {len(linears)} linears have slots; bake this LoRA in at export "
-            f"(python -m export --lora {request.path}), which covers every linear"
+            f"(python -m export --lora {lora.path}), which covers every linear"
             if outside
             else ""
         )
         check_targets(lora, linears, what=f"the LoRA slots of {folder}", uncovered=uncovered)
-        opened.append((lora, request.scale))
-    check_rank(opened, shapes.lora_targets, shapes.lora_rank)
-    return tuple(opened)
+    check_rank(loras, shapes.lora_targets, shapes.lora_rank)
 
 
 def lora_arrays(loras: tuple, shapes: Shapes) -> dict:

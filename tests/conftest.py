@@ -122,6 +122,42 @@ def tiny_plain_checkpoint(_cache_dir) -> Path:
     return ensure_tiny_checkpoint(dataclasses.replace(DEFAULT, layout="plain"))
 
 
+@pytest.fixture(scope="session")
+def lora_files(tmp_path_factory, tiny_checkpoint):
+    """kohya (rank 4, alpha 2: scale 0.5 folded by diffusers' converter) and peft (rank 4, alpha 8: scaling 2).
+
+    In one folder of their own, with a rank-16 file: test_deploy_server.py serves that folder (--lora-dir).
+    """
+    from flux2_tiny.lora_files import write_kohya_lora, write_peft_lora
+
+    folder = tmp_path_factory.mktemp("loras")
+    return {
+        "kohya": write_kohya_lora(tiny_checkpoint, folder / "kohya.safetensors", rank=4, alpha=2, seed=0, strength=3.0),
+        "peft": write_peft_lora(tiny_checkpoint, folder / "peft.safetensors", rank=4, alpha=8, seed=1, strength=3.0),
+        "rank16": write_peft_lora(tiny_checkpoint, folder / "rank16.safetensors", rank=16, seed=2),
+    }
+
+
+@pytest.fixture(scope="session")
+def lora_tiny(tmp_path_factory, tiny_checkpoint, small_shapes, lora_files):
+    """The tiny default at fp32 with the kohya LoRA baked in at 0.8 and rank-8 slots: both modes in one export."""
+    import dataclasses
+
+    from common.lora import LoraRequest
+    from export.run import export_artifacts
+
+    out = tmp_path_factory.mktemp("lora") / "tiny"
+    export_artifacts(
+        model=str(tiny_checkpoint),
+        out=out,
+        precision="fp32",
+        shapes=dataclasses.replace(small_shapes, lora_rank=8),
+        loras=(LoraRequest(lora_files["kohya"], 0.8),),
+        log=lambda m: None,
+    )
+    return out
+
+
 # The fast lane (`make test-fast`, `-m "not slow"`) is unit tests: anything that needs an export
 # of a checkpoint, end to end, is `slow`, whether it asks for one through these fixtures or marks
 # itself.

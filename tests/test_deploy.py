@@ -60,6 +60,45 @@ def test_bad_values_name_the_value_and_the_range(values, reason):
     assert reason in str(caught.value) and "\n" not in str(caught.value)
 
 
+def test_loras_read_names_and_scales():
+    from deploy.request import BadRequest, parse_request
+
+    def loras(text):
+        return parse_request({"prompt": b"x", "loras": text}).loras
+
+    assert parse_request({"prompt": b"x"}).loras == () and loras(b"") == () and loras(b" ") == ()
+    assert loras(b"peft:0.7, kohya") == (("peft", 0.7), ("kohya", 1.0))
+    assert loras("style:-0.5") == (("style", -0.5),)
+    for text, reason in (
+        (b"peft:nan", "loras 'peft:nan': scale nan is not a finite number; send NAME or NAME:SCALE"),
+        (b"peft:1e999", "scale inf is not a finite number"),
+        (b"peft:strong", "loras 'peft:strong': scale 'strong' is not a number"),
+        (b"peft,,kohya", "has an empty LoRA name"),
+        (b":0.5", "has an empty LoRA name"),
+        (b"peft:0.5,peft:1", "names 'peft' twice"),
+        (b"\xff", "loras is not valid UTF-8"),
+    ):
+        with pytest.raises(BadRequest) as caught:
+            loras(text)
+        assert reason in str(caught.value) and "\n" not in str(caught.value), (text, str(caught.value))
+
+
+def test_client_sends_loras_as_the_model_reads_them():
+    import tritonclient.http as httpclient
+
+    from common.errors import UsageError
+    from deploy.client import main, request_inputs
+    from deploy.request import GenerationRequest
+
+    (loras,) = [
+        i for i in request_inputs(httpclient, GenerationRequest("a", loras=(("peft", 0.7),))) if i.name() == "loras"
+    ]
+    assert loras.datatype() == "BYTES" and loras.shape() == [1, 1]
+    assert not [i for i in request_inputs(httpclient, GenerationRequest("a")) if i.name() == "loras"]
+    with pytest.raises(UsageError, match=r"^--lora: loras 'peft:nan': scale nan is not a finite number"):
+        main(["--url", "127.0.0.1:1", "--prompt", "a", "--lora", "kohya", "--lora", "peft:nan"])
+
+
 def test_numbers_from_text_and_numpy_scalars_are_taken():
     import numpy as np
 
@@ -222,7 +261,7 @@ def _runtime_raising(exc):
         raise exc
         yield
 
-    return types.SimpleNamespace(generate=generate, tokenizer=types.SimpleNamespace(untruncated_length=len))
+    return types.SimpleNamespace(generate=generate, tokenizer=types.SimpleNamespace(untruncated_length=len), loras=())
 
 
 def test_model_answers_a_bad_request_with_invalid_arg(model):
@@ -237,6 +276,15 @@ def test_model_refuses_a_prompt_past_its_byte_limit_before_the_tokenizer(model):
     answer = model._answer(_request(prompt=b"x" * 17))
     assert answer.error.code == _TritonError.INVALID_ARG
     assert answer.error.message.startswith("prompt is 17 bytes, past this model's limit of 16 bytes")
+
+
+def test_model_without_a_lora_dir_answers_loras_with_invalid_arg(model):
+    model.runtime = _runtime_raising(AssertionError("not reached"))
+    for rank, reason in ((0, "artifacts have no LoRA slots (exported without --lora-rank)"), (8, "without --lora-dir")):
+        model.artifacts.shapes.lora_rank = rank
+        answer = model._answer(_request(prompt=b"a fox", loras=b"style:0.8"))
+        assert answer.error.code == _TritonError.INVALID_ARG and reason in answer.error.message, answer.error.message
+    assert model._answer(_request(prompt=b"a fox", loras=b"")).error.code == _TritonError.INTERNAL  # none: drawn
 
 
 def test_model_answers_a_generation_failure_with_internal_for_that_request(model):
@@ -337,7 +385,7 @@ def test_only_editing_artifacts_declare_reference_images(tmp_path):
     assert '{ key: "max_prompt_bytes" value: { string_value: "65536" } }' in plain
     added = [line for line in editing.splitlines() if line not in plain.splitlines()]
     assert added == [
-        '  { name: "num_images" data_type: TYPE_INT32 dims: [ 1 ] optional: true },',
+        '  { name: "loras" data_type: TYPE_STRING dims: [ 1 ] optional: true },',
         "  # 2 encoded image file(s) (PNG, JPEG, ...), as runtime.generate's --image reads them",
         '  { name: "reference_images" data_type: TYPE_STRING dims: [ -1 ] }',
     ]
@@ -352,6 +400,7 @@ def test_only_editing_artifacts_declare_reference_images(tmp_path):
         (["--timeout-s", "0"], ["--timeout-s 0.0 must be > 0"]),
         (["--name", "a/b"], ["--name 'a/b' must be"]),
         (["--max-prompt-bytes", "0"], ["--max-prompt-bytes 0 must be >= 1"]),
+        (["--lora-dir", "."], ["--lora-dir .: the artifacts", "have no LoRA slots", "--lora-rank R"]),
     ],
 )
 def test_generator_errors_are_one_line(export_tiny, tmp_path, extra, needles):

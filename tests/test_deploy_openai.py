@@ -47,6 +47,12 @@ def test_a_request_maps_to_the_generation_request_the_model_reads():
     # A multipart form (/v1/images/edits) sends text: numbers are converted.
     _, form = generation_request({"prompt": "a fox", "n": "2", "seed": "7", "guidance": "2.5"}, MODELS, form=True)
     assert (form.num_images, form.seed, form.guidance) == (2, 7, 2.5)
+    # extra_body={"loras": ...}: handed to the model's `loras` input as deploy.client sends it
+    _, styled = generation_request({"prompt": "a fox", "loras": "peft:0.7, kohya"}, MODELS)
+    assert styled.loras == (("peft", 0.7), ("kohya", 1.0)) and plain.loras == ()
+    from deploy.request import loras_text, parse_loras
+
+    assert parse_loras(loras_text(styled.loras)) == styled.loras
 
 
 REFUSED = [
@@ -62,6 +68,7 @@ REFUSED = [
     ({"prompt": "a fox", "steps": 0}, "steps", "steps 0 is outside 1..100"),
     ({"prompt": "a fox", "guidance": float("inf")}, "guidance", "guidance inf must be a finite number >= 0"),
     ({"n": 1}, "prompt", "missing required parameter: prompt"),
+    ({"prompt": "a fox", "loras": "peft:nan"}, "loras", "scale nan is not a finite number"),
     ({"prompt": "a fox", "stream": True}, "stream", "stream is not served: images are answered whole"),
 ]  # fmt: skip
 
@@ -89,6 +96,8 @@ def test_tritons_answers_map_to_openai_statuses():
     assert "Exceeds maximum queue size" in busy.message
     gone = triton_error(ServerError("cannot reach server 127.0.0.1:1"))
     assert (gone.status, gone.code) == (503, "triton_unreachable")
+    unknown = triton_error(ServerError("...", status=400, reason="loras: no LoRA named 'x' in this model's --lora-dir"))
+    assert (unknown.status, unknown.param) == (400, "loras")
     failed = triton_error(ServerError("...", status=500, reason="generation failed: RuntimeError: x"))
     assert (failed.status, failed.type) == (500, "server_error")
 

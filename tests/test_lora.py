@@ -6,7 +6,6 @@ same checkpoint, files written in the kohya and the diffusers/peft layouts (flux
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -19,37 +18,6 @@ from tests.support import SMALL, assert_one_line_error, run_cli
 
 MIN_PSNR_DB = 45.0  # issue 23: each image equals diffusers' with the same LoRAs
 PROMPT, SEED, STEPS, GUIDANCE = "a lighthouse on a cliff", 3, 3, 3.0
-
-
-@pytest.fixture(scope="session")
-def lora_files(tmp_path_factory, tiny_checkpoint):
-    """kohya (rank 4, alpha 2: scale 0.5 folded by diffusers' converter) and peft (rank 4, alpha 8: scaling 2)."""
-    from flux2_tiny.lora_files import write_kohya_lora, write_peft_lora
-
-    folder = tmp_path_factory.mktemp("loras")
-    return {
-        "kohya": write_kohya_lora(tiny_checkpoint, folder / "kohya.safetensors", rank=4, alpha=2, seed=0, strength=3.0),
-        "peft": write_peft_lora(tiny_checkpoint, folder / "peft.safetensors", rank=4, alpha=8, seed=1, strength=3.0),
-        "rank16": write_peft_lora(tiny_checkpoint, folder / "rank16.safetensors", rank=16, seed=2),
-    }
-
-
-@pytest.fixture(scope="session")
-def lora_tiny(tmp_path_factory, tiny_checkpoint, small_shapes, lora_files):
-    """The tiny default at fp32 with the kohya LoRA baked in at 0.8 and rank-8 slots: both modes in one export."""
-    from common.lora import LoraRequest
-    from export.run import export_artifacts
-
-    out = tmp_path_factory.mktemp("lora") / "tiny"
-    export_artifacts(
-        model=str(tiny_checkpoint),
-        out=out,
-        precision="fp32",
-        shapes=dataclasses.replace(small_shapes, lora_rank=8),
-        loras=(LoraRequest(lora_files["kohya"], 0.8),),
-        log=lambda m: None,
-    )
-    return out
 
 
 @pytest.fixture(scope="session")
@@ -258,3 +226,41 @@ def test_tensorrt_rtx_builds_the_slots_as_inputs(lora_tiny, tmp_path):
     manifest = build_engines(artifacts=folder, target="rtx", log=lambda m: None)
     recorded = {t.name for t in manifest.engines["transformer"].inputs}
     assert set(slots) <= recorded
+
+
+# --- served: a model's --lora-dir (deploy/loras.py; the real server in test_deploy_server.py) ------
+
+
+def test_a_served_lora_folder_reads_each_file_once_and_again_when_replaced(lora_tiny, lora_files, tmp_path):
+    import shutil
+
+    from deploy.loras import LoraFolder, same_loras
+    from deploy.request import BadRequest
+    from deploy.triton import check_lora_dir
+    from runtime.artifacts import open_artifacts
+
+    opened = open_artifacts(lora_tiny)
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    with pytest.raises(UsageError, match=f"--lora-dir {folder / 'no'} is not a folder"):
+        check_lora_dir(folder / "no", opened.folder, opened.shapes)
+    for name in ("peft", "rank16"):
+        shutil.copy2(lora_files[name], folder / f"{name}.safetensors")
+    served = LoraFolder(check_lora_dir(folder, opened.folder, opened.shapes), artifacts_folder=opened.folder,
+                        shapes=opened.shapes)  # fmt: skip
+    ((first, scale),) = served.open((("peft", 0.7),))
+    assert (first.format, scale) == ("diffusers", 0.7)
+    assert same_loras(served.open((("peft", 0.7),)), ((first, 0.7),))  # read once: the same object
+    assert not same_loras(served.open((("peft", 0.5),)), ((first, 0.7),))
+    with pytest.raises(
+        BadRequest, match=r"^loras: no LoRA named 'pef' in this model's --lora-dir; it holds: peft, rank16$"
+    ):
+        served.open((("pef", 1.0),))
+    with pytest.raises(BadRequest, match=r"^loras: LoRA rank16.safetensors \(rank 16\) need rank 16 .* rank 8"):
+        served.open((("rank16", 1.0),))
+    shutil.copyfile(lora_files["kohya"], folder / "peft.safetensors")  # replaced in place: read again
+    ((again, _),) = served.open((("peft", 0.7),))
+    assert again is not first and again.format == "kohya" and again.sha256 == read_lora(lora_files["kohya"]).sha256
+    (folder / "peft.safetensors").unlink()
+    with pytest.raises(BadRequest, match="it holds: rank16$"):
+        served.open((("peft", 0.7),))
