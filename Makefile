@@ -96,6 +96,12 @@ bench-nvfp4-import: setup
 bench-lora: setup
 	$(PY) -m bench.lora
 
+.PHONY: bench-resolutions
+# Five image sizes against one from one folder, on the full-width FLUX.2 [dev] 1+1 slice: the graphs' bytes
+# (goal <= 1.02 x) and what each further size holds of its own (~10 GB of disk while it runs): see docs/export.md.
+bench-resolutions: setup
+	$(PY) -m bench.resolutions
+
 .PHONY: bench-fp8-rewrite
 # Bytes (sha256), time and peak anonymous memory of the FP8 rewrite and its fp32 twin: see docs/fp8.md.
 bench-fp8-rewrite: setup

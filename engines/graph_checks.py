@@ -281,11 +281,9 @@ def check_static(graph: Graph, table: dict) -> list[Finding]:
 
 def check_external_data(graph: Graph, table: dict) -> list[Finding]:
     where = f"file {graph.path.name}"
+    # Several files are fine (each tensor names its own, resolved beside the model): a further size of a
+    # --resolutions folder reads the first size's weights and holds its own small tables in a second file.
     files = sorted(external_data_files(graph.model))
-    if len(files) > 1:
-        return [
-            Finding("external data", where, f"weights are spread over {files}; keep them in one file beside the model")
-        ]
     found = []
     for name in files:
         location = Path(name)
@@ -305,7 +303,7 @@ def check_external_data(graph: Graph, table: dict) -> list[Finding]:
         needed = 0
         for tensor in graph.model.graph.initializer:
             entries = {e.key: e.value for e in tensor.external_data}
-            if entries:
+            if entries and entries.get("location") == name:
                 needed = max(needed, int(entries.get("offset", 0)) + int(entries.get("length", 0)))
         if data.stat().st_size < needed:
             found.append(

@@ -138,7 +138,7 @@ def _with_external_data(tmp_path, locations):
     return _save(model, tmp_path)
 
 
-def test_external_data_one_file_beside_the_model(tmp_path):
+def test_external_data_files_beside_the_model(tmp_path):
     path = _with_external_data(tmp_path, ["g.onnx.data"])
     _, findings = check_graph(path)
     assert any("does not exist" in f.message for f in findings if f.check == "external data")
@@ -147,8 +147,15 @@ def test_external_data_one_file_beside_the_model(tmp_path):
     assert any("truncated" in f.message for f in findings if f.check == "external data")
     (tmp_path / "g.onnx.data").write_bytes(b"\0" * 16)
     assert check_graph(path)[1] == []
-    _, findings = check_graph(_with_external_data(tmp_path / "two", ["a.data", "b.data"]))
-    assert any("spread over" in f.message for f in findings)
+    # Two files beside the model (a further --resolutions size reads the first size's weights): each is checked.
+    two = _with_external_data(tmp_path / "two", ["a.data", "b.data"])
+    (two.parent / "a.data").write_bytes(b"\0" * 16)
+    _, findings = check_graph(two)
+    assert [f.message for f in findings if f.check == "external data"] == [
+        f"external data file {two.parent / 'b.data'} does not exist; re-export"
+    ]
+    (two.parent / "b.data").write_bytes(b"\0" * 16)
+    assert check_graph(two)[1] == []
     _, findings = check_graph(_with_external_data(tmp_path / "sub", ["weights/g.data"]))
     assert any("beside the model" in f.message for f in findings)
 
