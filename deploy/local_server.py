@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,19 +11,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from deploy.http_proxy import loopback_ports
 from deploy.serve import processes_mentioning
 
-
-def free_ports(count: int) -> list[int]:
-    """Ports the kernel reports free now (held open together, so they are distinct)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+# Ports the kernel reports free now on loopback (held open together, so they are distinct).
+free_ports = loopback_ports
 
 
 class LocalServer:

@@ -154,3 +154,17 @@ def artifacts_manifest(components: dict, precision: str = "fp32", folder: Path |
     if folder is not None:
         atomic_write_json(Path(folder) / MANIFEST_NAME, manifest.to_json())
     return manifest
+
+
+def rtx_copy(artifacts: Path, tmp_path: Path) -> Path:
+    """A copy of a session fixture's artifacts to build TensorRT-RTX engines into; skips where it is missing."""
+    import shutil
+
+    from common.tensorrt_env import module_status
+
+    available, reason = module_status("rtx")
+    if not available:
+        pytest.skip(f"needs tensorrt_rtx (the dev extra installs it): {reason}")
+    folder = tmp_path / "artifacts"
+    shutil.copytree(artifacts, folder)
+    return folder

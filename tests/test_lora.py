@@ -14,7 +14,7 @@ import pytest
 
 from common.errors import UsageError
 from common.lora import parse_lora_request, read_lora, slot_arrays
-from tests.support import SMALL, assert_one_line_error, run_cli
+from tests.support import SMALL, assert_one_line_error, rtx_copy, run_cli
 
 MIN_PSNR_DB = 45.0  # issue 23: each image equals diffusers' with the same LoRAs
 PROMPT, SEED, STEPS, GUIDANCE = "a lighthouse on a cliff", 3, 3, 3.0
@@ -197,20 +197,13 @@ def test_lora_on_artifacts_without_slots_is_refused(export_tiny, lora_files, tmp
 
 def test_tensorrt_rtx_builds_the_slots_as_inputs(lora_tiny, tmp_path):
     """The real TensorRT-RTX parser takes every slot as a network input of its shape, and the builder builds it."""
-    import shutil
-
     from common.specs import component_specs
-    from common.tensorrt_env import module_status
     from engines.build import build_engines
     from runtime.artifacts import open_artifacts
 
-    available, reason = module_status("rtx")
-    if not available:
-        pytest.skip(f"needs tensorrt_rtx (the dev extra installs it): {reason}")
+    folder = rtx_copy(lora_tiny, tmp_path)
     import tensorrt_rtx as trt
 
-    folder = tmp_path / "artifacts"
-    shutil.copytree(lora_tiny, folder)
     opened = open_artifacts(folder)
     slots = {
         t.name: t.shape

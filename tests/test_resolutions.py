@@ -8,7 +8,7 @@ import pytest
 
 from common.errors import UsageError
 from common.specs import Shapes
-from tests.support import assert_one_line_error, run_cli
+from tests.support import assert_one_line_error, rtx_copy, run_cli
 
 SIZES = ((128, 128), (96, 160), (160, 96))
 MIN_PSNR_DB = 40.0  # issue 24: each size equals diffusers at that size
@@ -88,16 +88,9 @@ def test_export_refuses_a_size_the_vae_cannot_draw(tmp_path):
 
 
 def test_tensorrt_rtx_builds_one_plan_per_size(resolutions_tiny, tmp_path):
-    import shutil
-
-    from common.tensorrt_env import module_status
     from engines.build import build_engines
 
-    available, reason = module_status("rtx")
-    if not available:
-        pytest.skip(f"needs tensorrt_rtx (the dev extra installs it): {reason}")
-    folder = tmp_path / "artifacts"
-    shutil.copytree(resolutions_tiny, folder)
+    folder = rtx_copy(resolutions_tiny, tmp_path)
     manifest = build_engines(artifacts=folder, target="rtx", log=lambda m: None)
     expected = {"text_encoder", "transformer", "vae"} | {
         f"{c}_{h}x{w}" for h, w in SIZES[1:] for c in ("transformer", "vae")
