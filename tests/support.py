@@ -15,9 +15,46 @@ REPO = Path(__file__).resolve().parent.parent
 SMALL = {"height": 256, "width": 256, "max_sequence_length": 128}
 
 
-def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+# The project's command lines a test may run in its own process (`run_cli`): each is `main` of the module,
+# called through `common.cli.run_cli` as its console script and `python -m` call it. A subprocess would pay
+# the ~4 s import of torch, diffusers and onnxruntime again per call (74 calls in the suite); the process
+# itself (startup, import errors, what reaches stderr) is tested per command in tests/test_cli_errors.py
+# and by the wheel smoke test. `deploy.serve` always gets a process: it owns tritonserver and signals.
+IN_PROCESS = {
+    "export": "export.__main__",
+    "runtime.generate": "runtime.generate",
+    "runtime.check": "runtime.check",
+    "runtime.verify": "runtime.verify",
+    "engines.build": "engines.build",
+    "engines.check": "engines.check",
+    "deploy.triton": "deploy.triton",
+    "deploy.client": "deploy.client",
+    "flux2_tiny": "flux2_tiny.__main__",
+}
+
+
+def run_cli(*args: str, cwd: Path = REPO, process: bool = False) -> subprocess.CompletedProcess:
+    """`python ARGS`: in this process for the commands of IN_PROCESS (unless `process`), else in a new one."""
+    if not process and cwd == REPO and len(args) > 1 and args[0] == "-m" and args[1] in IN_PROCESS:
+        return _in_process(IN_PROCESS[args[1]], list(args[2:]), list(args))
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _in_process(module: str, argv: list[str], args: list[str]) -> subprocess.CompletedProcess:
+    import contextlib
+    import importlib
+    import io
+
+    from common.cli import run_cli as run_main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = run_main(importlib.import_module(module).main, argv)
+        except SystemExit as exc:  # argparse's usage errors, as the process would exit
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return subprocess.CompletedProcess([sys.executable, *args], code, out.getvalue(), err.getvalue())
 
 
 VARIANT = (

@@ -256,7 +256,9 @@ def test_engines_refused_for_another_gpu_tensorrt_or_onnx(tmp_path):
     stale_vae = replace(manifest.components["vae"], sha256={"vae.onnx": "0" * 64})
     stale = replace(manifest, components={**manifest.components, "vae": stale_vae})
     cases.append((PLATFORM, stale, "built from other vae ONNX files"))
-    more = replace(manifest, components={**manifest.components, "transformer": manifest.components["vae"]})
+    # A graph with no plan (engines are looked up by the graph's file, as a --resolutions view names them).
+    unbuilt = replace(manifest.components["vae"], file="transformer.onnx")
+    more = replace(manifest, components={**manifest.components, "transformer": unbuilt})
     cases.append((PLATFORM, more, "has no engine for transformer"))
     for present, expected_from, message in cases:
         with pytest.raises(ArtifactsError, match=message):
