@@ -41,6 +41,9 @@ def request_inputs(module, request: GenerationRequest, reference_images=()):
         values["negative_prompt"] = np.array([[request.negative_prompt.encode()]], dtype=np.object_)
     if request.loras:
         values["loras"] = np.array([[loras_text(request.loras).encode()]], dtype=np.object_)
+    if request.size is not None:  # None: the model's first exported size
+        values["height"] = np.array([[request.size[0]]], dtype=np.int32)
+        values["width"] = np.array([[request.size[1]]], dtype=np.int32)
     if reference_images:
         values["reference_images"] = np.array([list(reference_images)], dtype=np.object_)
     from tritonclient.utils import np_to_triton_dtype
@@ -118,6 +121,12 @@ def main(argv=None) -> int:
     parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     parser.add_argument("--num-images", type=int, default=1)
     parser.add_argument("--negative-prompt", default="")
+    parser.add_argument(
+        "--height", type=int, default=None, help="image height: one of the model's exported sizes (default: the first)"
+    )
+    parser.add_argument(
+        "--width", type=int, default=None, help="image width: one of the model's exported sizes (default: the first)"
+    )
     parser.add_argument("--out", type=Path, default=Path("out"), help="folder for PNGs and JSON sidecars")
     parser.add_argument(
         "--image",
@@ -134,6 +143,8 @@ def main(argv=None) -> int:
         help="a LoRA of the model's --lora-dir (its file stem) at SCALE (default 1.0); repeat to stack several",
     )
     args = parser.parse_args(argv)
+    if (args.height is None) != (args.width is None):
+        parser.error(f"--height {args.height} --width {args.width}: give both (one of the model's sizes), or neither")
     try:
         loras = parse_loras(",".join(args.lora))
     except BadRequest as exc:
@@ -146,6 +157,7 @@ def main(argv=None) -> int:
         guidance=args.guidance,
         num_images=args.num_images,
         loras=loras,
+        size=None if args.height is None else (args.height, args.width),
     )
     fetch(request, url=args.url, model=args.model, out=args.out, images=args.image)
     return 0

@@ -13,6 +13,10 @@ calls and answers:
 Triton hands the instance several waiting requests at once (max_batch_size, deploy/triton.py
 rows_per_execute); each is answered through its response sender as soon as it is drawn.
 
+A folder exported at several sizes (`export --resolutions`) is served at each: a request's `height`
+and `width` pick one (neither: the first). Every size's runtime is opened at load, one text encoder
+shared by all (deploy/sizes.py), and each draws its warm-up image before the model is ready.
+
 The model becomes ready (and so the server's /v2/health/ready) only after the engines are loaded
 and one warm-up image is drawn from a request's values, parsed and tokenized as a request's are.
 Artifacts whose chat template alone fills their max_sequence_length never load: they would refuse
@@ -28,7 +32,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 STAGES = ("tokenize", "text_encoder", "denoise", "vae")
-INPUTS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "num_images", "loras")
+INPUTS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "num_images", "loras", "height", "width")
 
 
 # One letter: any model with room for one prompt token beyond its chat template warms up
@@ -54,10 +58,10 @@ class TritonPythonModel:
 
     def initialize(self, args):
         from common.errors import Flux2TrtError
-        from deploy.request import DEFAULT_MAX_PROMPT_BYTES
+        from deploy.request import DEFAULT_MAX_PROMPT_BYTES, sizes_text
+        from deploy.sizes import open_sizes
         from runtime.artifacts import open_artifacts
         from runtime.backends.select import SERVED, select_backend
-        from runtime.pipeline import Flux2Runtime
 
         self.config = json.loads(args["model_config"])
         self.logger = pb_utils.Logger
@@ -76,23 +80,28 @@ class TritonPythonModel:
             self.artifacts = open_artifacts(artifacts_folder)
             # Before the engines load: such a model would refuse every prompt (deploy.triton's reason).
             self.artifacts.check_prompt_room()
-            self.backend = select_backend(
-                backend_name,
-                self.artifacts.folder,
-                self.artifacts.manifest,
-                log=lambda message: self.logger.log_info(message),
-                policy=SERVED,
+            # (height, width) -> that size's Flux2Runtime, the default first; a backend per size (deploy/sizes.py)
+            self.runtimes = open_sizes(
+                self.artifacts,
+                lambda view: select_backend(
+                    backend_name,
+                    view.folder,
+                    view.manifest,
+                    log=lambda message: self.logger.log_info(message),
+                    policy=SERVED,
+                ),
             )
             self.lora_folder = self._lora_folder(_parameter(self.config, "lora_dir"))
         except Flux2TrtError as exc:  # a one-line reason in the server log, and the model stays unloaded
             raise pb_utils.TritonModelException(f"flux2 model {args['model_name']}: {exc}") from None
-        self.runtime = Flux2Runtime(self.artifacts, self.backend)
+        self.backend = self.runtimes[self.artifacts.shapes.sizes[0]].backend
         self._define_metrics(args["model_name"], args["model_version"])
         started = time.perf_counter()
         self._warm_up(args["model_name"])
         self.logger.log_info(
             f"flux2 model {args['model_name']}: {self.artifacts.folder} on {self.backend.name} "
-            f"({self.artifacts.precision}), warm-up image {time.perf_counter() - started:.2f} s"
+            f"({self.artifacts.precision}), warm-up image per size ({sizes_text(self.runtimes)}) "
+            f"{time.perf_counter() - started:.2f} s"
         )
 
     def _lora_folder(self, lora_dir: str | None):
@@ -126,29 +135,40 @@ class TritonPythonModel:
         return self.lora_folder.open(wanted.loras)
 
     def _warm_up(self, model_name: str):
-        """One one-step image from a request's values, through `parse_request` and the real tokenizer as
-        `_answer` takes them: a prompt a request could not send fails the load (the model is not ready)."""
+        """One one-step image per exported size from a request's values, through `parse_request` and the real
+        tokenizer as `_answer` takes them: a prompt a request could not send fails the load (the model is not
+        ready). Every size: its graphs are loaded (TensorRT: its engines, CUDA graphs captured) before the
+        first request at it, and a size that cannot draw fails the load rather than its first request."""
         from deploy.request import BadRequest
 
-        count = self.artifacts.shapes.reference_images
-        # Editing artifacts warm up on mid-grey references (the runtime takes exactly K).
-        warm_references = np.zeros((count, 3, *self.artifacts.shapes.reference_size), np.float32) if count else None
-        try:
-            wanted = self._parse({"prompt": WARM_UP_PROMPT, "seed": 0, "steps": 1, "guidance": 1.0})
-        except BadRequest as exc:
-            raise pb_utils.TritonModelException(f"flux2 model {model_name}: warm-up request refused: {exc}") from None
-        for _ in self.runtime.generate(_sampling(wanted), progress=False, reference_images=warm_references):
-            pass
+        for height, width in self.runtimes:
+            try:
+                values = {"prompt": WARM_UP_PROMPT, "seed": 0, "steps": 1, "guidance": 1.0, "height": height}
+                wanted = self._parse({**values, "width": width})
+            except BadRequest as exc:
+                raise pb_utils.TritonModelException(
+                    f"flux2 model {model_name}: warm-up request refused: {exc}"
+                ) from None
+            runtime = self.runtimes[wanted.size]
+            shapes = runtime.artifacts.shapes
+            # Editing artifacts warm up on mid-grey references (the runtime takes exactly K).
+            count = shapes.reference_images
+            warm_references = np.zeros((count, 3, *shapes.reference_size), np.float32) if count else None
+            for _ in runtime.generate(_sampling(wanted), progress=False, reference_images=warm_references):
+                pass
 
     def _parse(self, values: dict):
         from deploy.request import parse_request
 
+        shapes = self.artifacts.shapes
         return parse_request(
             values,
             max_images=self.max_images,
-            prompt_length=self.runtime.tokenizer.untruncated_length,
-            max_tokens=self.artifacts.shapes.max_sequence_length,
+            # One folder, one tokenizer: the first size's runtime counts for every size.
+            prompt_length=self.runtimes[shapes.sizes[0]].tokenizer.untruncated_length,
+            max_tokens=shapes.max_sequence_length,
             max_prompt_bytes=self.max_prompt_bytes,
+            sizes=shapes.sizes,
         )
 
     def _define_metrics(self, model: str, version: str):
@@ -188,11 +208,12 @@ class TritonPythonModel:
             values[name] = array.reshape(-1)[0]
         return values
 
-    def _references(self, request):
-        """The request's `reference_images` (encoded files) prepared as runtime.generate prepares --image; None at K=0."""
+    def _references(self, request, artifacts):
+        """The request's `reference_images` (encoded files) prepared as runtime.generate prepares --image for
+        `artifacts` (the view of the request's size); None at K=0."""
         from deploy.request import decode_references
 
-        shapes = self.artifacts.shapes
+        shapes = artifacts.shapes
         if not shapes.reference_images:
             return None
         tensor = pb_utils.get_input_tensor_by_name(request, "reference_images")
@@ -200,7 +221,7 @@ class TritonPythonModel:
             None if tensor is None else list(tensor.as_numpy().reshape(-1)),
             count=shapes.reference_images,
             size=shapes.reference_size,
-            multiple_of=self.artifacts.geometry.pixels_per_token,
+            multiple_of=artifacts.geometry.pixels_per_token,
             log=lambda message: self.logger.log_info(message),
         )
 
@@ -231,7 +252,9 @@ class TritonPythonModel:
 
         try:
             wanted = self._parse(self._values(request))
-            references = self._references(request)
+            # Each request is drawn at its own size, by that size's runtime: a batch may hold several sizes.
+            runtime = self.runtimes[wanted.size]
+            references = self._references(request, runtime.artifacts)
             loras = self._loras(wanted)
         except BadRequest as exc:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
@@ -239,9 +262,9 @@ class TritonPythonModel:
         try:
             # Each request of a batch is its own runtime call, so each draws with its own set; a request
             # without `loras` gets none. Consecutive requests of one set keep the slots' feeds as they are.
-            if not same_loras(loras, self.runtime.loras):
-                self.runtime.use_loras(loras)
-            for index, image, timings in self.runtime.generate(
+            if not same_loras(loras, runtime.loras):
+                runtime.use_loras(loras)
+            for index, image, timings in runtime.generate(
                 _sampling(wanted), progress=False, cancelled=request.is_cancelled, reference_images=references
             ):
                 images.append(to_uint8(image))
@@ -249,9 +272,9 @@ class TritonPythonModel:
                     sidecar(
                         wanted,
                         index,
-                        runtime=self.runtime,
+                        runtime=runtime,
                         backend=self.backend.name,
-                        artifacts=self.artifacts,
+                        artifacts=runtime.artifacts,
                         timings=timings,
                     )
                 )
@@ -275,6 +298,5 @@ class TritonPythonModel:
         )
 
     def finalize(self):
-        backend = getattr(self, "backend", None)
-        if backend is not None:
-            backend.close()
+        for runtime in getattr(self, "runtimes", {}).values():
+            runtime.backend.close()  # a further size's closes its own backend; the first's, the shared one

@@ -43,7 +43,7 @@ IGNORED_FIELDS = frozenset(
 # The fields flux2-trt adds (the openai client sends them through `extra_body`), with their types.
 EXTRA_FIELDS = {"seed": int, "steps": int, "guidance": float, "negative_prompt": str, "loras": str}
 OPENAI_FIELDS = {"model": str, "prompt": str, "n": int, "size": str, "response_format": str, "output_format": str}
-INPUT_NAMES = ("prompt", "negative_prompt", "seed", "steps", "guidance", "num_images", "loras")
+INPUT_NAMES = ("prompt", "negative_prompt", "seed", "steps", "guidance", "num_images", "loras", "height", "width")
 
 
 class OpenAIError(Exception):
@@ -62,14 +62,23 @@ class ServedModel:
     """One model of the repository as the front needs it: its Triton name and its artifacts' shapes."""
 
     name: str
-    width: int
+    width: int  # the default (first exported) size
     height: int
     max_images: int
     reference_images: int  # K > 0: editing artifacts, served on /v1/images/edits with exactly K images
+    sizes: tuple[tuple[int, int], ...] = ()  # every exported (height, width), the default first; () that one
+
+    def __post_init__(self):
+        if not self.sizes:
+            object.__setattr__(self, "sizes", ((self.height, self.width),))
 
     @property
     def size(self) -> str:
         return f"{self.width}x{self.height}"
+
+    def size_names(self) -> list[str]:
+        """The exported sizes as OpenAI's `size` names them, "WxH", the default first."""
+        return [f"{width}x{height}" for height, width in self.sizes]
 
 
 _PARAMETER = re.compile(r'\{ key: "((?:[^"\\]|\\.)*)" value: \{ string_value: "((?:[^"\\]|\\.)*)" \} \}')
@@ -96,7 +105,7 @@ def served_models(repository: Path) -> dict[str, ServedModel]:
         shapes = read_manifest(Path(parameters["artifacts"])).shapes
         max_images = int(parameters.get("max_images", "4"))
         name = config.parent.name  # Triton's model name is its folder's
-        models[name] = ServedModel(name, shapes.width, shapes.height, max_images, shapes.reference_images)
+        models[name] = ServedModel(name, shapes.width, shapes.height, max_images, shapes.reference_images, shapes.sizes)
     if not models:
         raise UsageError(f"--repository {repository} holds no model (no */config.pbtxt); write one with deploy.triton")
     return models
@@ -162,19 +171,22 @@ def _check_fields(fields: dict, *, form: bool) -> dict:
 def generation_request(fields: dict, models: dict[str, ServedModel], *, form: bool = False):
     """An OpenAI images request (JSON body or multipart form fields) -> (ServedModel, GenerationRequest).
 
-    `size` must be the exported size ("auto" or absent: that size); `n` 1..the model's max_images.
-    The rest is checked by `deploy.request.parse_request`, the model's own rules, worded as it words them.
+    `size` must be one of the exported sizes, "WxH" ("auto" or absent: the first); `n` 1..the model's
+    max_images. The rest is checked by `deploy.request.parse_request`, the model's own rules, worded as it
+    words them.
     """
     typed = _check_fields(fields, form=form)
     model = pick_model(typed["model"], models)
-    if typed["size"] not in (None, "auto", model.size):
+    names = model.size_names()
+    if typed["size"] not in (None, "auto", *names):
         raise OpenAIError(
             400,
             f"size {typed['size']!r} is not served by model {model.name}: its artifacts were exported at "
-            f"{model.size} (WxH); send size {model.size!r} or export at another size",
+            f"{', '.join(names)} (WxH); send one of them, or export with --resolutions",
             param="size",
             code="invalid_size",
         )
+    height, width = model.sizes[names.index(typed["size"])] if typed["size"] in names else model.sizes[0]
     n = 1 if typed["n"] is None else typed["n"]
     if not 1 <= n <= model.max_images:
         raise OpenAIError(400, f"n {n} is outside 1..{model.max_images} (model {model.name}'s max_images)", param="n")
@@ -186,9 +198,11 @@ def generation_request(fields: dict, models: dict[str, ServedModel], *, form: bo
         "guidance": DEFAULT_GUIDANCE if typed["guidance"] is None else typed["guidance"],
         "num_images": n,
         "loras": typed["loras"],  # "name[:scale],...": the model's --lora-dir files, checked by the model
+        "height": height,
+        "width": width,
     }
     try:
-        return model, parse_request(values, max_images=model.max_images)
+        return model, parse_request(values, max_images=model.max_images, sizes=model.sizes)
     except BadRequest as exc:
         raise OpenAIError(400, str(exc), param=str(exc).split(" ", 1)[0]) from None
 
@@ -202,7 +216,9 @@ def triton_error(exc) -> OpenAIError:
     reason = exc.reason
     if exc.status == 400:
         first = reason.split(" ", 1)[0].rstrip(":")  # "loras: no LoRA named ..."
-        param = {"num_images": "n", "reference_images": "image"}.get(first, first if first in INPUT_NAMES else None)
+        param = {"num_images": "n", "reference_images": "image", "height": "size", "width": "size"}.get(
+            first, first if first in INPUT_NAMES else None
+        )
         return OpenAIError(400, reason, param=param)
     if exc.status == 503:
         return OpenAIError(503, f"the server is busy, retry later ({reason})", type="server_error", code="server_busy")
@@ -223,9 +239,11 @@ def draw(triton_url: str, model: ServedModel, request: GenerationRequest, refere
     return [encode_png(image) for image in images]
 
 
-def images_response(pngs: list[bytes], model: ServedModel) -> dict:
+def images_response(pngs: list[bytes], request: GenerationRequest) -> dict:
+    """OpenAI's answer; `size` the drawn one, "WxH" (`request.size` is the (height, width) parse_request read)."""
     data = [{"b64_json": base64.b64encode(png).decode("ascii")} for png in pngs]
-    return {"created": int(time.time()), "data": data, "output_format": "png", "size": model.size}
+    height, width = request.size
+    return {"created": int(time.time()), "data": data, "output_format": "png", "size": f"{width}x{height}"}
 
 
 async def _edit_fields(http_request) -> tuple[dict, list[bytes]]:
@@ -277,7 +295,7 @@ def create_app(models: dict[str, ServedModel], triton_url: str):
             raise OpenAIError(400, "the body must be a JSON object")
         model, request = generation_request(fields, models)
         # The blocking tritonclient call in a worker thread (anyio's 40): requests wait in Triton's queue, not here.
-        return images_response(await run_in_threadpool(draw, triton_url, model, request), model)
+        return images_response(await run_in_threadpool(draw, triton_url, model, request), request)
 
     @app.post("/v1/images/edits")
     async def edits(http_request: Request):
@@ -289,7 +307,7 @@ def create_app(models: dict[str, ServedModel], triton_url: str):
         if len(images) != model.reference_images:
             raise OpenAIError(400, f"{len(images)} image file(s) sent, but model {model.name} takes exactly "
                               f"{model.reference_images}", param="image")  # fmt: skip
-        return images_response(await run_in_threadpool(draw, triton_url, model, request, images), model)
+        return images_response(await run_in_threadpool(draw, triton_url, model, request, images), request)
 
     @app.get("/v1/models")
     async def list_models():
@@ -312,7 +330,7 @@ def run_front(*, repository: Path, triton_url: str, host: str, port: int, gracef
     if not 0 < port < 65536:
         raise UsageError(f"--port {port} is not a TCP port (1..65535)")
     models = served_models(repository)
-    sizes = ", ".join(f"{m.name} {m.size}" for m in models.values())
+    sizes = ", ".join(f"{m.name} {'/'.join(m.size_names())}" for m in models.values())
     print(f"OpenAI images API on {host}:{port} -> Triton {triton_url} ({sizes})", file=sys.stderr)
     config = uvicorn.Config(create_app(models, triton_url), host=host, port=port,
                             timeout_graceful_shutdown=graceful_timeout_s, log_level="warning")  # fmt: skip

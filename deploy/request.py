@@ -35,6 +35,7 @@ class GenerationRequest:
     guidance: float = DEFAULT_GUIDANCE
     num_images: int = 1
     loras: tuple[tuple[str, float], ...] = ()  # (name, scale): files of the model's --lora-dir (deploy.loras)
+    size: tuple[int, int] | None = None  # (height, width): one of the artifacts' exported sizes; None: the first
 
 
 LORAS_FORM = "send NAME or NAME:SCALE, comma-separated, e.g. 'style:0.8,detail'"
@@ -72,6 +73,31 @@ def loras_text(loras: tuple[tuple[str, float], ...]) -> str:
     return ",".join(f"{name}:{scale!r}" for name, scale in loras)
 
 
+def sizes_text(sizes) -> str:
+    """Exported (height, width) sizes as a request names them: '128x128, 96x160' (height x width)."""
+    return ", ".join(f"{height}x{width}" for height, width in sizes)
+
+
+def parse_size(values: dict, sizes: tuple[tuple[int, int], ...]) -> tuple[int, int]:
+    """The `height` and `width` inputs -> one of `sizes` (the artifacts' exported sizes, the default first).
+
+    Both or neither: a lone height or width is refused rather than paired with the default's other side,
+    which could draw a size the client did not mean. The graphs exist for the exported sizes only
+    (`export --resolutions`), so any other is refused, naming them.
+    """
+    height, width = _integer(values, "height", None), _integer(values, "width", None)
+    default = sizes_text(sizes[:1])
+    allowed = f"this model draws {sizes_text(sizes)} (height x width); send one of them, or neither for {default}"
+    if height is None and width is None:
+        return sizes[0]
+    if height is None or width is None:
+        given = f"height {height}" if width is None else f"width {width}"
+        raise BadRequest(f"{given} without {'width' if width is None else 'height'}: send both; {allowed}")
+    if (height, width) not in sizes:
+        raise BadRequest(f"height {height} width {width} ({height}x{width}) was not exported; {allowed}")
+    return height, width
+
+
 def _text(name: str, value, max_bytes: int) -> str:
     """A BYTES input as text, its size checked first (a str counts its UTF-8 bytes)."""
     data = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else bytes(value)
@@ -86,7 +112,7 @@ def _text(name: str, value, max_bytes: int) -> str:
         raise BadRequest(f"{name} is not valid UTF-8 ({exc.reason} at byte {exc.start}); send UTF-8 text") from None
 
 
-def _integer(values: dict, name: str, default: int) -> int:
+def _integer(values: dict, name: str, default: int | None) -> int | None:
     """An integer input; a value that is not an integer (text, NaN, 2.5, an overflow) is a BadRequest naming it."""
     value = values.get(name)
     if value is None:
@@ -124,13 +150,15 @@ def parse_request(
     prompt_length=None,
     max_tokens: int | None = None,
     max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES,
+    sizes: tuple[tuple[int, int], ...] | None = None,
 ) -> GenerationRequest:
     """Named scalars (None for an input the client left out) -> a checked GenerationRequest.
 
     `prompt_length(text) -> int` counts the formatted prompt's tokens before truncation: the
     exported graphs hold `max_tokens`, and a server refuses a prompt it would silently cut. Each
     text's size is checked against `max_prompt_bytes` before that, so the tokenizer never sees a
-    prompt past it.
+    prompt past it. With `sizes` (the exported (height, width), the default first) the `height` and
+    `width` inputs are read into `size` (`parse_size`); without, they are left unread.
     """
     from runtime.pipeline import check_seed
 
@@ -144,6 +172,7 @@ def parse_request(
     guidance = _real(values, "guidance", DEFAULT_GUIDANCE)
     num_images = _integer(values, "num_images", 1)
     loras = () if values.get("loras") is None else parse_loras(_text("loras", values["loras"], max_prompt_bytes))
+    size = None if sizes is None else parse_size(values, sizes)
     if not 1 <= steps <= MAX_STEPS:
         raise BadRequest(f"steps {steps} is outside 1..{MAX_STEPS}; FLUX.2 [dev] uses 50, distilled models about 4")
     if not math.isfinite(guidance) or guidance < 0:
@@ -159,7 +188,7 @@ def parse_request(
                     f"{name} is {length} tokens once formatted, past the {max_tokens} the artifacts were exported "
                     f"for; shorten it or export with a larger --max-sequence-length"
                 )
-    return GenerationRequest(prompt, negative_prompt, seed, steps, guidance, num_images, loras)
+    return GenerationRequest(prompt, negative_prompt, seed, steps, guidance, num_images, loras, size)
 
 
 def sidecar(request: GenerationRequest, image_index: int, *, runtime, backend: str, artifacts, timings) -> dict:

@@ -127,7 +127,9 @@ def render_config(
     """config.pbtxt: inputs, outputs, instances, dynamic batching with a queue policy that refuses fast.
 
     Artifacts exported with K reference images also take `reference_images`: the K image files' bytes
-    (PNG, JPEG, ...), decoded and fitted on the server as runtime.generate reads --image files.
+    (PNG, JPEG, ...), decoded and fitted on the server as runtime.generate reads --image files. Artifacts
+    exported at several sizes (`--resolutions`) answer images of the size asked, so `image` is declared
+    [-1, -1, -1, 3] there; at one size it keeps that size's height and width.
     """
     parameters = {
         "artifacts": str(artifacts),
@@ -146,6 +148,7 @@ def render_config(
     )
     timeout_us = int(round(settings.timeout_s * 1e6))
     rows = rows_per_execute(settings.max_queue)
+    height, width = (shapes.height, shapes.width) if len(shapes.sizes) == 1 else (-1, -1)
     references, count = "", shapes.reference_images
     if count:  # any length here, so that a wrong count gets the model's one-line 400, naming both
         references = (
@@ -167,10 +170,14 @@ input [
   {{ name: "num_images" data_type: TYPE_INT32 dims: [ 1 ] optional: true }},
   # "name[:scale],..." over the files of --lora-dir; declared on every model, so that a model serving
   # none answers it with its one-line 400 (docs/serving.md, "LoRA")
-  {{ name: "loras" data_type: TYPE_STRING dims: [ 1 ] optional: true }}{references}
+  {{ name: "loras" data_type: TYPE_STRING dims: [ 1 ] optional: true }},
+  # one of the exported sizes, both or neither (neither: the first); declared on every model, so that a
+  # size not exported is the model's one-line 400 naming those that are (docs/serving.md, "Sizes")
+  {{ name: "height" data_type: TYPE_INT32 dims: [ 1 ] optional: true }},
+  {{ name: "width" data_type: TYPE_INT32 dims: [ 1 ] optional: true }}{references}
 ]
 output [
-  {{ name: "image" data_type: TYPE_UINT8 dims: [ -1, {shapes.height}, {shapes.width}, 3 ] }},
+  {{ name: "image" data_type: TYPE_UINT8 dims: [ -1, {height}, {width}, 3 ] }},
   {{ name: "sidecar" data_type: TYPE_STRING dims: [ -1 ] }}
 ]
 instance_group [ {{ count: {settings.instances} kind: {kind} }} ]

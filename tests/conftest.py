@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import SMALL, VARIANT, run_cli
+from tests.support import RESOLUTIONS, SMALL, VARIANT, run_cli
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -155,6 +155,18 @@ def lora_tiny(tmp_path_factory, tiny_checkpoint, small_shapes, lora_files):
         loras=(LoraRequest(lora_files["kohya"], 0.8),),
         log=lambda m: None,
     )
+    return out
+
+
+@pytest.fixture(scope="session")
+def resolutions_tiny(tmp_path_factory, tiny_checkpoint):
+    """The tiny default at fp32 exported at three sizes (--resolutions): test_resolutions.py and the server's."""
+    from common.specs import Shapes
+    from export.run import export_artifacts
+
+    out = tmp_path_factory.mktemp("resolutions") / "tiny"
+    shapes = Shapes(height=128, width=128, max_sequence_length=128, resolutions=RESOLUTIONS)
+    export_artifacts(model=str(tiny_checkpoint), out=out, precision="fp32", shapes=shapes, log=lambda m: None)
     return out
 
 

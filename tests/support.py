@@ -13,6 +13,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 # Small shapes keep the suite fast; the 1024x1024 / 512-token defaults are exercised by `make demo`.
 SMALL = {"height": 256, "width": 256, "max_sequence_length": 128}
+# The (height, width) conftest's resolutions_tiny exports (--resolutions), the default first.
+RESOLUTIONS = ((128, 128), (96, 160), (160, 96))
 
 
 # The project's command lines a test may run in its own process (`run_cli`): each is `main` of the module,

@@ -99,6 +99,49 @@ def test_client_sends_loras_as_the_model_reads_them():
         main(["--url", "127.0.0.1:1", "--prompt", "a", "--lora", "kohya", "--lora", "peft:nan"])
 
 
+SIZES = ((128, 128), (96, 160), (160, 96))  # (height, width), the default first
+ALLOWED = "this model draws 128x128, 96x160, 160x96 (height x width); send one of them, or neither for 128x128"
+
+
+def test_height_and_width_pick_one_of_the_exported_sizes():
+    import numpy as np
+
+    from deploy.request import BadRequest, parse_request
+
+    def size(**values):
+        return parse_request({"prompt": "a fox", **values}, sizes=SIZES).size
+
+    assert size() == (128, 128) and size(height=96, width=160) == (96, 160)
+    assert size(height=np.int32(160), width=np.int32(96)) == (160, 96)
+    assert parse_request({"prompt": "a fox", "height": 64}).size is None  # without sizes: left unread
+    for values, reason in (
+        ({"height": 64, "width": 64}, "height 64 width 64 (64x64) was not exported; "),
+        ({"height": 160, "width": 160}, "height 160 width 160 (160x160) was not exported; "),
+        ({"height": 96}, "height 96 without width: send both; "),
+        ({"width": 160}, "width 160 without height: send both; "),
+        ({"height": 96.5, "width": 160}, "height 96.5 is not an integer"),
+    ):
+        with pytest.raises(BadRequest) as caught:
+            size(**values)
+        message = str(caught.value)
+        assert message.startswith(reason) and "\n" not in message, message
+        assert ALLOWED in message or "integer" in reason, message
+
+
+def test_client_sends_height_and_width_only_when_asked():
+    import tritonclient.http as httpclient
+
+    from deploy.client import main, request_inputs
+    from deploy.request import GenerationRequest
+
+    sent = {i.name(): i for i in request_inputs(httpclient, GenerationRequest("a", size=(96, 160)))}
+    assert [(sent[n].datatype(), sent[n].shape()) for n in ("height", "width")] == [("INT32", [1, 1])] * 2
+    assert not {"height", "width"} & {i.name() for i in request_inputs(httpclient, GenerationRequest("a"))}
+    with pytest.raises(SystemExit) as caught:
+        main(["--url", "127.0.0.1:1", "--prompt", "a", "--height", "96"])
+    assert caught.value.code == 2
+
+
 def test_numbers_from_text_and_numpy_scalars_are_taken():
     import numpy as np
 
@@ -244,7 +287,7 @@ def model(monkeypatch):
     instance.max_images = 4
     instance.max_prompt_bytes = 16
     instance.artifacts = types.SimpleNamespace(
-        shapes=types.SimpleNamespace(max_sequence_length=128, reference_images=0)
+        shapes=types.SimpleNamespace(max_sequence_length=128, reference_images=0, sizes=((128, 128),))
     )
     instance.logger = types.SimpleNamespace(log_info=lambda m: None, log_error=lambda m: None)
     return instance
@@ -256,6 +299,13 @@ def _request(**values):
     )
 
 
+def _use(model, runtime):
+    """`runtime` as the fake model's one size (the model draws a request with `model.runtimes[size]`)."""
+    runtime.artifacts = model.artifacts
+    model.runtimes = {(128, 128): runtime}
+    return runtime
+
+
 def _runtime_raising(exc):
     def generate(*args, **kwargs):
         raise exc
@@ -265,21 +315,21 @@ def _runtime_raising(exc):
 
 
 def test_model_answers_a_bad_request_with_invalid_arg(model):
-    model.runtime = _runtime_raising(AssertionError("not reached"))
+    _use(model, _runtime_raising(AssertionError("not reached")))
     answer = model._answer(_request(prompt=b"a fox", steps=0))
     assert answer.error.code == _TritonError.INVALID_ARG and "steps 0" in answer.error.message
 
 
 def test_model_refuses_a_prompt_past_its_byte_limit_before_the_tokenizer(model):
-    model.runtime = _runtime_raising(AssertionError("not reached"))
-    model.runtime.tokenizer.untruncated_length = _runtime_raising(AssertionError("tokenized"))
+    _use(model, _runtime_raising(AssertionError("not reached")))
+    model.runtimes[(128, 128)].tokenizer.untruncated_length = _runtime_raising(AssertionError("tokenized"))
     answer = model._answer(_request(prompt=b"x" * 17))
     assert answer.error.code == _TritonError.INVALID_ARG
     assert answer.error.message.startswith("prompt is 17 bytes, past this model's limit of 16 bytes")
 
 
 def test_model_without_a_lora_dir_answers_loras_with_invalid_arg(model):
-    model.runtime = _runtime_raising(AssertionError("not reached"))
+    _use(model, _runtime_raising(AssertionError("not reached")))
     for rank, reason in ((0, "artifacts have no LoRA slots (exported without --lora-rank)"), (8, "without --lora-dir")):
         model.artifacts.shapes.lora_rank = rank
         answer = model._answer(_request(prompt=b"a fox", loras=b"style:0.8"))
@@ -287,8 +337,57 @@ def test_model_without_a_lora_dir_answers_loras_with_invalid_arg(model):
     assert model._answer(_request(prompt=b"a fox", loras=b"")).error.code == _TritonError.INTERNAL  # none: drawn
 
 
+def test_each_request_of_a_batch_is_drawn_by_its_own_sizes_runtime(model, monkeypatch):
+    """execute draws a batch one request after another; each goes to the runtime of the size it asked for."""
+    drawn = []
+
+    def runtime_at(size):
+        def generate(sampling, **kwargs):
+            drawn.append((sampling.seed, size))
+            raise RuntimeError("stop here")  # answered INTERNAL: enough to see which runtime drew it
+            yield
+
+        return types.SimpleNamespace(generate=generate, tokenizer=types.SimpleNamespace(untruncated_length=len),
+                                     loras=(), artifacts=model.artifacts)  # fmt: skip
+
+    model.artifacts.shapes.sizes = SIZES
+    model.runtimes = {size: runtime_at(size) for size in SIZES}
+    model.timeout_us = 0
+    monkeypatch.setattr(
+        sys.modules["triton_python_backend_utils"], "TRITONSERVER_RESPONSE_COMPLETE_FINAL", 1, raising=False
+    )
+    answers = []
+    sender = types.SimpleNamespace(send=lambda response, flags: answers.append(response))
+    asked = [{}, {"height": 160, "width": 96}, {"height": 96, "width": 160}, {"height": 64, "width": 64}, {}]
+    requests = [_request(prompt=b"a fox", seed=seed, **size) for seed, size in enumerate(asked)]
+    for request in requests:
+        request.get_response_sender, request.timeout = (lambda: sender), (lambda: 0)
+    assert model.execute(requests) == [None] * 5
+    assert drawn == [(0, (128, 128)), (1, (160, 96)), (2, (96, 160)), (4, (128, 128))]
+    codes = [answer.error.code for answer in answers]
+    assert codes == [_TritonError.INTERNAL] * 3 + [_TritonError.INVALID_ARG, _TritonError.INTERNAL]
+    assert ALLOWED in answers[3].error.message
+
+
+def test_a_further_sizes_backend_shares_the_first_sizes_text_encoder():
+    from deploy.sizes import SizedBackend
+
+    calls = []
+
+    def backend(name):
+        run = lambda component, feeds: calls.append((name, component)) or {}  # noqa: E731
+        return types.SimpleNamespace(name="ort-cpu", run=run, close=lambda: calls.append((name, "close")))
+
+    sized = SizedBackend(backend("96x160"), backend("128x128"))
+    for component in ("text_encoder", "transformer", "vae", "vae_encoder"):
+        sized.run(component, {})
+    sized.close()
+    assert calls == [("128x128", "text_encoder"), ("96x160", "transformer"), ("96x160", "vae"),
+                     ("128x128", "vae_encoder"), ("96x160", "close")]  # fmt: skip
+
+
 def test_model_answers_a_generation_failure_with_internal_for_that_request(model):
-    model.runtime = _runtime_raising(RuntimeError("ORT: out of memory\nat node 7"))
+    _use(model, _runtime_raising(RuntimeError("ORT: out of memory\nat node 7")))
     answer = model._answer(_request(prompt=b"a fox"))
     assert answer.error.code == _TritonError.INTERNAL  # HTTP 500
     assert answer.error.message == "generation failed: RuntimeError: ORT: out of memory at node 7"
@@ -297,7 +396,7 @@ def test_model_answers_a_generation_failure_with_internal_for_that_request(model
 def test_model_answers_a_cancelled_request_with_cancelled(model):
     from runtime.pipeline import GenerationCancelled
 
-    model.runtime = _runtime_raising(GenerationCancelled("cancelled before denoising step 2 of 50"))
+    _use(model, _runtime_raising(GenerationCancelled("cancelled before denoising step 2 of 50")))
     answer = model._answer(_request(prompt=b"a fox"))
     assert answer.error.code == _TritonError.CANCELLED
 
@@ -367,6 +466,20 @@ def test_config_names_the_tensorrt_and_gpu_the_engines_need(export_tiny, tmp_pat
     assert "kind: KIND_GPU" in config
 
 
+def test_artifacts_at_several_sizes_answer_images_of_any_height_and_width(tmp_path):
+    from common.specs import Shapes
+    from deploy.triton import ModelSettings, render_config
+
+    settings = ModelSettings(name="m", backend="ort", instances=1, max_queue=1, timeout_s=1, max_images=1)
+    one = render_config(settings, artifacts=tmp_path, shapes=Shapes(height=128, width=128), kind="KIND_CPU")
+    several = render_config(settings, artifacts=tmp_path, shapes=Shapes(height=128, width=128, resolutions=SIZES),
+                            kind="KIND_CPU")  # fmt: skip
+    for config in (one, several):
+        assert '{ name: "height" data_type: TYPE_INT32 dims: [ 1 ] optional: true },' in config
+        assert '{ name: "width" data_type: TYPE_INT32 dims: [ 1 ] optional: true }' in config
+    assert "dims: [ -1, 128, 128, 3 ]" in one and "dims: [ -1, -1, -1, 3 ]" in several
+
+
 def test_only_editing_artifacts_declare_reference_images(tmp_path):
     from common.specs import Shapes
     from deploy.triton import ModelSettings, render_config
@@ -385,7 +498,7 @@ def test_only_editing_artifacts_declare_reference_images(tmp_path):
     assert '{ key: "max_prompt_bytes" value: { string_value: "65536" } }' in plain
     added = [line for line in editing.splitlines() if line not in plain.splitlines()]
     assert added == [
-        '  { name: "loras" data_type: TYPE_STRING dims: [ 1 ] optional: true },',
+        '  { name: "width" data_type: TYPE_INT32 dims: [ 1 ] optional: true },',
         "  # 2 encoded image file(s) (PNG, JPEG, ...), as runtime.generate's --image reads them",
         '  { name: "reference_images" data_type: TYPE_STRING dims: [ -1 ] }',
     ]
@@ -461,8 +574,12 @@ def test_model_never_loads_artifacts_whose_chat_template_fills_their_length(mode
 
 def test_warm_up_goes_through_the_request_rules(model):
     """The warm-up prompt is parsed and counted as a request's: one the model would refuse fails the load."""
-    model.runtime = types.SimpleNamespace(
-        generate=lambda *a, **k: pytest.fail("drew an image"), tokenizer=types.SimpleNamespace(untruncated_length=len)
+    _use(
+        model,
+        types.SimpleNamespace(
+            generate=lambda *a, **k: pytest.fail("drew an image"),
+            tokenizer=types.SimpleNamespace(untruncated_length=len),
+        ),
     )
     model.artifacts.shapes.max_sequence_length = 0  # any prompt is past it
     with pytest.raises(

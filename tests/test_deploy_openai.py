@@ -55,6 +55,21 @@ def test_a_request_maps_to_the_generation_request_the_model_reads():
     assert parse_loras(loras_text(styled.loras)) == styled.loras
 
 
+def test_size_picks_any_exported_size_and_a_size_not_exported_lists_them():
+    """OpenAI's size is "WxH"; the model's height and width inputs carry it (deploy.request.parse_size)."""
+    sizes = ((128, 128), (96, 160), (160, 96))  # (height, width)
+    models = {"sizes": ServedModel("sizes", width=128, height=128, max_images=4, reference_images=0, sizes=sizes)}
+    assert models["sizes"].size_names() == ["128x128", "160x96", "96x160"]
+    for size, drawn in ((None, (128, 128)), ("auto", (128, 128)), ("160x96", (96, 160)), ("96x160", (160, 96))):
+        _, request = generation_request({"prompt": "a fox", **({"size": size} if size else {})}, models)
+        assert request.size == drawn, size
+    with pytest.raises(OpenAIError) as caught:
+        generation_request({"prompt": "a fox", "size": "64x64"}, models)
+    assert (caught.value.status, caught.value.param, caught.value.code) == (400, "size", "invalid_size")
+    assert "exported at 128x128, 160x96, 96x160 (WxH)" in caught.value.message
+    assert MODELS["flux2"].sizes == ((128, 256),)  # one size: the model's own
+
+
 REFUSED = [
     ({"prompt": "a fox", "size": "1024x1024"}, "size", "size '1024x1024' is not served by model flux2: its artifacts were exported at 256x128"),
     ({"prompt": "a fox", "n": 5}, "n", "n 5 is outside 1..4"),

@@ -1,9 +1,10 @@
 """The real tritonserver (2.51, from the pinned nvidia-pytriton wheel) serving generated repositories.
 
-One server per module holds five models: `flux2` on the tiny fp32 artifacts, `flux2_q1` on the same
+One server per module holds six models: `flux2` on the tiny fp32 artifacts, `flux2_q1` on the same
 artifacts with a queue of one (for 503), two artifacts folders this module exports for itself
-(a tiny variant at fp32, and FLUX.2 [klein] base with classifier-free guidance), and `lora` on the
-session's LoRA-slot artifacts (conftest's lora_tiny) with --lora-dir on conftest's LoRA files. The last test stops
+(a tiny variant at fp32, and FLUX.2 [klein] base with classifier-free guidance), `lora` on the
+session's LoRA-slot artifacts (conftest's lora_tiny) with --lora-dir on conftest's LoRA files, and
+`sizes` on the session's three-size artifacts (conftest's resolutions_tiny). The last test stops
 the server with SIGTERM while requests are in flight.
 """
 
@@ -30,8 +31,12 @@ PROMPT = "a red fox in fresh snow"
 STEPS = 2
 
 
-def _values(prompt=PROMPT, *, seed=0, steps=STEPS, guidance=None, num_images=None, negative_prompt=None, loras=None):
+def _values(
+    prompt=PROMPT, *, seed=0, steps=STEPS, guidance=None, num_images=None, negative_prompt=None, loras=None, size=None
+):
     as_array = {
+        "height": ((size or (None, None))[0], np.int32),  # (height, width); a side None is left out
+        "width": ((size or (None, None))[1], np.int32),
         "prompt": (prompt, np.object_),
         "negative_prompt": (negative_prompt, np.object_),
         "seed": (seed, np.int64),
@@ -55,7 +60,7 @@ def _metric(text: str, name: str, **labels) -> float:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, export_tiny, variant_artifacts, lora_tiny, lora_files):
+def served(tmp_path_factory, export_tiny, variant_artifacts, lora_tiny, lora_files, resolutions_tiny):
     from common.specs import Shapes
     from deploy.local_server import LocalServer, processes_mentioning
     from deploy.triton import ModelSettings, write_repository
@@ -81,11 +86,12 @@ def served(tmp_path_factory, export_tiny, variant_artifacts, lora_tiny, lora_fil
         (variant, ModelSettings(name="variant", backend="ort")),
         (klein, ModelSettings(name="klein", backend="ort")),
         (lora_tiny, ModelSettings(name="lora", backend="ort", lora_dir=lora_files["kohya"].parent)),
+        (resolutions_tiny, ModelSettings(name="sizes", backend="ort")),
     ):
         write_repository(artifacts=artifacts, repository=repository, settings=settings)
     server = LocalServer(repository, triton_env=env)
     server.start()
-    server.artifacts = {"flux2": tiny, "variant": variant, "klein": klein, "lora": lora_tiny}
+    server.artifacts = {"flux2": tiny, "variant": variant, "klein": klein, "lora": lora_tiny, "sizes": resolutions_tiny}
     yield server
     server.stop()
     assert processes_mentioning(str(repository.resolve())) == [], "a server or stub process outlived the test"
@@ -129,7 +135,7 @@ def test_client_writes_the_png_and_sidecar_runtime_generate_writes(served, tmp_p
 def test_ready_only_after_every_model_drew_its_warm_up_image(served):
     """The fixture returned on /v2/health/ready: by then each model had loaded and drawn its warm-up image."""
     log = served.log()
-    for model in ("flux2", "flux2_q1", "variant", "klein", "lora"):
+    for model in ("flux2", "flux2_q1", "variant", "klein", "lora", "sizes"):
         assert re.search(rf"flux2 model {model}: .* on ort-cpu \(fp32\), warm-up image", log), model
 
 
@@ -329,6 +335,30 @@ def test_each_request_draws_with_its_own_loras_from_one_model(served, lora_files
         images.append(served_images[0])
     # Each LoRA is visible (measured 22.2 dB between the sets, 31.7 dB from kohya:0.5 to none): this test can fail.
     assert psnr(images[0], images[1], data_range=255) < 35 and psnr(images[1], images[2], data_range=255) < 35
+
+
+def test_one_model_draws_each_exported_size_asked(served, tmp_path):
+    """Two sizes sent together (the batcher may hand both to one execute), each drawn at its own size and equal
+    to runtime.generate --height H --width W on the same artifacts (issue 24); a size not exported is a 400."""
+    from common.metrics import psnr
+
+    artifacts = served.artifacts["sizes"]
+    asked = (None, (96, 160))  # neither height nor width: the first exported size, 128x128
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda size: _ask(served.url, model="sizes", **_values(seed=6, size=size)), asked))
+    assert [status for status, _, _ in answers] == [200] * 2, [a[2] for a in answers if a[0] != 200]
+    for size, (_, images, sidecars) in zip(asked, answers, strict=True):
+        height, width = size or (128, 128)
+        assert images.shape == (1, height, width, 3) and (sidecars[0]["height"], sidecars[0]["width"]) == (
+            height,
+            width,
+        )
+        expected_png, _ = _reference(artifacts, tmp_path / f"{height}x{width}", seed=6, size=size)
+        assert psnr(images[0], _png_pixels(expected_png), data_range=255) >= 45, size  # measured: equal
+    for size, reason in (((64, 64), "height 64 width 64 (64x64) was not exported"), ((96, None), "without width")):
+        status, _, message = _ask(served.url, model="sizes", **_values(seed=6, size=size))
+        assert status == 400 and reason in message and "\n" not in message, message
+        assert "this model draws 128x128, 96x160, 160x96 (height x width)" in message, message
 
 
 LORA_REFUSALS = [

@@ -8,20 +8,10 @@ import pytest
 
 from common.errors import UsageError
 from common.specs import Shapes
+from tests.support import RESOLUTIONS as SIZES  # what conftest's resolutions_tiny exports
 from tests.support import assert_one_line_error, rtx_copy, run_cli
 
-SIZES = ((128, 128), (96, 160), (160, 96))
 MIN_PSNR_DB = 40.0  # issue 24: each size equals diffusers at that size
-
-
-@pytest.fixture(scope="session")
-def resolutions_tiny(tmp_path_factory, tiny_checkpoint):
-    from export.run import export_artifacts
-
-    out = tmp_path_factory.mktemp("resolutions") / "tiny"
-    shapes = Shapes(height=128, width=128, max_sequence_length=128, resolutions=SIZES)
-    export_artifacts(model=str(tiny_checkpoint), out=out, precision="fp32", shapes=shapes, log=lambda m: None)
-    return out
 
 
 def test_one_copy_of_the_weights(resolutions_tiny):
