@@ -115,6 +115,7 @@ class GenerateRequest:
     verify: bool = False  # re-hash every artifact file, even those already verified unchanged
     loras: tuple = ()  # common.lora.LoraRequest per --lora, fed into the artifacts' LoRA slots
     size: tuple[int, int] | None = None  # (height, width) of a --resolutions folder; None: its first size
+    cache_threshold: float = 0.0  # the first-block step cache (docs/cache.md); 0: off
 
 
 def generate(*, log=None, **request) -> list[Path]:
@@ -135,6 +136,9 @@ def generate_images(request: GenerateRequest, log=None) -> list[Path]:
     images, verify = request.images, request.verify
     log = log or (lambda message: print(message, file=sys.stderr))
     validate(steps=steps, guidance=guidance, num_images=num_images, seed=seed)
+    from runtime import step_cache
+
+    step_cache.check_threshold(request.cache_threshold)
 
     from runtime.artifacts import open_artifacts
     from runtime.backends.select import select_backend
@@ -143,6 +147,8 @@ def generate_images(request: GenerateRequest, log=None) -> list[Path]:
     from runtime.reference_images import references_for
 
     opened = open_artifacts(artifacts, verify=verify, log=log, size=request.size)
+    if request.cache_threshold:
+        step_cache.check_artifacts(opened.manifest, opened.folder)
     references, _ = references_for(opened, images, log=log)
     loras = open_loras(request.loras, opened.folder, opened.shapes)
     out = check_out(out)
@@ -165,7 +171,9 @@ def generate_images(request: GenerateRequest, log=None) -> list[Path]:
                 f"note: prompt {prompt_index} has {fit['prompt_tokens']} tokens once formatted; the artifacts take "
                 f"{opened.shapes.max_sequence_length} (max_sequence_length): the rest is cut, as diffusers does"
             )
-        sampling = Sampling(prompt, prompt_seed, steps, guidance, num_images, negative_prompt)
+        sampling = Sampling(
+            prompt, prompt_seed, steps, guidance, num_images, negative_prompt, cache_threshold=request.cache_threshold
+        )
         for image_index, image, timings in runtime.generate(sampling, progress=progress, reference_images=references):
             stem = f"{prompt_index:03d}-{image_index:02d}-seed{prompt_seed}"
             sidecar = {
@@ -186,10 +194,17 @@ def generate_images(request: GenerateRequest, log=None) -> list[Path]:
                 "artifacts": str(opened.folder.resolve()),
                 "manifest_sha256": opened.manifest_sha256,
                 "timings": timings.as_dict(),
+                **({"cache": timings.cache} if timings.cache else {}),
             }
             # The folder is made with the first image: a run refused or failed before it leaves none.
             written.append(save_image(make_out(out), stem, to_uint8(image), sidecar))
             log(f"wrote {written[-1]} ({timings.stages['total']:.2f} s, {chosen.name}, {opened.precision})")
+            if timings.cache:
+                ran = timings.cache["steps"] - timings.cache["skipped"]
+                log(
+                    f"step cache (threshold {request.cache_threshold}): the tail ran on {ran} of "
+                    f"{timings.cache['steps']} transformer evaluations"
+                )
     chosen.close()
     return written
 
@@ -240,6 +255,13 @@ def main(argv=None) -> int:
         help="a transformer LoRA fed into the artifacts' LoRA slots (export --lora-rank R) at SCALE (default 1.0); "
         "repeat to stack several (docs/lora.md)",
     )
+    parser.add_argument(
+        "--cache-threshold",
+        type=float,
+        default=0.0,
+        help="first-block step cache: skip the transformer's tail on a step whose first-block residual changed "
+        "by at most this fraction (0: off, the default; needs artifacts exported with --step-cache; docs/cache.md)",
+    )
     parser.add_argument("--low-vram", action="store_true", help="keep one component loaded at a time")
     parser.add_argument(
         "--out", type=Path, default=Path("out"), help="folder for PNGs and JSON sidecars (default out/)"
@@ -263,6 +285,7 @@ def main(argv=None) -> int:
         verify=args.verify,
         loras=tuple(parse_lora_request(text) for text in args.lora),
         size=requested_size(parser, args.height, args.width),
+        cache_threshold=args.cache_threshold,
     )
     generate_images(request)
     return 0

@@ -172,6 +172,7 @@ EXPORTING_FIXTURES = {
     "served",
     "lora_tiny",
     "resolutions_tiny",
+    "cached_tiny",
 }
 
 

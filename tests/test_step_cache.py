@@ -1,0 +1,175 @@
+"""The first-block step cache (issue 25): export --step-cache, runtime.generate --cache-threshold.
+
+One tiny fp32 export with --step-cache at 128 x 128 and 128 text tokens, shared by every test here.
+The reference is the same rule applied to diffusers' own transformer inside diffusers' Flux2Pipeline
+(tests/step_cache_reference.py).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.support import run_cli
+
+SHAPES = {"height": 128, "width": 128, "max_sequence_length": 128}
+PROMPT = "a red fox in the snow"
+STEPS = 12
+GUIDANCE = 4.0
+
+
+@pytest.fixture(scope="session")
+def cached_tiny(tmp_path_factory, tiny_checkpoint):
+    from common.specs import Shapes
+    from export.run import export_artifacts
+
+    out = tmp_path_factory.mktemp("step-cache") / "tiny"
+    export_artifacts(model=str(tiny_checkpoint), out=out, shapes=Shapes(**SHAPES), step_cache=True, log=lambda m: None)
+    return out
+
+
+def _ours(folder, threshold: float, steps: int = STEPS):
+    """(image [H, W, 3], the cache's per-step decisions and changes or None, the cache record)."""
+    from runtime import step_cache
+    from runtime.artifacts import open_artifacts
+    from runtime.backends.ort import OrtBackend
+    from runtime.pipeline import Flux2Runtime, Sampling
+
+    artifacts = open_artifacts(folder)
+    runtime = Flux2Runtime(artifacts, OrtBackend(artifacts.folder, artifacts.manifest))
+    made = []
+    original = step_cache.new_caches
+
+    def spy(*args):
+        made.extend(original(*args))
+        return made
+
+    step_cache.new_caches, saved = spy, step_cache.new_caches
+    try:
+        sampling = Sampling(PROMPT, 0, steps, GUIDANCE, cache_threshold=threshold)
+        ((_, image, timings),) = list(runtime.generate(sampling, progress=False))
+    finally:
+        step_cache.new_caches = saved
+    return image, (made[0] if made else None), timings.cache
+
+
+_REFERENCES: dict = {}
+
+
+def _reference(checkpoint, threshold: float):
+    """diffusers' Flux2Pipeline with the rule on its own transformer: (image, the stand-in's state)."""
+    import torch
+
+    from common.reference_pipeline import reference_pipeline
+    from tests.step_cache_reference import FirstBlockCacheTransformer
+
+    if threshold not in _REFERENCES:
+        pipe = reference_pipeline(checkpoint, device="cpu")
+        stand_in = FirstBlockCacheTransformer(pipe.transformer, threshold)
+        pipe = type(pipe)(**{**pipe.components, "transformer": stand_in})
+        pipe.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            image = pipe(prompt=PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="np",
+                         generator=torch.Generator().manual_seed(0), text_encoder_out_layers=(2, 4, 6),
+                         **SHAPES).images[0]  # fmt: skip
+        _REFERENCES[threshold] = image, stand_in.states["default"]
+    return _REFERENCES[threshold]
+
+
+@pytest.mark.parametrize("threshold", [0.6, 1.2])
+def test_cache_skips_the_steps_the_reference_skips_and_draws_its_image(cached_tiny, tiny_checkpoint, threshold):
+    """12 steps: the same decision on every step as the rule on diffusers' model, and its image >= 40 dB.
+
+    0.6 is the issue's setting (the tiny random model's first-block residual moves by 0.9-1.5 a step,
+    so nothing is skipped there); 1.2 skips some steps and keeps the others.
+    """
+    from common.metrics import psnr
+
+    image, cache, record = _ours(cached_tiny, threshold)
+    reference_image, state = _reference(tiny_checkpoint, threshold)
+    assert cache.ran_tail == state.ran_tail, (cache.changes, state.changes)
+    np.testing.assert_allclose(cache.changes[1:], state.changes[1:], rtol=1e-3)
+    assert record == {"threshold": threshold, "skipped": state.ran_tail.count(False), "steps": STEPS}
+    if threshold == 1.2:
+        assert 0 < record["skipped"] < STEPS - 1
+    assert psnr(image, reference_image) >= 40
+
+
+def test_threshold_zero_draws_the_uncached_image_pixel_for_pixel(cached_tiny, tmp_path):
+    """--cache-threshold 0 is the full graph as before: the same PNG bytes, and no cache record."""
+    from runtime.pipeline import to_uint8
+
+    image, cache, record = _ours(cached_tiny, 0.0, steps=4)
+    assert cache is None and record is None
+    done = run_cli("-m", "runtime.generate", "--artifacts", str(cached_tiny), "--prompt", PROMPT, "--steps", "4",
+                   "--guidance", str(GUIDANCE), "--backend", "ort", "--out", str(tmp_path))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    from PIL import Image
+
+    (png,) = tmp_path.glob("*.png")
+    assert np.array_equal(np.asarray(Image.open(png).convert("RGB")), to_uint8(image))
+    assert "cache" not in json.loads(png.with_suffix(".json").read_text())
+
+
+def test_cli_records_the_cache_and_says_how_often_the_tail_ran(cached_tiny, tmp_path):
+    done = run_cli("-m", "runtime.generate", "--artifacts", str(cached_tiny), "--prompt", PROMPT, "--steps", "6",
+                   "--cache-threshold", "1.2", "--backend", "ort", "--out", str(tmp_path))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (sidecar,) = tmp_path.glob("*.json")
+    record = json.loads(sidecar.read_text())["cache"]
+    assert record["threshold"] == 1.2 and record["steps"] == 6
+    ran = record["steps"] - record["skipped"]
+    assert f"the tail ran on {ran} of 6 transformer evaluations" in done.stderr
+
+
+@pytest.mark.parametrize("value", ["-0.1", "nan", "inf"])
+def test_a_negative_or_non_finite_threshold_is_refused_in_one_line(cached_tiny, tmp_path, value):
+    done = run_cli("-m", "runtime.generate", "--artifacts", str(cached_tiny), "--prompt", PROMPT,
+                   f"--cache-threshold={value}", "--out", str(tmp_path / "out"))  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "--cache-threshold" in done.stderr and "finite" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_artifacts_without_the_graphs_are_refused_naming_the_flag(cached_tiny, tmp_path):
+    """A folder exported without --step-cache: one line naming the re-export flag (the manifest edited, not re-exported)."""
+    import shutil
+
+    folder = tmp_path / "plain"
+    shutil.copytree(cached_tiny, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for name in ("transformer_head", "transformer_tail", "transformer_out"):
+        del manifest["components"][name]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    done = run_cli("-m", "runtime.generate", "--artifacts", str(folder), "--prompt", PROMPT,
+                   "--cache-threshold", "0.3", "--out", str(tmp_path / "out"))  # fmt: skip
+    assert done.returncode != 0 and "--step-cache" in done.stderr, done.stderr
+    assert done.stderr.strip().count("\n") == 0
+
+
+def test_export_records_three_graphs_reading_the_transformers_weights(cached_tiny):
+    manifest = json.loads((cached_tiny / "manifest.json").read_text())
+    for name in ("transformer_head", "transformer_tail", "transformer_out"):
+        files = manifest["components"][name]["files"]
+        assert files == [f"{name}.onnx", "transformer.onnx.data"], files  # no weights of its own
+    report = json.loads((cached_tiny / "reports" / "export_check.json").read_text())["components"]
+    assert all(report[name]["passed"] for name in ("transformer_head", "transformer_tail", "transformer_out"))
+    outputs = [o["name"] for o in manifest["components"]["transformer_head"]["outputs"]]
+    assert outputs == ["h1", "txt1", "first_residual", "temb"]
+
+
+def test_relative_change_is_the_rule_on_numpy_and_torch():
+    import math
+
+    import torch
+
+    from runtime.step_cache import relative_change
+
+    rng = np.random.default_rng(0)
+    r, previous = rng.standard_normal((1, 8, 4)).astype(np.float32), rng.standard_normal((1, 8, 4)).astype(np.float32)
+    want = np.abs(r - previous).mean() / np.abs(previous).mean()
+    assert relative_change(r, previous) == pytest.approx(want, rel=1e-6)
+    assert relative_change(torch.from_numpy(r), torch.from_numpy(previous)) == pytest.approx(want, rel=1e-6)
+    assert relative_change(r, np.zeros_like(r)) == math.inf  # no scale: the tail runs
