@@ -37,7 +37,7 @@ def read_prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:
     return [prompt]
 
 
-def validate(*, steps: int, guidance: float, num_images: int, seed: int) -> None:
+def validate(*, steps: int, guidance: float, num_images: int, seed: int, cache_threshold: float = 0.0) -> None:
     if steps < 1:
         raise UsageError(f"--steps {steps} must be >= 1")
     if not math.isfinite(guidance):
@@ -45,8 +45,10 @@ def validate(*, steps: int, guidance: float, num_images: int, seed: int) -> None
     if num_images < 1:
         raise UsageError(f"--num-images {num_images} must be >= 1")
     from runtime.pipeline import check_seed
+    from runtime.step_cache import check_threshold
 
     check_seed(seed)
+    check_threshold(cache_threshold)
 
 
 def check_out(out: Path) -> Path:
@@ -135,11 +137,8 @@ def generate_images(request: GenerateRequest, log=None) -> list[Path]:
     low_vram, progress, negative_prompt = request.low_vram, request.progress, request.negative_prompt
     images, verify = request.images, request.verify
     log = log or (lambda message: print(message, file=sys.stderr))
-    validate(steps=steps, guidance=guidance, num_images=num_images, seed=seed)
+    validate(steps=steps, guidance=guidance, num_images=num_images, seed=seed, cache_threshold=request.cache_threshold)
     from runtime import step_cache
-
-    step_cache.check_threshold(request.cache_threshold)
-
     from runtime.artifacts import open_artifacts
     from runtime.backends.select import select_backend
     from runtime.lora import open_loras
@@ -147,14 +146,14 @@ def generate_images(request: GenerateRequest, log=None) -> list[Path]:
     from runtime.reference_images import references_for
 
     opened = open_artifacts(artifacts, verify=verify, log=log, size=request.size)
-    if request.cache_threshold:
-        step_cache.check_artifacts(opened.manifest, opened.folder)
+    step_cache.check_run(request.cache_threshold, opened)  # before the backend's choice is logged
     references, _ = references_for(opened, images, log=log)
     loras = open_loras(request.loras, opened.folder, opened.shapes)
     out = check_out(out)
     if out.is_dir():
         remove_stale_staging(out, log=log)  # half-written images of a killed run
     chosen = select_backend(backend, opened.folder, opened.manifest, low_vram=low_vram, log=log)
+    step_cache.check_run(request.cache_threshold, opened, chosen)
     runtime = Flux2Runtime(opened, chosen)
     runtime.use_loras(loras)
     warning = runtime.guidance_warning(guidance)

@@ -248,7 +248,7 @@ class Flux2Runtime:
         guidance_feed = self.batch_scalar(guidance)
         guidance_embeds = self.artifacts.geometry.guidance_embeds
         passes = 2 if conditioning.negative_embeds is not None else 1
-        caches = step_cache.new_caches(sampling.cache_threshold, self.artifacts.manifest, passes)
+        caches = step_cache.new_caches(sampling.cache_threshold, self.artifacts, passes)
         for index in tqdm(
             range(schedule.steps), desc="denoise", unit="step", disable=not progress, file=sys.stderr, leave=False
         ):

@@ -42,6 +42,23 @@ def check_artifacts(manifest, folder) -> None:
         )
 
 
+def check_run(threshold: float, artifacts, backend=None) -> None:
+    """Before any work: a threshold above 0 needs the step cache's graphs and (once chosen) a backend that runs graphs."""
+    if threshold:
+        check_artifacts(artifacts.manifest, artifacts.folder)
+        if backend is not None:
+            check_backend(backend)
+
+
+def check_backend(backend) -> None:
+    """Refuse a backend that does not run the exported graphs (torch runs diffusers' own modules)."""
+    if not getattr(backend, "runs_graphs", True):
+        raise UsageError(
+            f"--cache-threshold runs the step cache's graphs; the {backend.name} backend runs diffusers' modules "
+            "instead: use --backend ort or trt, or --cache-threshold 0"
+        )
+
+
 def relative_change(residual, previous) -> float:
     """mean|r - r_prev| / mean|r_prev| in float32, computed where the arrays live; inf when r_prev is all zeros."""
     if isinstance(residual, np.ndarray):
@@ -89,10 +106,13 @@ class StepCache:
         return run(OUT, self._feeds(OUT, {**values, "tail_residual": self.tail_residual}))["velocity"]
 
 
-def new_caches(threshold: float, manifest, passes: int) -> list[StepCache]:
+def new_caches(threshold: float, artifacts, passes: int) -> list[StepCache]:
     """One cache per transformer pass of a step (true CFG: the conditional and the unconditional); none at 0."""
     if threshold == 0:
         return []
+    check_threshold(threshold, "cache_threshold")
+    manifest = artifacts.manifest
+    check_artifacts(manifest, artifacts.folder)
     inputs = {name: tuple(t.name for t in manifest.components[name].inputs) for name in STEP_CACHE_COMPONENTS}
     return [StepCache(threshold, inputs) for _ in range(passes)]
 

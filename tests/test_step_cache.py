@@ -173,3 +173,73 @@ def test_relative_change_is_the_rule_on_numpy_and_torch():
     assert relative_change(r, previous) == pytest.approx(want, rel=1e-6)
     assert relative_change(torch.from_numpy(r), torch.from_numpy(previous)) == pytest.approx(want, rel=1e-6)
     assert relative_change(r, np.zeros_like(r)) == math.inf  # no scale: the tail runs
+
+
+class _CfgBackend:
+    """A stand-in for a graph backend: the head's residual moves by 0.1 % a step for the prompt and by
+    half of itself for the negative prompt, so one pass's cache skips and the other's never does."""
+
+    name = "fake"
+
+    def __init__(self):
+        self.calls = []
+
+    def run(self, component, feeds):
+        shape = (1, 4, 2)
+        if component == "transformer_head":
+            negative = float(feeds["encoder_hidden_states"].mean()) > 1.5
+            progress = 1.0 - float(feeds["timestep"][0])
+            value = 1.0 + (100.0 if negative else 0.001) * progress
+            self.calls.append((component, negative))
+            zeros = np.zeros(shape, np.float32)
+            return {
+                "h1": zeros,
+                "txt1": zeros,
+                "temb": zeros[:, 0],
+                "first_residual": np.full(shape, value, np.float32),
+            }
+        self.calls.append((component, None))
+        return {"velocity": np.zeros(shape, np.float32), "tail_residual": np.zeros(shape, np.float32)}
+
+    def from_host(self, array):
+        return array
+
+
+def test_true_cfg_keeps_one_cache_per_pass():
+    """klein base: the conditional and unconditional passes decide from their own residuals (no export)."""
+    from types import SimpleNamespace
+
+    from runtime.pipeline import Conditioning, Flux2Runtime, Sampling, Timings
+    from runtime.scheduler import SchedulerConfig
+
+    def record(*names):
+        return SimpleNamespace(inputs=tuple(SimpleNamespace(name=n) for n in names))
+
+    components = {
+        "transformer_head": record("hidden_states", "encoder_hidden_states", "timestep"),
+        "transformer_tail": record("h1", "txt1", "temb"),
+        "transformer_out": record("h1", "tail_residual", "temb"),
+    }
+    runtime = object.__new__(Flux2Runtime)
+    runtime.backend, runtime.batch, runtime.check_finite, runtime.adapter_feeds = _CfgBackend(), 1, True, {}
+    runtime.scheduler = SchedulerConfig()
+    runtime.artifacts = SimpleNamespace(
+        geometry=SimpleNamespace(guidance_embeds=False), manifest=SimpleNamespace(components=components), folder="x"
+    )
+    conditioning = Conditioning(np.ones((1, 3, 2), np.float32), negative_embeds=np.full((1, 3, 2), 2.0, np.float32))
+    timings = Timings()
+    steps = 6
+    latents = np.zeros((1, 4, 2), np.float32)
+    runtime.denoise(latents, conditioning, Sampling("p", 0, steps, 4.0, cache_threshold=0.1), timings, progress=False)
+    assert timings.cache == {"threshold": 0.1, "skipped": steps - 1, "steps": 2 * steps}
+    tails = [c for c, _ in runtime.backend.calls].count("transformer_tail")
+    assert tails == 1 + steps  # the prompt's pass once, the negative's every step
+
+
+def test_the_torch_backend_is_refused_with_the_fix(cached_tiny, tmp_path):
+    """The torch backend runs diffusers' modules, not the step cache's graphs: one line naming the backends that do."""
+    done = run_cli("-m", "runtime.generate", "--artifacts", str(cached_tiny), "--prompt", PROMPT, "--backend", "torch",
+                   "--cache-threshold", "0.3", "--out", str(tmp_path / "out"))  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "--backend ort or trt" in done.stderr and done.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "out").exists()
