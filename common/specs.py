@@ -19,7 +19,12 @@ from common.family import Family
 
 COMPONENTS = ("text_encoder", "transformer", "vae")
 # The graphs whose shapes follow the image size: one per exported resolution (`Shapes.resolutions`).
-RESOLUTION_COMPONENTS = ("transformer", "vae")
+# The first-block step cache (`python -m export --step-cache`, docs/cache.md): the transformer once
+# more as three graphs, beside the full one, that share its weights file. `transformer_head` runs the
+# embedders and the first double block, `transformer_tail` the rest, `transformer_out` only norm_out
+# and proj_out on the first block's output plus a kept tail residual (the steps the cache skips).
+STEP_CACHE_COMPONENTS = ("transformer_head", "transformer_tail", "transformer_out")
+RESOLUTION_COMPONENTS = ("transformer", "vae", *STEP_CACHE_COMPONENTS)
 
 
 def graph_name(component: str, shapes: Shapes, height: int, width: int) -> str:
@@ -261,11 +266,6 @@ def component_specs(geometry: Geometry, shapes: Shapes) -> dict[str, ComponentSp
     return specs
 
 
-# The first-block step cache (`python -m export --step-cache`, docs/cache.md): the transformer once
-# more as three graphs, beside the full one, that share its weights file. `transformer_head` runs the
-# embedders and the first double block, `transformer_tail` the rest, `transformer_out` only norm_out
-# and proj_out on the first block's output plus a kept tail residual (the steps the cache skips).
-STEP_CACHE_COMPONENTS = ("transformer_head", "transformer_tail", "transformer_out")
 FIRST_BLOCK = "transformer_blocks.0."
 # Outputs that are differences of two streams, {output: the stream it is a residual of}: the numerics
 # check judges them as that stream plus the residual, since a difference's own relative error grows with

@@ -347,27 +347,33 @@ def _resolution_jobs(first: tuple, geometry, shapes: Shapes) -> tuple:
 
 
 def _step_cache_jobs(jobs: tuple, checkpoint, geometry, shapes: Shapes) -> tuple:
-    """The step cache's three graphs (`common.specs.STEP_CACHE_COMPONENTS`) at the first size, each the
-    transformer's job with its own spec and module, pointing its weights at `transformer.onnx`'s data."""
-    transformer = next((j for j in jobs if j.component == "transformer"), None)
-    if transformer is None:
+    """The step cache's three graphs (`common.specs.STEP_CACHE_COMPONENTS`) at every exported size, each the
+    transformer's job at that size with its own spec and module, pointing its weights at `transformer.onnx`'s."""
+    transformers = {j.graph: j for j in jobs if j.component == "transformer"}
+    if not transformers:
         raise UsageError(
             "--step-cache writes the transformer in three more graphs beside it; add transformer to --components"
         )
     config = checkpoint.configs["transformer"]
-    specs = step_cache_specs(geometry, shapes, int(config["num_attention_heads"]) * int(config["attention_head_dim"]))
-    return tuple(
-        dataclasses.replace(
-            transformer,
-            component=part,
-            spec=specs[part],
-            key=key_of(
-                {"transformer": transformer.key, "spec": specs[part].to_json(), "code": STEP_CACHE_CODE_VERSION}
-            ),
-            shares_weights_with="transformer.onnx",
-        )
-        for part in STEP_CACHE_COMPONENTS
-    )
+    width = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+    parts = []
+    for height, size_width in shapes.sizes:
+        transformer = transformers[graph_name("transformer", shapes, height, size_width)]
+        specs = step_cache_specs(geometry, transformer.shapes, width)
+        parts += [
+            dataclasses.replace(
+                transformer,
+                component=part,
+                spec=specs[part],
+                key=key_of(
+                    {"transformer": transformer.key, "spec": specs[part].to_json(), "code": STEP_CACHE_CODE_VERSION}
+                ),
+                name=graph_name(part, shapes, height, size_width),
+                shares_weights_with="transformer.onnx",
+            )
+            for part in STEP_CACHE_COMPONENTS
+        ]
+    return tuple(parts)
 
 
 # Bump when export/graphs/step_cache.py writes other graphs for the same transformer.
