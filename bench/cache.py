@@ -2,7 +2,8 @@
 
 The tiny default and the fp16 stress checkpoint (flux2_tiny.stress, outlier_scale 8.5e4, as
 tests/test_fp16_overflow.py) are exported at fp32 with --step-cache (256 x 256, 128 text tokens) and
-drawn at 28 and 50 steps, uncached and at each threshold, in one process. Reported per run: the
+drawn at 28 and 50 steps, uncached and at each threshold, in one process (each timed twice, the
+faster kept). Reported per run: the
 fraction of transformer evaluations whose tail ran, the transformer's time (head + tail + out, or the
 full graph) as a ratio to the uncached run's, and the image's PSNR / SSIM against the uncached image.
 Times are ratios on a shared CPU: the tiny model's blocks are small next to the per-call overhead, so
@@ -19,7 +20,10 @@ from collections import defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.6)
+# The issue's range (0.05-0.6), then 1.0 and 1.5: the tiny random models' first-block residual moves by
+# 0.9-1.5 a step, so only there do they skip enough steps to show the trade-off.
+THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.6, 1.0, 1.5)
+REPEATS = 2  # each run timed twice, the faster kept: the machine is shared
 STEPS = (28, 50)
 PROMPT = "A photograph of a red fox sitting in fresh snow at dawn, soft light, shallow depth of field."
 STRESS_SCALE = 8.5e4
@@ -59,10 +63,14 @@ class _TimedBackend:
 def _draw(runtime, timed, steps: int, threshold: float):
     from runtime.pipeline import Sampling
 
-    timed.seconds.clear()
-    sampling = Sampling(PROMPT, 0, steps, 4.0, cache_threshold=threshold)
-    ((_, image, timings),) = list(runtime.generate(sampling, progress=False))
-    return image, sum(timed.seconds[name] for name in TRANSFORMER_GRAPHS), timings.cache
+    best = None
+    for _ in range(REPEATS):
+        timed.seconds.clear()
+        sampling = Sampling(PROMPT, 0, steps, 4.0, cache_threshold=threshold)
+        ((_, image, timings),) = list(runtime.generate(sampling, progress=False))
+        seconds = sum(timed.seconds[name] for name in TRANSFORMER_GRAPHS)
+        best = seconds if best is None else min(best, seconds)
+    return image, best, timings.cache
 
 
 def _measure(folder: Path) -> list[dict]:
