@@ -243,3 +243,14 @@ def test_the_torch_backend_is_refused_with_the_fix(cached_tiny, tmp_path):
     assert done.returncode == 2, done.stderr
     assert "--backend ort or trt" in done.stderr and done.stderr.strip().count("\n") == 0
     assert not (tmp_path / "out").exists()
+
+
+def test_step_cache_without_the_transformer_is_refused_before_writing(tiny_checkpoint, tmp_path):
+    from common.errors import UsageError
+    from common.specs import Shapes
+    from export.run import export_artifacts
+
+    with pytest.raises(UsageError, match="--step-cache .* add transformer to --components"):
+        export_artifacts(model=str(tiny_checkpoint), out=tmp_path / "out", components=("vae",), shapes=Shapes(**SHAPES),
+                         step_cache=True, log=lambda m: None)  # fmt: skip
+    assert not (tmp_path / "out").exists()
