@@ -102,6 +102,12 @@ bench-lora: setup
 bench-resolutions: setup
 	$(PY) -m bench.resolutions
 
+.PHONY: bench-cache
+# The first-block step cache on the tiny default and stress models (ort-cpu, one process, ratios): the
+# fraction of steps whose tail ran, transformer time and PSNR/SSIM against uncached: see docs/cache.md.
+bench-cache: setup
+	PYTHONPATH=. $(PY) -m bench.cache
+
 .PHONY: bench-fp8-rewrite
 # Bytes (sha256), time and peak anonymous memory of the FP8 rewrite and its fp32 twin: see docs/fp8.md.
 bench-fp8-rewrite: setup

@@ -19,7 +19,12 @@ from common.family import Family
 
 COMPONENTS = ("text_encoder", "transformer", "vae")
 # The graphs whose shapes follow the image size: one per exported resolution (`Shapes.resolutions`).
-RESOLUTION_COMPONENTS = ("transformer", "vae")
+# The first-block step cache (`python -m export --step-cache`, docs/cache.md): the transformer once
+# more as three graphs, beside the full one, that share its weights file. `transformer_head` runs the
+# embedders and the first double block, `transformer_tail` the rest, `transformer_out` only norm_out
+# and proj_out on the first block's output plus a kept tail residual (the steps the cache skips).
+STEP_CACHE_COMPONENTS = ("transformer_head", "transformer_tail", "transformer_out")
+RESOLUTION_COMPONENTS = ("transformer", "vae", *STEP_CACHE_COMPONENTS)
 
 
 def graph_name(component: str, shapes: Shapes, height: int, width: int) -> str:
@@ -189,14 +194,17 @@ def reference_tokens(geometry: Geometry, shapes: Shapes) -> int:
     return (height // step) * (width // step)
 
 
-def lora_slot_inputs(shapes: Shapes) -> list[TensorSpec]:
+def lora_slot_inputs(shapes: Shapes, where=None) -> list[TensorSpec]:
     """The LoRA slots' inputs, two per target linear: `lora_a.<module>` [R, K] and `lora_b.<module>` [N, R].
 
-    Not batched: one LoRA set per call (a CFG pair shares it). Zeros are no LoRA.
+    Not batched: one LoRA set per call (a CFG pair shares it). Zeros are no LoRA. `where` (a module
+    path -> bool) keeps the slots of one part of the transformer (the step cache's graphs).
     """
     rank = shapes.lora_rank
     inputs = []
     for module, in_features, out_features in shapes.lora_targets:
+        if where is not None and not where(module):
+            continue
         inputs.append(TensorSpec(f"{LORA_A}{module}", (rank, in_features), "float32"))
         inputs.append(TensorSpec(f"{LORA_B}{module}", (out_features, rank), "float32"))
     return inputs
@@ -256,3 +264,48 @@ def component_specs(geometry: Geometry, shapes: Shapes) -> dict[str, ComponentSp
             outputs=(TensorSpec("reference_tokens", (k, per_reference, 4 * geometry.latent_channels), f32),),
         )
     return specs
+
+
+FIRST_BLOCK = "transformer_blocks.0."
+# Outputs that are differences of two streams, {output: the stream it is a residual of}: the numerics
+# check judges them as that stream plus the residual, since a difference's own relative error grows with
+# the cancellation (FP8 tiny default: first_residual rel L2 0.133 alone, h1 itself 0.031).
+RESIDUAL_OF = {"first_residual": "h1", "tail_residual": "h1"}
+
+
+def in_first_block(module: str) -> bool:
+    """The LoRA targets the head graph runs (the first double block's linears); the tail runs the others."""
+    return module.startswith(FIRST_BLOCK)
+
+
+def step_cache_specs(geometry: Geometry, shapes: Shapes, width: int) -> dict[str, ComponentSpec]:
+    """The three step-cache graphs' I/O; `width` is the transformer's inner dimension (heads x head_dim).
+
+    The width is not part of `Geometry` (adding it would change every export's cache key); the export
+    reads it from the transformer's config, the runtime from the graphs' manifest records.
+    """
+    full = component_specs(geometry, shapes)["transformer"]
+    b, seq, f32 = shapes.batch_size, shapes.max_sequence_length, "float32"
+    # N': the noisy latents' tokens and, for editing, the references' after them.
+    stream_tokens = image_tokens(geometry, shapes) + shapes.reference_images * reference_tokens(geometry, shapes)
+    image = (b, stream_tokens, width)
+    plain = tuple(t for t in full.inputs if not t.name.startswith((LORA_A, LORA_B)))
+    h1, txt1, temb = (
+        TensorSpec("h1", image, f32),
+        TensorSpec("txt1", (b, seq, width), f32),
+        TensorSpec("temb", (b, width), f32),
+    )
+    residual = TensorSpec("tail_residual", image, f32)
+    velocity = full.outputs[0]
+    tail_slots = lora_slot_inputs(shapes, lambda module: not in_first_block(module))
+    return {
+        "transformer_head": ComponentSpec(
+            "transformer_head",
+            inputs=plain + tuple(lora_slot_inputs(shapes, in_first_block)),
+            outputs=(h1, txt1, TensorSpec("first_residual", image, f32), temb),
+        ),
+        "transformer_tail": ComponentSpec(
+            "transformer_tail", inputs=(h1, txt1, temb, *tail_slots), outputs=(velocity, residual)
+        ),
+        "transformer_out": ComponentSpec("transformer_out", inputs=(h1, residual, temb), outputs=(velocity,)),
+    }

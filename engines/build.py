@@ -456,8 +456,8 @@ def build_engines(
 
 
 def _summary(rows, folder: Path) -> str:
-    lines = [f"engines in {folder}", f"{'component':<13}{'status':<8}{'MiB':>10}{'sec':>8}"]
-    lines += [f"{c:<13}{s:<8}{b / 2**20:>10.1f}{t:>8.1f}" for c, s, b, t in rows]
+    lines = [f"engines in {folder}", f"{'component':<17}{'status':<8}{'MiB':>10}{'sec':>8}"]
+    lines += [f"{c:<17}{s:<8}{b / 2**20:>10.1f}{t:>8.1f}" for c, s, b, t in rows]
     return "\n".join(lines)
 
 

@@ -111,7 +111,7 @@ def check_artifacts(folder: Path) -> list[ComponentReport]:
 def format_table(reports: list[ComponentReport], table: dict) -> str:
     columns = [*graph_checks.CHECKS]
     header = (
-        f"{'component':<13}{'opset':>6}{'nodes':>7}{'ops':>5}  "
+        f"{'component':<17}{'opset':>6}{'nodes':>7}{'ops':>5}  "
         + "".join(f"{c:<{max(len(c), 4) + 2}}" for c in columns)
         + "result"
     )
@@ -124,7 +124,7 @@ def format_table(reports: list[ComponentReport], table: dict) -> str:
         counts = {c: sum(f.check == c for f in report.findings) for c in columns}
         cells = "".join(f"{('ok' if counts[c] == 0 else str(counts[c])):<{max(len(c), 4) + 2}}" for c in columns)
         result = "pass" if report.passed else "FAIL"
-        lines.append(f"{report.component:<13}{report.opset:>6}{report.nodes:>7}{report.op_types:>5}  {cells}{result}")
+        lines.append(f"{report.component:<17}{report.opset:>6}{report.nodes:>7}{report.op_types:>5}  {cells}{result}")
     for report in reports:
         for finding in report.findings:
             lines.append(f"{report.component}: {finding.check}: {finding}")

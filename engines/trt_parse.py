@@ -261,7 +261,7 @@ def parse_artifacts(api, folder: Path, manifest: ArtifactsManifest) -> list[Pars
 
 
 def format_parse_table(reports: list[ParseReport], label: str, quantized_expected: dict) -> str:
-    header = f"{'component':<13}{'parse':<7}{'layers':>7}  {'matrix multiplies':<20}{'quantized':<16}result"
+    header = f"{'component':<17}{'parse':<7}{'layers':>7}  {'matrix multiplies':<20}{'quantized':<16}result"
     lines = [f"{label} ONNX parser: TensorRT's own network per graph (no build)", header, "-" * len(header)]
     for report in reports:
         matmuls = Counter({d: n for (t, d), n in report.census.items() if t == "MATRIX_MULTIPLY"})
@@ -270,7 +270,7 @@ def format_parse_table(reports: list[ParseReport], label: str, quantized_expecte
         fp8_text = "-" if expected is None else f"{report.quantized_linears or 0} / {expected} linears"
         result = "pass" if not report.findings else "FAIL"
         lines.append(
-            f"{report.component:<13}{'ok' if report.parsed else 'FAIL':<7}{report.layers:>7}  {matmul_text:<20}{fp8_text:<16}{result}"
+            f"{report.component:<17}{'ok' if report.parsed else 'FAIL':<7}{report.layers:>7}  {matmul_text:<20}{fp8_text:<16}{result}"
         )
     for report in reports:
         if report.parsed:

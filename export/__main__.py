@@ -10,6 +10,11 @@ from common.precision import DEFAULT, PRECISION_NAMES
 from common.specs import COMPONENTS, DEFAULT_HEIGHT, DEFAULT_MAX_SEQUENCE_LENGTH, DEFAULT_WIDTH, Shapes
 from export.fp8 import run as fp8_export
 
+STEP_CACHE_HELP = (
+    "also write the transformer as head, tail and out graphs sharing its weights, for "
+    "runtime.generate --cache-threshold (docs/cache.md)"
+)
+
 
 def _parser() -> OneLineParser:
     parser = OneLineParser(prog="python -m export", description="Export FLUX.2 to ONNX and verify it against PyTorch.")
@@ -56,6 +61,7 @@ def _parser() -> OneLineParser:
     parser.add_argument(
         "--text-encoder-layers", default=None, help="hidden-state indices, e.g. 10,20,30 (default: from the checkpoint)"
     )
+    parser.add_argument("--step-cache", action="store_true", help=STEP_CACHE_HELP)
     parser.add_argument("--force", action="store_true", help="re-export even when cached artifacts match")
     parser.add_argument("--skip-check", action="store_true", help="do not run the numerics check against PyTorch")
     parser.add_argument(
@@ -125,6 +131,7 @@ def main(argv=None) -> int:
         skip_check=args.skip_check,
         fp8=fp8_export.options_from_args(args, args.precision),
         stream=args.stream,
+        step_cache=args.step_cache,
         transformer_weights=args.transformer_weights,
         loras=tuple(parse_lora_request(text) for text in args.lora),
     )

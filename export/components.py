@@ -23,7 +23,7 @@ import numpy as np
 
 from common.precision import Precision
 from common.precision import precision as declared
-from common.specs import ComponentSpec, Geometry, Shapes, lora_slot_inputs
+from common.specs import STEP_CACHE_COMPONENTS, ComponentSpec, Geometry, Shapes, lora_slot_inputs
 from export import checkpoint as ckpt
 
 
@@ -40,6 +40,14 @@ class Component:
     # Its graph can stand in for the pipeline's own module: a quantized one is also checked end to
     # end, as an image through diffusers' pipeline.
     drives_pipeline: bool = False
+    # A graph of another component's model (the step cache's transformer parts): its quantization
+    # (calibration, exclusions) is that component's, and its weights are that graph's (shared).
+    part_of: str = ""
+
+    @property
+    def model_component(self) -> str:
+        """The component whose model this graph runs: itself, or the one it is a part of."""
+        return self.part_of or self.name
 
     @property
     def initializer_prefix(self) -> str:
@@ -131,6 +139,15 @@ def _transformer_graph(model, geometry: Geometry, shapes: Shapes):
     return transformer_graph(model, geometry, shapes)
 
 
+def _step_cache_graph(part: str):
+    def wrap(model, geometry: Geometry, shapes: Shapes):
+        from export.graphs.step_cache import step_cache_graph
+
+        return step_cache_graph(part, model, geometry, shapes)
+
+    return wrap
+
+
 def _vae_decoder_graph(model, geometry: Geometry, shapes: Shapes):
     from export.graphs.vae import VaeDecoderGraph
 
@@ -167,6 +184,13 @@ def _transformer_feeds(inputs, spec: ComponentSpec) -> dict[str, np.ndarray]:
     return feeds
 
 
+def _step_cache_feeds(inputs, spec: ComponentSpec) -> dict[str, np.ndarray]:
+    """The transformer's check inputs and the fp32 model's own streams between the graphs (h1, txt1, temb,
+    tail_residual: `ReferenceInputs.step_cache_streams`)."""
+    streams = inputs.step_cache_streams()
+    return {t.name: streams[t.name] for t in spec.inputs}
+
+
 def _vae_feeds(inputs, spec: ComponentSpec) -> dict[str, np.ndarray]:
     return {"packed_latents": inputs.rng().standard_normal(spec.inputs[0].shape).astype(np.float32)}
 
@@ -184,6 +208,17 @@ _VAE_DECODER = Component(
     wrap=_vae_decoder_graph,
     feeds=_vae_feeds,
 )
+_TRANSFORMER = Component(
+    "transformer",
+    weights_folder="transformer",
+    wrapper_attribute="model",
+    load=_load_transformer,
+    empty=_empty_diffusers("Flux2Transformer2DModel", "transformer"),
+    wrap=_transformer_graph,
+    feeds=_transformer_feeds,
+    quantizable=True,
+    drives_pipeline=True,
+)
 COMPONENTS: dict[str, Component] = {
     c.name: c
     for c in (
@@ -197,16 +232,18 @@ COMPONENTS: dict[str, Component] = {
             feeds=_text_encoder_feeds,
             quantizable=True,  # with --text-encoder-precision fp8
         ),
-        Component(
-            "transformer",
-            weights_folder="transformer",
-            wrapper_attribute="model",
-            load=_load_transformer,
-            empty=_empty_diffusers("Flux2Transformer2DModel", "transformer"),
-            wrap=_transformer_graph,
-            feeds=_transformer_feeds,
-            quantizable=True,
-            drives_pipeline=True,
+        _TRANSFORMER,
+        # `--step-cache`: the transformer cut in three (export/graphs/step_cache.py), its weights shared.
+        *(
+            dataclasses.replace(
+                _TRANSFORMER,
+                name=part,
+                wrap=_step_cache_graph(part),
+                feeds=_step_cache_feeds,
+                drives_pipeline=False,
+                part_of="transformer",
+            )
+            for part in STEP_CACHE_COMPONENTS
         ),
         _VAE_DECODER,
         # Image editing: the VAE's encoder, from the same vae/ weights.

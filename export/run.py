@@ -34,10 +34,12 @@ from common.specs import (
     COMPONENTS,
     EDITING_COMPONENTS,
     RESOLUTION_COMPONENTS,
+    STEP_CACHE_COMPONENTS,
     Geometry,
     Shapes,
     component_specs,
     graph_name,
+    step_cache_specs,
 )
 from common.staging import folder_lock, owner_tag, remove_stale_staging
 from common.storage import ensure_space, is_storage_error, storage_error
@@ -45,6 +47,7 @@ from common.tokenizer import TOKENIZER_FILES, PromptTokenizer
 from export import checkpoint as ckpt
 from export import lora as export_lora
 from export.component_export import ComponentJob, export_component
+from export.components import COMPONENTS as COMPONENTS_DECLARED
 from export.fp8 import run as fp8_export
 from export.fp8.run import Fp8Options
 from export.nvfp4 import importing
@@ -88,6 +91,8 @@ class ExportJob:
     # True traces without weights and streams them from the checkpoint into the ONNX file
     # (`export.writing.streaming`); False loads the modules and exports them as they are.
     stream: bool = True
+    # `--step-cache`: the transformer also as head, tail and out graphs (docs/cache.md), sharing its weights.
+    step_cache: bool = False
 
 
 def validate_request(
@@ -277,6 +282,8 @@ def plan_export(job: ExportJob) -> ExportPlan:
         for component in components
     )
     jobs += _resolution_jobs(jobs, geometry, shapes)
+    if job.step_cache:
+        jobs += _step_cache_jobs(jobs, checkpoint, geometry, shapes)
     return ExportPlan(
         out,
         folder_precision,
@@ -337,6 +344,40 @@ def _resolution_jobs(first: tuple, geometry, shapes: Shapes) -> tuple:
                 )
             )
     return tuple(jobs)
+
+
+def _step_cache_jobs(jobs: tuple, checkpoint, geometry, shapes: Shapes) -> tuple:
+    """The step cache's three graphs (`common.specs.STEP_CACHE_COMPONENTS`) at every exported size, each the
+    transformer's job at that size with its own spec and module, pointing its weights at `transformer.onnx`'s."""
+    transformers = {j.graph: j for j in jobs if j.component == "transformer"}
+    if not transformers:
+        raise UsageError(
+            "--step-cache writes the transformer in three more graphs beside it; add transformer to --components"
+        )
+    config = checkpoint.configs["transformer"]
+    width = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+    parts = []
+    for height, size_width in shapes.sizes:
+        transformer = transformers[graph_name("transformer", shapes, height, size_width)]
+        specs = step_cache_specs(geometry, transformer.shapes, width)
+        parts += [
+            dataclasses.replace(
+                transformer,
+                component=part,
+                spec=specs[part],
+                key=key_of(
+                    {"transformer": transformer.key, "spec": specs[part].to_json(), "code": STEP_CACHE_CODE_VERSION}
+                ),
+                name=graph_name(part, shapes, height, size_width),
+                shares_weights_with="transformer.onnx",
+            )
+            for part in STEP_CACHE_COMPONENTS
+        ]
+    return tuple(parts)
+
+
+# Bump when export/graphs/step_cache.py writes other graphs for the same transformer.
+STEP_CACHE_CODE_VERSION = 1
 
 
 def _common_key(job: ExportJob, folder_precision: Precision, geometry, source: Source, versions: dict, shapes) -> dict:
@@ -438,7 +479,10 @@ def _with_imported_weights(plan: ExportPlan, staged: Path, log) -> ExportPlan:
     log(f"staging the transformer of {source} as a diffusers folder in {staged}")
     checkpoint = importing.stage_checkpoint(tensors, plan.checkpoint, staged)
     jobs = tuple(
-        dataclasses.replace(j, checkpoint=checkpoint) if j.component == "transformer" else j for j in plan.jobs
+        dataclasses.replace(j, checkpoint=checkpoint)
+        if COMPONENTS_DECLARED[j.component].model_component == "transformer"
+        else j
+        for j in plan.jobs
     )
     return dataclasses.replace(plan, jobs=jobs)
 
@@ -578,7 +622,7 @@ def _copy_tokenizer(checkpoint: ckpt.Checkpoint, staging: Path) -> dict[str, str
 
 
 def _summary_table(rows, precision: str, out: Path) -> str:
-    header = f"{'component':<13}{'status':<10}{'MiB':>9}  {'method':<26}{'max_abs':>10}{'rel_l2':>11}{'cosine':>10}  {'check':<6}{'sec':>7}"
+    header = f"{'component':<17}{'status':<10}{'MiB':>9}  {'method':<26}{'max_abs':>10}{'rel_l2':>11}{'cosine':>10}  {'check':<6}{'sec':>7}"
     lines = [f"export to {out} ({precision})", header, "-" * len(header)]
     for component, status, entry, report, seconds in rows:
         mib = entry.total_bytes / 2**20
@@ -589,6 +633,6 @@ def _summary_table(rows, precision: str, out: Path) -> str:
             numbers = f"{'-':>10}{'-':>11}{'-':>10}"
         check = {True: "pass", False: "FAIL", None: "skip"}[report["passed"]]
         lines.append(
-            f"{component:<13}{status:<10}{mib:>9.2f}  {str(report['method'] or '-'):<26}{numbers}  {check:<6}{seconds:>7.1f}"
+            f"{component:<17}{status:<10}{mib:>9.2f}  {str(report['method'] or '-'):<26}{numbers}  {check:<6}{seconds:>7.1f}"
         )
     return "\n".join(lines)

@@ -37,7 +37,7 @@ def read_prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:
     return [prompt]
 
 
-def validate(*, steps: int, guidance: float, num_images: int, seed: int) -> None:
+def validate(*, steps: int, guidance: float, num_images: int, seed: int, cache_threshold: float = 0.0) -> None:
     if steps < 1:
         raise UsageError(f"--steps {steps} must be >= 1")
     if not math.isfinite(guidance):
@@ -45,8 +45,10 @@ def validate(*, steps: int, guidance: float, num_images: int, seed: int) -> None
     if num_images < 1:
         raise UsageError(f"--num-images {num_images} must be >= 1")
     from runtime.pipeline import check_seed
+    from runtime.step_cache import check_threshold
 
     check_seed(seed)
+    check_threshold(cache_threshold)
 
 
 def check_out(out: Path) -> Path:
@@ -115,6 +117,7 @@ class GenerateRequest:
     verify: bool = False  # re-hash every artifact file, even those already verified unchanged
     loras: tuple = ()  # common.lora.LoraRequest per --lora, fed into the artifacts' LoRA slots
     size: tuple[int, int] | None = None  # (height, width) of a --resolutions folder; None: its first size
+    cache_threshold: float = 0.0  # the first-block step cache (docs/cache.md); 0: off
 
 
 def generate(*, log=None, **request) -> list[Path]:
@@ -134,8 +137,8 @@ def generate_images(request: GenerateRequest, log=None) -> list[Path]:
     low_vram, progress, negative_prompt = request.low_vram, request.progress, request.negative_prompt
     images, verify = request.images, request.verify
     log = log or (lambda message: print(message, file=sys.stderr))
-    validate(steps=steps, guidance=guidance, num_images=num_images, seed=seed)
-
+    validate(steps=steps, guidance=guidance, num_images=num_images, seed=seed, cache_threshold=request.cache_threshold)
+    from runtime import step_cache
     from runtime.artifacts import open_artifacts
     from runtime.backends.select import select_backend
     from runtime.lora import open_loras
@@ -143,12 +146,14 @@ def generate_images(request: GenerateRequest, log=None) -> list[Path]:
     from runtime.reference_images import references_for
 
     opened = open_artifacts(artifacts, verify=verify, log=log, size=request.size)
+    step_cache.check_run(request.cache_threshold, opened)  # before the backend's choice is logged
     references, _ = references_for(opened, images, log=log)
     loras = open_loras(request.loras, opened.folder, opened.shapes)
     out = check_out(out)
     if out.is_dir():
         remove_stale_staging(out, log=log)  # half-written images of a killed run
     chosen = select_backend(backend, opened.folder, opened.manifest, low_vram=low_vram, log=log)
+    step_cache.check_run(request.cache_threshold, opened, chosen)
     runtime = Flux2Runtime(opened, chosen)
     runtime.use_loras(loras)
     warning = runtime.guidance_warning(guidance)
@@ -165,7 +170,9 @@ def generate_images(request: GenerateRequest, log=None) -> list[Path]:
                 f"note: prompt {prompt_index} has {fit['prompt_tokens']} tokens once formatted; the artifacts take "
                 f"{opened.shapes.max_sequence_length} (max_sequence_length): the rest is cut, as diffusers does"
             )
-        sampling = Sampling(prompt, prompt_seed, steps, guidance, num_images, negative_prompt)
+        sampling = Sampling(
+            prompt, prompt_seed, steps, guidance, num_images, negative_prompt, cache_threshold=request.cache_threshold
+        )
         for image_index, image, timings in runtime.generate(sampling, progress=progress, reference_images=references):
             stem = f"{prompt_index:03d}-{image_index:02d}-seed{prompt_seed}"
             sidecar = {
@@ -186,10 +193,17 @@ def generate_images(request: GenerateRequest, log=None) -> list[Path]:
                 "artifacts": str(opened.folder.resolve()),
                 "manifest_sha256": opened.manifest_sha256,
                 "timings": timings.as_dict(),
+                **({"cache": timings.cache} if timings.cache else {}),
             }
             # The folder is made with the first image: a run refused or failed before it leaves none.
             written.append(save_image(make_out(out), stem, to_uint8(image), sidecar))
             log(f"wrote {written[-1]} ({timings.stages['total']:.2f} s, {chosen.name}, {opened.precision})")
+            if timings.cache:
+                ran = timings.cache["steps"] - timings.cache["skipped"]
+                log(
+                    f"step cache (threshold {request.cache_threshold}): the tail ran on {ran} of "
+                    f"{timings.cache['steps']} transformer evaluations"
+                )
     chosen.close()
     return written
 
@@ -240,6 +254,13 @@ def main(argv=None) -> int:
         help="a transformer LoRA fed into the artifacts' LoRA slots (export --lora-rank R) at SCALE (default 1.0); "
         "repeat to stack several (docs/lora.md)",
     )
+    parser.add_argument(
+        "--cache-threshold",
+        type=float,
+        default=0.0,
+        help="first-block step cache: skip the transformer's tail on a step whose first-block residual changed "
+        "by at most this fraction (0: off, the default; needs artifacts exported with --step-cache; docs/cache.md)",
+    )
     parser.add_argument("--low-vram", action="store_true", help="keep one component loaded at a time")
     parser.add_argument(
         "--out", type=Path, default=Path("out"), help="folder for PNGs and JSON sidecars (default out/)"
@@ -263,6 +284,7 @@ def main(argv=None) -> int:
         verify=args.verify,
         loras=tuple(parse_lora_request(text) for text in args.lora),
         size=requested_size(parser, args.height, args.width),
+        cache_threshold=args.cache_threshold,
     )
     generate_images(request)
     return 0

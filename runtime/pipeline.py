@@ -11,6 +11,7 @@ import numpy as np
 
 from common.errors import NonFiniteError, UsageError
 from common.family import Family
+from runtime import step_cache
 from runtime.artifacts import Artifacts
 from runtime.backends import Array, Backend
 from runtime.scheduler import SchedulerConfig, euler_step, flux2_schedule
@@ -87,6 +88,7 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 class Timings:
     stages: dict = field(default_factory=lambda: defaultdict(float))
     backend: float = 0.0  # seconds spent inside backend.run / to_host (the rest is our overhead)
+    cache: dict | None = None  # the step cache's record (runtime.step_cache.summary) when it was on
 
     def as_dict(self) -> dict:
         return {**{f"{k}_s": round(v, 6) for k, v in self.stages.items()}, "backend_s": round(self.backend, 6)}
@@ -103,6 +105,8 @@ class Sampling:
     guidance: float
     num_images: int = 1
     negative_prompt: str = ""
+    # The first-block step cache's threshold (runtime/step_cache.py, docs/cache.md); 0: every block every step.
+    cache_threshold: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -243,6 +247,8 @@ class Flux2Runtime:
         timestep_feeds = [self.batch_scalar(t) for t in schedule.transformer_timesteps]
         guidance_feed = self.batch_scalar(guidance)
         guidance_embeds = self.artifacts.geometry.guidance_embeds
+        passes = 2 if conditioning.negative_embeds is not None else 1
+        caches = step_cache.new_caches(sampling.cache_threshold, self.artifacts, passes)
         for index in tqdm(
             range(schedule.steps), desc="denoise", unit="step", disable=not progress, file=sys.stderr, leave=False
         ):
@@ -253,17 +259,26 @@ class Flux2Runtime:
             )
             feeds.update(self.adapter_feeds)
             where = f" at denoising step {index + 1} of {schedule.steps}"
-            velocity = self._run("transformer", feeds, timings, where)["velocity"]
+            velocity = self._transformer(feeds, timings, where, caches[0] if caches else None)
             if conditioning.negative_embeds is not None:
                 negative_feeds = {**feeds, "encoder_hidden_states": conditioning.negative_embeds}
-                negative = self._run("transformer", negative_feeds, timings, f"{where} (negative prompt)")["velocity"]
+                where = f"{where} (negative prompt)"
+                negative = self._transformer(negative_feeds, timings, where, caches[1] if caches else None)
                 velocity = negative + guidance * (velocity - negative)
             elif conditioning.paired_cfg:
                 cond, negative = velocity[:1], velocity[1:2]
                 velocity = _concat([negative + guidance * (cond - negative)] * 2)
             latents = euler_step(latents, velocity, schedule.dt(index))
         timings.stages["denoise"] += time.perf_counter() - started
+        if caches:
+            timings.cache = step_cache.summary(sampling.cache_threshold, caches)
         return latents
+
+    def _transformer(self, feeds: dict, timings: Timings, where: str, cache):
+        """One transformer evaluation's velocity: the full graph, or the step cache's graphs."""
+        if cache is None:
+            return self._run("transformer", feeds, timings, where)["velocity"]
+        return cache.velocity(feeds, lambda component, inputs: self._run(component, inputs, timings, where))
 
     def decode(self, latents, timings: Timings) -> np.ndarray:
         started = time.perf_counter()

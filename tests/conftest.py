@@ -184,6 +184,7 @@ EXPORTING_FIXTURES = {
     "served",
     "lora_tiny",
     "resolutions_tiny",
+    "cached_tiny",
 }
 
 

@@ -68,7 +68,8 @@ class Fp8Options:
         return declared(self.precision).of_component(component).name
 
     def exclude_for(self, component: str) -> tuple[str, ...]:
-        return {"transformer": self.exclude, "text_encoder": self.text_encoder_exclude}[component]
+        model = COMPONENTS[component].model_component  # a step-cache graph's are the transformer's
+        return {"transformer": self.exclude, "text_encoder": self.text_encoder_exclude}[model]
 
     def key_payload(self, component: str) -> dict:
         precision = self.component_precision(component)
@@ -221,10 +222,11 @@ def quantize(path: Path, options: Fp8Options, component: str, calibration_inputs
 
     precision = declared(precision)
     exclude = options.exclude_for(component)
-    imported = _imported(options, component, calibration_inputs[0])
+    model = COMPONENTS[component].model_component  # calibrated and imported as the model it is a part of
+    imported = _imported(options, model, calibration_inputs[0])
     if imported is not None and len(imported.static_input_names) == len(imported.nvfp4_names):
         # The file decides the layers and carries every scale: nothing to calibrate.
-        calibration = {component: {}, "imported": str(imported.path)}
+        calibration = {model: {}, "imported": str(imported.path)}
     else:
         # Layers the file gives no input_scale still need a constant global scale (TensorRT): calibrated
         # on the file's own weights (the staged checkpoint's transformer).
@@ -236,7 +238,7 @@ def quantize(path: Path, options: Fp8Options, component: str, calibration_inputs
     records = _rewrite(
         path.parent,
         path.name,
-        calibration[component],
+        calibration[model],
         exclude,
         COMPONENTS[component].initializer_prefix,
         precision,

@@ -58,11 +58,12 @@ class LoraSlots(nn.Module):
             self.slot_store.clear()
 
 
-def with_slots(cls: type, model: nn.Module, geometry, shapes):
-    """An instance of `cls` (a transformer graph class) with LoRA slots on `shapes.lora_targets`."""
+def with_slots(cls: type, model: nn.Module, geometry, shapes, targets=None):
+    """An instance of `cls` (a transformer graph class) with LoRA slots on `targets` (default `shapes.lora_targets`;
+    a step-cache graph takes those of the blocks it runs)."""
     slotted = type(f"LoraSlots{cls.__name__}", (LoraSlots, cls), {})
     graph = slotted(model, geometry, shapes)
-    graph.install_slots(shapes.lora_targets, _compute_dtype(model))
+    graph.install_slots(shapes.lora_targets if targets is None else targets, _compute_dtype(model))
     return graph
 
 

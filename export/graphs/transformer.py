@@ -64,16 +64,7 @@ class TransformerGraph(nn.Module):
         hidden_states = hidden_states.to(dtype).to(stream)
         encoder_hidden_states = encoder_hidden_states.to(dtype).to(stream)
         num_txt_tokens = encoder_hidden_states.shape[1]
-
-        # As Flux2Pipeline and the model together: the pipeline hands the model t / 1000 in the
-        # latents' dtype (t = sigma * 1000, cast, then divided in that dtype) and the model scales
-        # it back, `timestep.to(dtype) * 1000`. At bf16 this rounding order matters: rounding
-        # sigma instead of t put the torch backend's images 5.6 dB further from fp32 than
-        # diffusers' own bf16 pipeline (29.1 vs 34.7 dB, tiny default, 1024 x 1024, 4 steps).
-        timestep = (((timestep * 1000).to(dtype) / 1000).to(dtype) * 1000).to(stream)
-        if self.guidance_embeds:
-            guidance = (guidance.to(dtype) * 1000).to(stream)
-        temb = model.time_guidance_embed(timestep, guidance if self.guidance_embeds else None)
+        temb = self.time_embedding(timestep, guidance)
         double_mod_img = model.double_stream_modulation_img(temb)
         double_mod_txt = model.double_stream_modulation_txt(temb)
         single_mod = model.single_stream_modulation(temb)
@@ -103,6 +94,21 @@ class TransformerGraph(nn.Module):
         hidden_states = hidden_states[:, num_txt_tokens:, ...]
         hidden_states = model.norm_out(hidden_states, temb)
         return model.proj_out(hidden_states).float()  # velocity [B, N, out_channels]
+
+    def time_embedding(self, timestep, guidance=None):
+        """temb [B, D] in the stream's dtype from the graph's float32 timestep (and guidance)."""
+        model = self.model
+        dtype = model.x_embedder.weight.dtype
+        stream = torch.float32 if self.fp32_stream else dtype
+        # As Flux2Pipeline and the model together: the pipeline hands the model t / 1000 in the
+        # latents' dtype (t = sigma * 1000, cast, then divided in that dtype) and the model scales
+        # it back, `timestep.to(dtype) * 1000`. At bf16 this rounding order matters: rounding
+        # sigma instead of t put the torch backend's images 5.6 dB further from fp32 than
+        # diffusers' own bf16 pipeline (29.1 vs 34.7 dB, tiny default, 1024 x 1024, 4 steps).
+        timestep = (((timestep * 1000).to(dtype) / 1000).to(dtype) * 1000).to(stream)
+        if self.guidance_embeds:
+            guidance = (guidance.to(dtype) * 1000).to(stream)
+        return model.time_guidance_embed(timestep, guidance if self.guidance_embeds else None)
 
 
 # False gives the plain float16 graph of before (every tensor float16), kept for the comparison in

@@ -58,7 +58,8 @@ def nvfp4_reference(model, graph_module, graph_path, inputs: list) -> FakeQuantR
     from export.nvfp4.reference import apply_nvfp4, layers_from_graph
 
     with apply_nvfp4(model, layers_from_graph(graph_path)), torch.no_grad():
-        value = graph_module(*[torch.from_numpy(x) for x in inputs]).numpy()
+        value = graph_module(*[torch.from_numpy(x) for x in inputs])
+    value = (value[0] if isinstance(value, tuple) else value).numpy()  # the first output: the one it is judged on
     return FakeQuantReference(NVFP4_METHOD, value, NVFP4_TOLERANCE)
 
 

@@ -4,7 +4,7 @@
 tensors (the same checkpoint, precision and processing; only the shapes of activations, and small
 tables such as RoPE's, differ), so each further graph is written as usual and then rewritten here:
 every external initializer whose name, type, shape and bytes equal an initializer of the first
-graph is pointed at the first graph's data file (ONNX external data may be shared between graphs,
+graph (or, for a tensor whose name differs, type, shape and bytes alone) is pointed at the first graph's data file (ONNX external data may be shared between graphs,
 its `location`/`offset`/`length` are per tensor); what differs goes to a small data file of the
 graph's own, and the full copy it was written with is removed.
 
@@ -48,6 +48,7 @@ def share_weights(primary: Path, graph: Path, keep: tuple[str, ...] = ()) -> dic
     model = onnx.load(str(graph), load_external_data=False)
     primary_reader, reader = TensorReader(primary.parent), TensorReader(graph.parent)
     theirs = {t.name: t for t in primary_model.graph.initializer if _external(t) is not None}
+    by_content = _ContentIndex(theirs.values(), primary_reader)
     own_path = graph.with_name(graph.name + ".own.data")
     writer = TensorWriter(own_path)
     shared = own = 0
@@ -57,14 +58,11 @@ def share_weights(primary: Path, graph: Path, keep: tuple[str, ...] = ()) -> dic
         if info is None:
             continue
         old_files.add(info["location"])
-        match = theirs.get(tensor.name)
         values = reader.packed(tensor)
-        if (
-            match is not None
-            and match.data_type == tensor.data_type
-            and list(match.dims) == list(tensor.dims)
-            and _same_bytes(primary_reader.packed(match), values)
-        ):
+        match = theirs.get(tensor.name)
+        if not _same(match, tensor, primary_reader, values):
+            match = by_content.find(tensor, values)
+        if match is not None:
             del tensor.external_data[:]
             tensor.external_data.extend(match.external_data)
             shared += 1
@@ -98,6 +96,41 @@ def share_weights(primary: Path, graph: Path, keep: tuple[str, ...] = ()) -> dic
         own_path.unlink()
     onnx.save(model, str(graph))
     return {"shared": shared, "own": own, "own_bytes": own_bytes if own else 0, "files": files}
+
+
+def _same(match, tensor, primary_reader, values) -> bool:
+    return (
+        match is not None
+        and match.data_type == tensor.data_type
+        and list(match.dims) == list(tensor.dims)
+        and _same_bytes(primary_reader.packed(match), values)
+    )
+
+
+class _ContentIndex:
+    """The primary's tensors found by type, shape and bytes: a graph traced from another module of the same
+    model (the step cache's head and tail, export/graphs/step_cache.py) names its folded, transposed weights
+    `val_<n>` with other numbers than the full graph does. Each candidate's digest is computed once, and only
+    for the shapes asked about."""
+
+    def __init__(self, tensors, reader: TensorReader):
+        self.reader = reader
+        self.candidates: dict = {}
+        for tensor in tensors:
+            self.candidates.setdefault((tensor.data_type, tuple(tensor.dims)), []).append(tensor)
+        self.digests: dict = {}  # primary tensor name -> sha256
+
+    def find(self, tensor, values: np.ndarray):
+        candidates = self.candidates.get((tensor.data_type, tuple(tensor.dims)), [])
+        if not candidates:
+            return None
+        wanted = hashlib.sha256(values).hexdigest()
+        for candidate in candidates:
+            if candidate.name not in self.digests:
+                self.digests[candidate.name] = hashlib.sha256(self.reader.packed(candidate)).hexdigest()
+            if self.digests[candidate.name] == wanted and _same_bytes(self.reader.packed(candidate), values):
+                return candidate
+        return None
 
 
 def _drop_duplicates(model, renamed: dict, dropped: list) -> None:

@@ -19,6 +19,9 @@ from common.precision import precision as declared
 
 
 class TorchBackend:
+    # It runs diffusers' modules, not the exported graphs: the step cache's head/tail/out are not here.
+    runs_graphs = False
+
     def __init__(
         self,
         artifacts: Path,

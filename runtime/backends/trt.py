@@ -46,15 +46,16 @@ from common.engine_manifest import (
 )
 from common.errors import ArtifactsError
 from common.manifest import ArtifactsManifest
-from common.specs import ComponentSpec
+from common.specs import STEP_CACHE_COMPONENTS, ComponentSpec
 from common.tensorrt_env import TARGETS, Platform, present_platform
 from common.tensorrt_env import trt_status as target_status
 
 __all__ = ["TrtBackend", "runtime_target"]
 MEMORY_SIDECAR = "memory.json"
 
-# Components run once per denoising step: kernel-launch overhead is worth a CUDA graph there.
-CUDA_GRAPH_COMPONENTS = ("transformer",)
+# Components run once per denoising step: kernel-launch overhead is worth a CUDA graph there (the step
+# cache's graphs each get their own: runtime/step_cache.py).
+CUDA_GRAPH_COMPONENTS = ("transformer", *STEP_CACHE_COMPONENTS)
 # TensorRT DataType member names -> torch dtype names.
 TORCH_DTYPES = {
     "FLOAT": "float32",
