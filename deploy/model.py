@@ -32,7 +32,9 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 STAGES = ("tokenize", "text_encoder", "denoise", "vae")
-INPUTS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "num_images", "loras", "height", "width")
+INPUTS = (
+    "prompt", "negative_prompt", "seed", "steps", "guidance", "num_images", "loras", "height", "width", "cache_threshold",
+)  # fmt: skip
 
 
 # One letter: any model with room for one prompt token beyond its chat template warms up
@@ -49,12 +51,19 @@ def _sampling(wanted):
     from runtime.pipeline import Sampling
 
     return Sampling(
-        wanted.prompt, wanted.seed, wanted.steps, wanted.guidance, wanted.num_images, wanted.negative_prompt
+        wanted.prompt,
+        wanted.seed,
+        wanted.steps,
+        wanted.guidance,
+        wanted.num_images,
+        wanted.negative_prompt,
+        cache_threshold=wanted.cache_threshold,
     )
 
 
 class TritonPythonModel:
     lora_folder = None  # deploy.loras.LoraFolder where the config names a lora_dir (deploy.triton --lora-dir)
+    cache_default = None  # a request's cache_threshold when it sends none; None: no step cache here (_cache_default)
 
     def initialize(self, args):
         from common.errors import Flux2TrtError
@@ -95,6 +104,7 @@ class TritonPythonModel:
         except Flux2TrtError as exc:  # a one-line reason in the server log, and the model stays unloaded
             raise pb_utils.TritonModelException(f"flux2 model {args['model_name']}: {exc}") from None
         self.backend = self.runtimes[self.artifacts.shapes.sizes[0]].backend
+        self.cache_default = self._cache_default(_parameter(self.config, "cache_threshold", "0"))
         self._define_metrics(args["model_name"], args["model_version"])
         started = time.perf_counter()
         self._warm_up(args["model_name"])
@@ -103,6 +113,15 @@ class TritonPythonModel:
             f"({self.artifacts.precision}), warm-up image per size ({sizes_text(self.runtimes)}) "
             f"{time.perf_counter() - started:.2f} s"
         )
+
+    def _cache_default(self, configured: str) -> float | None:
+        """The `cache_threshold` of a request that sends none; None where this model cannot run the step cache."""
+        from common.specs import STEP_CACHE_COMPONENTS
+
+        has_graphs = all(name in self.artifacts.manifest.components for name in STEP_CACHE_COMPONENTS)
+        if not has_graphs or not getattr(self.backend, "runs_graphs", True):
+            return None
+        return float(configured)
 
     def _lora_folder(self, lora_dir: str | None):
         """The --lora-dir files requests may name; None without one. Refused at load as deploy.triton refuses it."""
@@ -169,6 +188,7 @@ class TritonPythonModel:
             max_tokens=shapes.max_sequence_length,
             max_prompt_bytes=self.max_prompt_bytes,
             sizes=shapes.sizes,
+            cache_default=self.cache_default,
         )
 
     def _define_metrics(self, model: str, version: str):

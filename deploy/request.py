@@ -22,6 +22,11 @@ DEFAULT_MAX_IMAGES = 4
 DEFAULT_MAX_PROMPT_BYTES = 65536
 
 
+# A request's `cache_threshold` at most: past ~1.5 the tiny models skip nearly every step already
+# (bench/results/cache.json), and FBCache's published settings are 0.05-0.6.
+MAX_CACHE_THRESHOLD = 10.0
+
+
 class BadRequest(ValueError):
     """A request the client must change: answered with Triton's INVALID_ARG (HTTP 400), one line."""
 
@@ -36,6 +41,7 @@ class GenerationRequest:
     num_images: int = 1
     loras: tuple[tuple[str, float], ...] = ()  # (name, scale): files of the model's --lora-dir (deploy.loras)
     size: tuple[int, int] | None = None  # (height, width): one of the artifacts' exported sizes; None: the first
+    cache_threshold: float = 0.0  # the first-block step cache (docs/cache.md); 0: off
 
 
 LORAS_FORM = "send NAME or NAME:SCALE, comma-separated, e.g. 'style:0.8,detail'"
@@ -151,6 +157,7 @@ def parse_request(
     max_tokens: int | None = None,
     max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES,
     sizes: tuple[tuple[int, int], ...] | None = None,
+    cache_default: float | None = None,
 ) -> GenerationRequest:
     """Named scalars (None for an input the client left out) -> a checked GenerationRequest.
 
@@ -159,6 +166,9 @@ def parse_request(
     text's size is checked against `max_prompt_bytes` before that, so the tokenizer never sees a
     prompt past it. With `sizes` (the exported (height, width), the default first) the `height` and
     `width` inputs are read into `size` (`parse_size`); without, they are left unread.
+    `cache_default` is the model's `cache_threshold` for a request that sends none; None: the model cannot
+    run the step cache (no step-cache graphs, or a backend that does not run graphs), and any
+    `cache_threshold` above 0 is refused.
     """
     from runtime.pipeline import check_seed
 
@@ -173,6 +183,7 @@ def parse_request(
     num_images = _integer(values, "num_images", 1)
     loras = () if values.get("loras") is None else parse_loras(_text("loras", values["loras"], max_prompt_bytes))
     size = None if sizes is None else parse_size(values, sizes)
+    cache_threshold = _cache_threshold(values, cache_default)
     if not 1 <= steps <= MAX_STEPS:
         raise BadRequest(f"steps {steps} is outside 1..{MAX_STEPS}; FLUX.2 [dev] uses 50, distilled models about 4")
     if not math.isfinite(guidance) or guidance < 0:
@@ -188,7 +199,22 @@ def parse_request(
                     f"{name} is {length} tokens once formatted, past the {max_tokens} the artifacts were exported "
                     f"for; shorten it or export with a larger --max-sequence-length"
                 )
-    return GenerationRequest(prompt, negative_prompt, seed, steps, guidance, num_images, loras, size)
+    return GenerationRequest(prompt, negative_prompt, seed, steps, guidance, num_images, loras, size, cache_threshold)
+
+
+def _cache_threshold(values: dict, default: float | None) -> float:
+    threshold = _real(values, "cache_threshold", default or 0.0)
+    if not math.isfinite(threshold) or not 0 <= threshold <= MAX_CACHE_THRESHOLD:
+        raise BadRequest(
+            f"cache_threshold {threshold} must be a finite number in 0..{MAX_CACHE_THRESHOLD:g} "
+            "(0: no step cache; 0.05-0.6 skip more steps as it grows)"
+        )
+    if threshold and default is None:
+        raise BadRequest(
+            "cache_threshold: this model cannot run the step cache (its artifacts were exported without "
+            "--step-cache, or its backend runs diffusers' modules); send 0 or none"
+        )
+    return threshold
 
 
 def sidecar(request: GenerationRequest, image_index: int, *, runtime, backend: str, artifacts, timings) -> dict:
@@ -211,6 +237,8 @@ def sidecar(request: GenerationRequest, image_index: int, *, runtime, backend: s
         **({"loras": [lora.record(scale) for lora, scale in runtime.loras]} if runtime.loras else {}),
         "artifacts": str(artifacts.folder.resolve()),
         "manifest_sha256": artifacts.manifest_sha256,
+        # As runtime.generate records it: the threshold, and how many transformer evaluations skipped the tail.
+        **({"cache": timings.cache} if getattr(timings, "cache", None) else {}),
         "timings": timings.as_dict(),
     }
 

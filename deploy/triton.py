@@ -8,6 +8,7 @@ which reads its settings from the config's parameters). `tritonserver --model-re
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from dataclasses import dataclass, replace
@@ -19,7 +20,7 @@ from common.engine_manifest import targets_with_engines
 from common.errors import UsageError
 from common.specs import Shapes
 from common.tensorrt_env import LABELS, Platform
-from deploy.request import DEFAULT_MAX_IMAGES, DEFAULT_MAX_PROMPT_BYTES
+from deploy.request import DEFAULT_MAX_IMAGES, DEFAULT_MAX_PROMPT_BYTES, MAX_CACHE_THRESHOLD
 from runtime.backends.select import SERVED_BACKENDS
 
 DEVICES = ("auto", "gpu", "cpu")
@@ -39,6 +40,7 @@ class ModelSettings:
     max_images: int = DEFAULT_MAX_IMAGES  # images one request may ask for
     max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES  # UTF-8 bytes of prompt / negative_prompt, before tokenizing
     lora_dir: Path | None = None  # the .safetensors LoRAs a request's `loras` may name (artifacts with --lora-rank)
+    cache_threshold: float = 0.0  # a request's step-cache threshold when it sends none (artifacts with --step-cache)
 
     def check(self) -> None:
         """UsageError, naming the flag, for a setting Triton or the model would refuse."""
@@ -56,6 +58,11 @@ class ModelSettings:
         ):
             if value < low:
                 raise UsageError(f"{flag} {value} must be >= {low}")
+        if not (math.isfinite(self.cache_threshold) and 0 <= self.cache_threshold <= MAX_CACHE_THRESHOLD):
+            raise UsageError(
+                f"--cache-threshold {self.cache_threshold} must be a finite number in 0..{MAX_CACHE_THRESHOLD:g} "
+                "(0: no step cache by default)"
+            )
         if not self.timeout_s > 0:
             raise UsageError(f"--timeout-s {self.timeout_s} must be > 0 (seconds a request may wait in the queue)")
 
@@ -139,6 +146,8 @@ def render_config(
     }
     if settings.lora_dir is not None:
         parameters["lora_dir"] = str(settings.lora_dir)
+    if settings.cache_threshold:
+        parameters["cache_threshold"] = repr(settings.cache_threshold)
     if platform:  # for the reader: which TensorRT the serving image must carry (docs/serving.md)
         parameters["engines_target"] = platform.target
         parameters["engines_tensorrt"] = platform.tensorrt
@@ -174,7 +183,10 @@ input [
   # one of the exported sizes, both or neither (neither: the first); declared on every model, so that a
   # size not exported is the model's one-line 400 naming those that are (docs/serving.md, "Sizes")
   {{ name: "height" data_type: TYPE_INT32 dims: [ 1 ] optional: true }},
-  {{ name: "width" data_type: TYPE_INT32 dims: [ 1 ] optional: true }}{references}
+  {{ name: "width" data_type: TYPE_INT32 dims: [ 1 ] optional: true }},
+  # the first-block step cache's threshold (0: off; default the model's --cache-threshold); declared on
+  # every model, so that one without the step cache's graphs answers it with its one-line 400
+  {{ name: "cache_threshold" data_type: TYPE_FP64 dims: [ 1 ] optional: true }}{references}
 ]
 output [
   {{ name: "image" data_type: TYPE_UINT8 dims: [ -1, {height}, {width}, 3 ] }},
@@ -214,6 +226,10 @@ def write_repository(*, artifacts: Path, repository: Path, settings: ModelSettin
     folder = opened.folder.resolve()
     if settings.lora_dir is not None:
         settings = replace(settings, lora_dir=check_lora_dir(settings.lora_dir, folder, opened.shapes))
+    if settings.cache_threshold:
+        from runtime.step_cache import check_artifacts
+
+        check_artifacts(opened.manifest, folder)  # one line naming --step-cache
     platform = engines_platform(folder) if settings.backend != "ort" else None
     kind = instance_kind(settings.device, settings.backend, folder)
     config = render_config(settings, artifacts=folder, shapes=opened.shapes, kind=kind, platform=platform)
@@ -288,6 +304,13 @@ def main(argv=None) -> int:
         help="folder of .safetensors LoRAs a request may name in its `loras` input, NAME[:SCALE],... "
         "(artifacts exported with --lora-rank R; docs/serving.md)",
     )
+    parser.add_argument(
+        "--cache-threshold",
+        type=float,
+        default=DEFAULTS.cache_threshold,
+        help="the step cache's threshold for requests that send no cache_threshold (artifacts exported with "
+        "--step-cache; default 0: off; docs/cache.md)",
+    )
     args = parser.parse_args(argv)
     settings = ModelSettings(
         name=args.name,
@@ -299,6 +322,7 @@ def main(argv=None) -> int:
         max_images=args.max_images,
         max_prompt_bytes=args.max_prompt_bytes,
         lora_dir=args.lora_dir,
+        cache_threshold=args.cache_threshold,
     )
     target = write_repository(artifacts=args.artifacts, repository=args.repository, settings=settings)
     print(f"wrote {target}/config.pbtxt and {target}/1/model.py")

@@ -195,6 +195,19 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
+def cached_tiny(tmp_path_factory, tiny_checkpoint):
+    """The tiny default at fp32 with the step cache's head/tail/out graphs (--step-cache), 128 x 128, 128 tokens:
+    tests/test_step_cache.py and the served `cached` model (tests/test_deploy_server.py)."""
+    from common.specs import Shapes
+    from export.run import export_artifacts
+
+    out = tmp_path_factory.mktemp("step-cache") / "tiny"
+    shapes = Shapes(height=128, width=128, max_sequence_length=128)
+    export_artifacts(model=str(tiny_checkpoint), out=out, shapes=shapes, step_cache=True, log=lambda m: None)
+    return out
+
+
+@pytest.fixture(scope="session")
 def nvfp4_tiny(tmp_path_factory, tiny_checkpoint, small_shapes):
     """The tiny default exported once at nvfp4, its text encoder NVFP4 too (calibrated on 3 prompts x 2
     steps): the nvfp4 export, text-encoder, reference and engine tests share it."""

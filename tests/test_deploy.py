@@ -60,6 +60,20 @@ def test_bad_values_name_the_value_and_the_range(values, reason):
     assert reason in str(caught.value) and "\n" not in str(caught.value)
 
 
+def test_cache_threshold_is_bounded_and_needs_the_step_cache():
+    from deploy.request import BadRequest, parse_request
+
+    assert parse_request({"prompt": "a"}).cache_threshold == 0.0
+    assert parse_request({"prompt": "a"}, cache_default=0.3).cache_threshold == 0.3  # the model's --cache-threshold
+    assert parse_request({"prompt": "a", "cache_threshold": 0.6}, cache_default=0.0).cache_threshold == 0.6
+    assert parse_request({"prompt": "a", "cache_threshold": 0.0}).cache_threshold == 0.0  # 0 is always fine
+    for bad in (-0.1, float("nan"), float("inf"), 10.5):
+        with pytest.raises(BadRequest, match=r"^cache_threshold .* must be a finite number in 0\.\.10 "):
+            parse_request({"prompt": "a", "cache_threshold": bad}, cache_default=0.0)
+    with pytest.raises(BadRequest, match="^cache_threshold: this model cannot run the step cache .*--step-cache"):
+        parse_request({"prompt": "a", "cache_threshold": 0.5})
+
+
 def test_loras_read_names_and_scales():
     from deploy.request import BadRequest, parse_request
 
@@ -498,7 +512,7 @@ def test_only_editing_artifacts_declare_reference_images(tmp_path):
     assert '{ key: "max_prompt_bytes" value: { string_value: "65536" } }' in plain
     added = [line for line in editing.splitlines() if line not in plain.splitlines()]
     assert added == [
-        '  { name: "width" data_type: TYPE_INT32 dims: [ 1 ] optional: true },',
+        '  { name: "cache_threshold" data_type: TYPE_FP64 dims: [ 1 ] optional: true },',
         "  # 2 encoded image file(s) (PNG, JPEG, ...), as runtime.generate's --image reads them",
         '  { name: "reference_images" data_type: TYPE_STRING dims: [ -1 ] }',
     ]

@@ -32,9 +32,11 @@ STEPS = 2
 
 
 def _values(
-    prompt=PROMPT, *, seed=0, steps=STEPS, guidance=None, num_images=None, negative_prompt=None, loras=None, size=None
-):
+    prompt=PROMPT, *, seed=0, steps=STEPS, guidance=None, num_images=None, negative_prompt=None, loras=None, size=None,
+    cache_threshold=None,
+):  # fmt: skip
     as_array = {
+        "cache_threshold": (cache_threshold, np.float64),
         "height": ((size or (None, None))[0], np.int32),  # (height, width); a side None is left out
         "width": ((size or (None, None))[1], np.int32),
         "prompt": (prompt, np.object_),
@@ -60,7 +62,7 @@ def _metric(text: str, name: str, **labels) -> float:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, export_tiny, variant_artifacts, lora_tiny, lora_files, resolutions_tiny):
+def served(tmp_path_factory, export_tiny, variant_artifacts, lora_tiny, lora_files, resolutions_tiny, cached_tiny):
     from common.specs import Shapes
     from deploy.local_server import LocalServer, processes_mentioning
     from deploy.triton import ModelSettings, write_repository
@@ -87,11 +89,13 @@ def served(tmp_path_factory, export_tiny, variant_artifacts, lora_tiny, lora_fil
         (klein, ModelSettings(name="klein", backend="ort")),
         (lora_tiny, ModelSettings(name="lora", backend="ort", lora_dir=lora_files["kohya"].parent)),
         (resolutions_tiny, ModelSettings(name="sizes", backend="ort")),
+        (cached_tiny, ModelSettings(name="cached", backend="ort", cache_threshold=CACHED_DEFAULT)),
     ):
         write_repository(artifacts=artifacts, repository=repository, settings=settings)
     server = LocalServer(repository, triton_env=env)
     server.start()
     server.artifacts = {"flux2": tiny, "variant": variant, "klein": klein, "lora": lora_tiny, "sizes": resolutions_tiny}
+    server.artifacts["cached"] = cached_tiny
     yield server
     server.stop()
     assert processes_mentioning(str(repository.resolve())) == [], "a server or stub process outlived the test"
@@ -103,7 +107,7 @@ def _reference(artifacts, tmp_path, **kwargs):
 
     out = tmp_path / f"reference-{artifacts.name}"
     paths = generate(artifacts=artifacts, prompts=[kwargs.pop("prompt", PROMPT)], out=out, backend="ort",
-                     progress=False, log=lambda m: None, steps=STEPS, **kwargs)  # fmt: skip
+                     progress=False, log=lambda m: None, steps=kwargs.pop("steps", STEPS), **kwargs)  # fmt: skip
     return paths[0].read_bytes(), json.loads(paths[0].with_suffix(".json").read_text())
 
 
@@ -335,6 +339,34 @@ def test_each_request_draws_with_its_own_loras_from_one_model(served, lora_files
         images.append(served_images[0])
     # Each LoRA is visible (measured 22.2 dB between the sets, 31.7 dB from kohya:0.5 to none): this test can fail.
     assert psnr(images[0], images[1], data_range=255) < 35 and psnr(images[1], images[2], data_range=255) < 35
+
+
+# The served `cached` model's --cache-threshold: on the tiny default the first block's residual moves by
+# 0.9-1.5 a step, so 1.25 skips about half the steps (tests/test_step_cache.py).
+CACHED_DEFAULT = 1.25
+
+
+def test_the_step_cache_is_served_with_the_models_threshold_or_the_requests(served, tmp_path):
+    """No cache_threshold: the model's 1.25, some steps skipped; 0: uncached; each image runtime.generate's with that
+    --cache-threshold on the same artifacts (issue 25). Out of bounds, or on a model without the graphs: a 400."""
+    from common.metrics import psnr
+
+    artifacts, records = served.artifacts["cached"], []
+    for sent, threshold in ((None, CACHED_DEFAULT), (0.0, 0.0)):
+        status, images, sidecars = _ask(served.url, model="cached", **_values(seed=5, steps=8, cache_threshold=sent))
+        assert status == 200, sidecars
+        expected_png, expected = _reference(artifacts, tmp_path / str(sent), seed=5, steps=8, cache_threshold=threshold)
+        assert psnr(images[0], _png_pixels(expected_png), data_range=255) >= 45, sent
+        assert sidecars[0].get("cache") == expected.get("cache"), sent
+        records.append(sidecars[0].get("cache"))
+    assert records[0]["threshold"] == CACHED_DEFAULT and 0 < records[0]["skipped"] < 8, records
+    assert records[1] is None  # threshold 0: the full graph, no cache record
+    for model, sent, needle in (
+        ("cached", -1.0, "cache_threshold -1.0 must be a finite number in 0..10"),
+        ("flux2", 0.5, "cache_threshold: this model cannot run the step cache"),
+    ):
+        status, _, message = _ask(served.url, model=model, **_values(cache_threshold=sent))
+        assert status == 400 and needle in message, (model, message)
 
 
 def test_one_model_draws_each_exported_size_asked(served, tmp_path):

@@ -20,16 +20,6 @@ STEPS = 12
 GUIDANCE = 4.0
 
 
-@pytest.fixture(scope="session")
-def cached_tiny(tmp_path_factory, tiny_checkpoint):
-    from common.specs import Shapes
-    from export.run import export_artifacts
-
-    out = tmp_path_factory.mktemp("step-cache") / "tiny"
-    export_artifacts(model=str(tiny_checkpoint), out=out, shapes=Shapes(**SHAPES), step_cache=True, log=lambda m: None)
-    return out
-
-
 def _ours(folder, threshold: float, steps: int = STEPS):
     """(image [H, W, 3], the cache's per-step decisions and changes or None, the cache record)."""
     from runtime import step_cache
