@@ -128,16 +128,8 @@ def _quoted(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def render_config(
-    settings: ModelSettings, *, artifacts: Path, shapes: Shapes, kind: str, platform: Platform | None = None
-) -> str:
-    """config.pbtxt: inputs, outputs, instances, dynamic batching with a queue policy that refuses fast.
-
-    Artifacts exported with K reference images also take `reference_images`: the K image files' bytes
-    (PNG, JPEG, ...), decoded and fitted on the server as runtime.generate reads --image files. Artifacts
-    exported at several sizes (`--resolutions`) answer images of the size asked, so `image` is declared
-    [-1, -1, -1, 3] there; at one size it keeps that size's height and width.
-    """
+def _parameters(settings: ModelSettings, artifacts: Path, platform: Platform | None) -> dict[str, str]:
+    """The config's `parameters`, which deploy/model.py reads its settings from."""
     parameters = {
         "artifacts": str(artifacts),
         "backend": settings.backend,
@@ -152,8 +144,22 @@ def render_config(
         parameters["engines_target"] = platform.target
         parameters["engines_tensorrt"] = platform.tensorrt
         parameters["engines_gpu"] = engines_gpu(platform)
+    return parameters
+
+
+def render_config(
+    settings: ModelSettings, *, artifacts: Path, shapes: Shapes, kind: str, platform: Platform | None = None
+) -> str:
+    """config.pbtxt: inputs, outputs, instances, dynamic batching with a queue policy that refuses fast.
+
+    Artifacts exported with K reference images also take `reference_images`: the K image files' bytes
+    (PNG, JPEG, ...), decoded and fitted on the server as runtime.generate reads --image files. Artifacts
+    exported at several sizes (`--resolutions`) answer images of the size asked, so `image` is declared
+    [-1, -1, -1, 3] there; at one size it keeps that size's height and width.
+    """
     parameter_text = ",\n".join(
-        f"  {{ key: {_quoted(k)} value: {{ string_value: {_quoted(v)} }} }}" for k, v in parameters.items()
+        f"  {{ key: {_quoted(k)} value: {{ string_value: {_quoted(v)} }} }}"
+        for k, v in _parameters(settings, artifacts, platform).items()
     )
     timeout_us = int(round(settings.timeout_s * 1e6))
     rows = rows_per_execute(settings.max_queue)
