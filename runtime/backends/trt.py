@@ -11,7 +11,7 @@ buffers' addresses never change, which a graph requires). Only `to_host` synchro
 Engines come from ARTIFACTS/engines/<target>/: `tensorrt` engines through the `tensorrt` module,
 TensorRT-RTX engines (built ahead of time, anywhere) through `tensorrt_rtx`, whose just-in-time
 step compiles kernels for this GPU on first load: its runtime cache is kept beside the engines
-(`<component>.runtime-cache`), so a node pays that once. Plans are deserialised from a read-only
+(`<graph>.runtime-cache`), so a node pays that once. Plans are deserialised from a read-only
 memory map, not read into host memory first. With `low_vram`, one engine is loaded at a time and
 every execution context uses TensorRT's user-managed device memory: one scratch buffer, sized to the
 largest engine's `device_memory_size_v2` (sizes kept in `memory.json` beside the engines once seen),
@@ -235,7 +235,7 @@ class TrtBackend:
         if self.low_vram:
             for other in list(self._loaded):
                 self.unload(other)
-        entry = self._engines.engines[Path(self.manifest.components[component].file).stem]  # the size's plan
+        entry = self._engines.engines[self._graph(component)]  # the size's plan in a --resolutions view
         plan = self._folder / entry.plan
         engine = self._deserialize(plan)
         if engine is None:
@@ -276,7 +276,7 @@ class TrtBackend:
             config = engine.create_runtime_config()
             config.set_execution_context_allocation_strategy(mode)
             cache = config.create_runtime_cache()
-            saved = self._folder / f"{component}.runtime-cache"
+            saved = self._folder / f"{self._graph(component)}.runtime-cache"
             if saved.is_file() and not cache.deserialize(saved.read_bytes()):
                 self._log(f"{saved}: runtime cache from another GPU, driver or TensorRT-RTX version; compiling afresh")
             config.set_runtime_cache(cache)
@@ -316,9 +316,17 @@ class TrtBackend:
         if loaded.runtime_cache is None:
             return
         try:
-            atomic_write_bytes(self._folder / f"{component}.runtime-cache", loaded.runtime_cache.serialize())
+            atomic_write_bytes(
+                self._folder / f"{self._graph(component)}.runtime-cache", loaded.runtime_cache.serialize()
+            )
         except OSError as exc:  # a read-only engines folder: the next process compiles again, nothing worse
             self._log(f"runtime cache for {component} not saved: {exc}")
+
+    def _graph(self, component: str) -> str:
+        """The graph `component` names here, by its file: `transformer_96x160` in one size's view of a
+        --resolutions folder (runtime.artifacts.at_size), so that each size keeps its own runtime cache and memory
+        record beside its own plan."""
+        return Path(self.manifest.components[component].file).stem
 
     def _read_memory_sidecar(self) -> dict:
         path = self._folder / MEMORY_SIDECAR
@@ -330,9 +338,10 @@ class TrtBackend:
     def _record_memory(self, component: str, engine, plan: Path) -> None:
         """The resident-memory budget per engine: its weights (the plan's size) and scratch activations."""
         record = {"device_memory_bytes": int(engine.device_memory_size_v2), "plan_bytes": plan.stat().st_size}
-        if self.memory.get(component) == record:
+        graph = self._graph(component)
+        if self.memory.get(graph) == record:
             return
-        self.memory[component] = record
+        self.memory[graph] = record
         try:
             atomic_write_json(self._folder / MEMORY_SIDECAR, self.memory)
         except OSError as exc:
