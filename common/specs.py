@@ -211,6 +211,9 @@ def lora_slot_inputs(shapes: Shapes, where=None) -> list[TensorSpec]:
 
 
 LORA_A, LORA_B = "lora_a.", "lora_b."
+# The transformer's blocks, whose linears LoRA slots cover (export/graphs/lora_slots.py); outside them
+# (embedders, modulation, norm_out, proj_out) only baking (`--lora` at export) applies a LoRA.
+LORA_BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
 
 
 def component_specs(geometry: Geometry, shapes: Shapes) -> dict[str, ComponentSpec]:

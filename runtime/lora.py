@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from common.errors import UsageError
 from common.lora import LoraRequest, check_rank, check_targets, read_lora, slot_arrays
-from common.specs import Shapes
-
-BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
+from common.specs import LORA_BLOCK_PREFIXES, Shapes
 
 
 def open_loras(requests: tuple[LoraRequest, ...], folder, shapes: Shapes) -> tuple:
@@ -36,7 +34,7 @@ def check_loras(loras: tuple, folder, shapes: Shapes) -> None:
     """
     linears = {module: (k, n) for module, k, n in shapes.lora_targets}
     for lora, _ in loras:
-        outside = [m for m in lora.layers if m not in linears and not m.startswith(BLOCK_PREFIXES)]
+        outside = [m for m in lora.layers if m not in linears and not m.startswith(LORA_BLOCK_PREFIXES)]
         uncovered = (
             f"only the transformer blocks' {len(linears)} linears have slots; bake this LoRA in at export "
             f"(python -m export --lora {lora.path}), which covers every linear"

@@ -17,9 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# The block linears a LoRA trains; outside them (embedders, modulation, norm_out, proj_out) only
-# baking (`--lora` at export) applies a LoRA.
-BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
+from common.specs import LORA_BLOCK_PREFIXES
 
 
 def slot_targets(model: nn.Module) -> tuple[tuple[str, int, int], ...]:
@@ -27,7 +25,7 @@ def slot_targets(model: nn.Module) -> tuple[tuple[str, int, int], ...]:
     return tuple(
         (name, module.in_features, module.out_features)
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and name.startswith(BLOCK_PREFIXES)
+        if isinstance(module, nn.Linear) and name.startswith(LORA_BLOCK_PREFIXES)
     )
 
 
